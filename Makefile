@@ -1,0 +1,35 @@
+# fv_accel developer targets. `make test` and `make demo` work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fv_accel_installed
+export HF_HUB_OFFLINE ?= 1
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-fast lint bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# CPU PyTorch first on machines without CUDA: an unpinned torch would pull a multi-GB CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet -e '.[test]'; \
+	else \
+		$(BIN)/python -m pip install --quiet torch==2.13.0 && \
+		$(BIN)/python -m pip install --quiet -c constraints-cpu.txt -e '.[test]'; \
+	fi
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu_fsdp2_2proc.yaml recipes/distill.py
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not slow and not distributed"
+
+lint: install
+	$(BIN)/ruff check fv_accel recipes tests benchmarks

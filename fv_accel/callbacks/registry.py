@@ -1,0 +1,12 @@
+"""Build the callbacks a run config asks for."""
+
+from __future__ import annotations
+
+from fv_accel.callbacks.base import Callback, CallbackList
+from fv_accel.config import RunConfig
+from fv_accel.methods import TrainingMethod
+
+
+def build_callbacks(cfg: RunConfig, method: TrainingMethod) -> CallbackList:
+    callbacks: list[Callback] = []
+    return CallbackList(callbacks)

@@ -1,0 +1,11 @@
+"""Role-keyed DCP checkpoints, resume resolution, retention."""
+
+from fv_accel.checkpoint.manager import (
+    CheckpointManager,
+    is_complete,
+    list_checkpoints,
+    read_metadata,
+    resolve_checkpoint,
+)
+
+__all__ = ["CheckpointManager", "is_complete", "list_checkpoints", "read_metadata", "resolve_checkpoint"]

@@ -1,0 +1,125 @@
+"""Entry-point plumbing shared by the recipes: arguments, logging, exit codes, the training run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from fv_accel.config import RunConfig, dump_config, load_yaml, resolve_config, write_resolved_config
+from fv_accel.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, FvAccelError
+
+logger = logging.getLogger("fv_accel")
+
+
+def setup_logging(rank: int | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank in (None, 0) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def parse_recipe_args(prog: str, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train with fv_accel. Any config key can be overridden: --training.loop.max_train_steps=10",
+    )
+    parser.add_argument("--config", default=None, help="recipe YAML (default: the embedded toy run)")
+    parser.add_argument("--dry-run", action="store_true", help="build everything, print a summary, exit 0")
+    return parser.parse_known_args(argv)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
+    """Build and run one training job on an existing Accelerator. Returns the Trainer (None on dry run)."""
+    from fv_accel.build import build_run
+    from fv_accel.callbacks.registry import build_callbacks
+    from fv_accel.checkpoint import CheckpointManager, resolve_checkpoint
+    from fv_accel.summary import print_run_summary
+    from fv_accel.trainer import Trainer
+
+    output_dir = cfg.training.checkpoint.output_dir
+    if accelerator.is_main_process and not dry_run:
+        write_resolved_config(cfg, output_dir)
+    built = build_run(cfg, accelerator)
+    if dry_run:
+        if accelerator.is_main_process:
+            print_run_summary(cfg, accelerator, built)
+        return None
+    resume = resolve_checkpoint(cfg.training.checkpoint.resume_from_checkpoint, output_dir)
+    if cfg.training.checkpoint.resume_from_checkpoint == "latest" and resume is None:
+        logger.info("resume_from_checkpoint=latest: no complete checkpoint in %s; starting fresh", output_dir)
+    callbacks = build_callbacks(cfg, built.method)
+    checkpoints = CheckpointManager(
+        output_dir=output_dir, method=built.method, data=built.data, callbacks=callbacks,
+        config_dump=cfg.model_dump(mode="json"), keep_last=cfg.training.checkpoint.keep_last,
+    )
+    trainer = Trainer(accelerator=accelerator, method=built.method, data=built.data, cfg=cfg,
+                      callbacks=callbacks, checkpoints=checkpoints)
+    trainer.fit(resume_path=resume)
+    return trainer
+
+
+def run_recipe(
+    prog: str,
+    argv: list[str] | None,
+    default_config: Callable[[], dict[str, Any]],
+    after_training: Callable[[RunConfig, Any, Any], None] | None = None,
+) -> int:
+    """Parse arguments, build the Accelerator, train, and map failures to the contract's exit codes."""
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    accelerator = None
+    try:
+        args, rest = parse_recipe_args(prog, argv)
+        base = load_yaml(args.config) if args.config else default_config()
+        from fv_accel.config import parse_overrides
+
+        cfg = resolve_config(base, parse_overrides(rest))
+        from fv_accel.runtime import build_accelerator
+
+        accelerator = build_accelerator(log_with=cfg.training.tracker.backends,
+                                        project_dir=cfg.training.checkpoint.output_dir)
+        if not args.dry_run:
+            accelerator.init_trackers(cfg.training.tracker.project_name,
+                                      config=_flat(cfg.model_dump(mode="json")))
+        trainer = train(cfg, accelerator, dry_run=args.dry_run)
+        if after_training is not None and trainer is not None:
+            after_training(cfg, accelerator, trainer)
+        accelerator.end_training()
+        return EXIT_OK
+    except SystemExit as exc:  # argparse
+        return EXIT_CONFIG if exc.code not in (0, None) else EXIT_OK
+    except FvAccelError as exc:
+        if rank == 0 or exc.exit_code != EXIT_CONFIG:
+            print(f"fv_accel: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILURE
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+__all__ = ["dump_config", "run_recipe", "train"]

@@ -1,0 +1,339 @@
+"""Run configuration: a strict, typed schema loaded from YAML plus dotted command-line overrides.
+
+Every default lives in exactly one place: the field declarations below. Unknown keys, wrong types and
+out-of-range values fail at load time with the full key path (``training.loop.max_train_steps``) and exit
+code 2, before any weight file is read.
+
+Command-line values are parsed with YAML's scalar rules (``true`` → bool, ``3`` → int, ``[1, 2]`` → list)
+and then validated by pydantic in strict-ish mode: a string is never silently coerced into a number.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fv_accel.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    # strict=True: "3" is not an int, 1 is not a bool; floats accept ints (pydantic's strict float rule).
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelConfig(_Strict):
+    """One role model (student, teacher, critic, ...)."""
+
+    family: Literal["wan"] = "wan"
+    """Model family; one file per family in ``fv_accel/models``."""
+    init_from: str
+    """A diffusers pipeline directory, a model directory, or a Hub id."""
+    subfolder: str = "transformer"
+    """Subfolder of ``init_from`` holding the transformer (``""`` for a bare model directory)."""
+    trainable: bool = True
+    flow_shift: float = Field(3.0, gt=0)
+    """Timestep shift ``s·u / (1 + (s − 1)·u)`` used when this role samples training timesteps."""
+    frozen_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Storage dtype of a frozen role under bf16 mixed precision (ignored in fp32 runs and for trainable roles)."""
+    activation_checkpointing: Literal["off", "full"] = "off"
+    """Recompute each transformer block in backward (trainable roles only)."""
+    attention_backend: str | None = None
+    """diffusers attention backend for this role (e.g. ``flash``, ``_native_cudnn``); None keeps the default."""
+
+
+class FinetuneMethodConfig(_Strict):
+    """Flow-matching supervised fine-tuning of the student."""
+
+    name: Literal["finetune"]
+    weighting_scheme: Literal["uniform", "logit_normal"] = "uniform"
+    """How training timesteps u ∈ (0, 1) are drawn before the student's flow shift is applied."""
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+
+
+class OptimizerConfig(_Strict):
+    learning_rate: float = Field(1e-4, gt=0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    fused: bool = False
+    """Use the fused AdamW kernel (CUDA only)."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: list[float]) -> list[float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("each beta must be in [0, 1)")
+        return value
+
+
+class DMD2MethodConfig(_Strict):
+    """Distribution matching distillation (DMD2) with a trainable critic ("fake score")."""
+
+    name: Literal["dmd2"]
+    rollout_mode: Literal["simulate", "data_latent"] = "simulate"
+    dmd_denoising_steps: list[int] = Field(default_factory=lambda: [1000, 750, 500, 250])
+    generator_update_interval: int = Field(5, ge=1)
+    real_score_guidance_scale: float = Field(4.5, ge=0)
+    """Teacher CFG scale in the standard form uncond + w·(cond − uncond). FastVideo's legacy w = this − 1."""
+    min_timestep_ratio: float = Field(0.02, ge=0, le=1)
+    max_timestep_ratio: float = Field(0.98, ge=0, le=1)
+    score_timestep_shift: float = Field(3.0, gt=0)
+    """Shift applied to the score (teacher/critic) timestep before clamping to the window."""
+    uncond: Literal["zeros", "negative_prompt"] = "zeros"
+    """Unconditional branch of the teacher: zero text embeddings, or the dataset's negative-prompt embedding."""
+    critic_optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(learning_rate=4e-5, betas=[0.0, 0.999])
+    )
+    critic_warmup_steps: int = Field(0, ge=0)
+    """Critic-only iterations before the first student update."""
+    reuse_generator_rollout_for_critic: bool = False
+    """Train the critic on the generator iteration's detached rollout instead of a fresh one (saves forwards,
+    changes the algorithm; off by default)."""
+
+    @field_validator("dmd_denoising_steps")
+    @classmethod
+    def _steps_descending(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("needs at least one step")
+        if any(not 0 < s <= 1000 for s in value) or any(a <= b for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("must be strictly descending integers in (0, 1000]")
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> DMD2MethodConfig:
+        if self.min_timestep_ratio >= self.max_timestep_ratio:
+            raise ValueError("min_timestep_ratio must be < max_timestep_ratio")
+        return self
+
+
+MethodConfig = Annotated[FinetuneMethodConfig | DMD2MethodConfig, Field(discriminator="name")]
+
+
+class DataConfig(_Strict):
+    data_path: str | list[str] = ""
+    """Parquet directory (FastVideo T2V or text-only schema), or a list of them."""
+    seed: int = 0
+    train_batch_size: int = Field(1, ge=1)
+    """Per process."""
+    training_cfg_rate: float = Field(0.0, ge=0, le=1)
+    """Probability of replacing a sample's text embedding with zeros (classifier-free guidance dropout)."""
+    text_len: int = Field(512, ge=1)
+    """Text embeddings are padded with zeros / truncated to this many tokens."""
+    num_workers: int = Field(0, ge=0)
+    latent_shape: list[int] | None = None
+    """[C, T, H, W] of generated latents when the dataset has no latents (text-only, data-free DMD2)."""
+
+
+class LoopConfig(_Strict):
+    max_train_steps: int = Field(1000, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = 1.0
+    """Clip each clip target to this global norm; <= 0 disables clipping (norms are still logged)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = Field(10, ge=1)
+    """With nonfinite=skip: stop (exit code 3) after this many skipped steps in a row."""
+
+
+class CheckpointConfig(_Strict):
+    output_dir: str = "outputs/run"
+    save_steps: int = Field(0, ge=0)
+    """Save every N steps; 0 = only at the end."""
+    keep_last: int = Field(0, ge=0)
+    """Keep the newest N complete checkpoints; 0 = keep all."""
+    resume_from_checkpoint: str = ""
+    """"" (fresh), "latest" (newest complete checkpoint in output_dir, else fresh) or a checkpoint path."""
+
+
+class TrackerConfig(_Strict):
+    backends: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])
+    project_name: str = "fv_accel"
+
+
+class TrainingConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+
+
+class EMAConfig(_Strict):
+    decay: float = Field(0.99, gt=0, lt=1)
+    start_step: int = Field(0, ge=0)
+
+
+class ValidationConfig(_Strict):
+    every_steps: int = Field(0, ge=0)
+    """Sample validation videos every N steps; 0 disables."""
+    at_start: bool = False
+    num_samples: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class CallbacksConfig(_Strict):
+    ema: EMAConfig | None = None
+    validation: ValidationConfig | None = None
+
+
+class HubConfig(_Strict):
+    repo_id: str | None = None
+    push_every_checkpoint: bool = False
+    private: bool = True
+
+
+class RunConfig(_Strict):
+    models: dict[str, ModelConfig]
+    method: MethodConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
+
+    @model_validator(mode="after")
+    def _roles(self) -> RunConfig:
+        if "student" not in self.models:
+            raise ValueError("models.student is required")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """``--a.b=v`` or ``--a.b v`` → [("a.b", parsed v)]. Values use YAML scalar/list syntax."""
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --training.loop.max_train_steps=10")
+        key, sep, raw = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"override --{key} has no value")
+            raw = argv[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override --{key}: cannot parse value {raw!r}: {exc}") from None
+        overrides.append((key, value))
+        i += 1
+    return overrides
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])} is not a section; cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        # Discriminated unions insert the tag name ("dmd2") into the location; drop it from the key path.
+        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("finetune", "dmd2"))]
+        path = ".".join(loc) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required value is missing"
+        lines.append(f"{path}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    return data
+
+
+def resolve_config(base: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> RunConfig:  # type: ignore[assignment]
+    """Apply overrides to a raw config tree, validate it, and check every model source exists."""
+    import copy
+
+    tree = copy.deepcopy(base)
+    for key, value in overrides:
+        _set_dotted(tree, key, value)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    for role, model_cfg in cfg.models.items():
+        check_model_source(f"models.{role}", model_cfg)
+    return cfg
+
+
+def load_config(path: str | None, argv: list[str], default: dict[str, Any] | None = None) -> RunConfig:
+    base = load_yaml(path) if path else (default or {})
+    return resolve_config(base, parse_overrides(argv))
+
+
+def check_model_source(key: str, model_cfg: ModelConfig) -> None:
+    """Fail early (exit 2) when ``init_from`` is neither a local model nor a usable Hub id. Reads no weights."""
+    source = model_cfg.init_from
+    local = Path(source).expanduser()
+    sub = model_cfg.subfolder
+    if local.exists():
+        cfg_file = local / sub / "config.json" if sub else local / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{key}.init_from: {source!r} has no {cfg_file.relative_to(local)} "
+                              f"(check {key}.subfolder)")
+        return
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        raise ConfigError(f"{key}.init_from: local path {source!r} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        filename = f"{sub}/config.json" if sub else "config.json"
+        if not isinstance(try_to_load_from_cache(source, filename), str):
+            raise ConfigError(
+                f"{key}.init_from: {source!r} is not a local directory and is not in the Hub cache "
+                "(HF_HUB_OFFLINE=1 forbids downloading it)"
+            )
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved_config(cfg: RunConfig, output_dir: str | os.PathLike[str]) -> Path:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "resolved_config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,237 @@
+"""The training-method seed API (DESIGN.md §2): a method owns role models, decides which of them step at each
+iteration, and exposes its whole state for distributed checkpointing.
+
+A method never loops over data and never calls ``optimizer.step()``: the loop (``fv_accel/trainer.py``) does,
+using :meth:`get_optimizers`, :meth:`get_lr_schedulers` and :meth:`get_grad_clip_targets`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from fv_accel.config import OptimizerConfig, RunConfig
+from fv_accel.models.base import ModelBase
+
+
+@dataclass
+class StepOutput:
+    """What one micro-batch of :meth:`TrainingMethod.single_train_step` produced."""
+
+    losses: dict[str, torch.Tensor]
+    """Scalar losses that :meth:`TrainingMethod.backward` differentiates (and the loop logs)."""
+    loss_roles: dict[str, str]
+    """Loss name → the role it trains (named in non-finite errors)."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra detached scalars to log (must not reuse loss names)."""
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """Accelerate wraps optimizers; DCP helpers need the torch optimizer underneath."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class RoleModuleContainer(nn.Module):
+    """Ephemeral root holding every module an optimizer owns, so DCP sees all of its parameters."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+class ModelState(Stateful):
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.module, state_dict, options=StateDictOptions(strict=True))
+
+
+class OptimizerState(Stateful):
+    def __init__(self, container: nn.Module, optimizer: Any) -> None:
+        self.container = container
+        self.optimizer = _unwrap_optimizer(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.container, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.container, self.optimizer, state_dict)
+
+
+class SchedulerState(Stateful):
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = getattr(scheduler, "scheduler", scheduler)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+
+
+class TrainingMethod(nn.Module, ABC):
+    """Base training method. Construct as ``Method(cfg=run_config, role_models={"student": ..., ...})``."""
+
+    #: the ``method.name`` this class implements
+    name: ClassVar[str]
+    #: roles the method needs, and which of them must be trainable
+    required_roles: ClassVar[tuple[str, ...]] = ("student",)
+    trainable_roles: ClassVar[tuple[str, ...]] = ("student",)
+
+    cuda_generator: torch.Generator | None = None
+
+    def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase]) -> None:
+        super().__init__()
+        missing = [r for r in self.required_roles if r not in role_models]
+        if missing:
+            raise ValueError(f"method {self.name!r} needs roles {list(self.required_roles)}; missing {missing}")
+        for role in self.trainable_roles:
+            if not role_models[role]._trainable:
+                raise ValueError(f"method {self.name!r}: models.{role}.trainable must be true")
+        self.tracker: Any | None = None
+        self._role_models: dict[str, ModelBase] = dict(role_models)
+        self.student = role_models["student"]
+        self.cfg = cfg
+        self.training_config = cfg.training
+        self.method_config: dict[str, Any] = cfg.method.model_dump()
+        validation = cfg.callbacks.validation
+        self.validation_config: dict[str, Any] = validation.model_dump() if validation is not None else {}
+        self.role_modules = nn.ModuleDict(
+            {role: nn.ModuleDict({"transformer": model.transformer}) for role, model in role_models.items()}
+        )
+        self._optimizer_dict: dict[str, Any] = {}
+        self._lr_scheduler_dict: dict[str, Any] = {}
+        self.student.init_preprocessors(self.training_config)
+
+    # -- roles, optimizers ----------------------------------------------------------------------------------
+    @property
+    def role_models(self) -> dict[str, ModelBase]:
+        return dict(self._role_models)
+
+    def optimizer_configs(self) -> dict[str, OptimizerConfig]:
+        """Optimizer settings for each trainable role. Default: the student uses ``training.optimizer``."""
+        return {"student": self.training_config.optimizer}
+
+    def num_optimizer_steps(self, role: str, max_train_steps: int) -> int:
+        """How many times ``role``'s optimizer steps in a run (sizes its LR schedule)."""
+        return max_train_steps
+
+    def attach_prepared(self, role: str, transformer: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        """Record a role's prepared (sharded) transformer, optimizer and LR scheduler."""
+        self._role_models[role].transformer = transformer
+        self.role_modules[role]["transformer"] = transformer
+        self._optimizer_dict[role] = optimizer
+        self._lr_scheduler_dict[role] = scheduler
+
+    def set_tracker(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """Create the shared generator every random draw of the method and its models uses."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        device = self.student.device
+        self.cuda_generator = torch.Generator(device=device)
+        self.cuda_generator.manual_seed(self.training_config.data.seed * 1_000_003 + rank)
+
+    @abstractmethod
+    def single_train_step(self, batch: Any, iteration: int) -> StepOutput:
+        """All forwards of one micro-batch; returns the losses to differentiate."""
+
+    def backward(self, output: StepOutput, *, grad_accum_rounds: int = 1) -> None:
+        total = sum(output.losses.values())
+        (total / grad_accum_rounds).backward()  # type: ignore[union-attr]
+
+    def get_optimizers(self, iteration: int) -> Sequence[Any]:
+        """Only the optimizers that step at ``iteration``. Default: every trainable role's."""
+        return list(self._optimizer_dict.values())
+
+    def get_lr_schedulers(self, iteration: int) -> Sequence[Any]:
+        return list(self._lr_scheduler_dict.values())
+
+    def get_grad_clip_targets(self, iteration: int) -> dict[str, nn.Module]:
+        """Modules whose gradients are clipped (each to its own global norm) at ``iteration``."""
+        return {"student": self.student.transformer}
+
+    def optimizers_zero_grad(self, iteration: int) -> None:
+        for optimizer in self._optimizer_dict.values():
+            optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpointing --------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Stateful]:
+        """DCP-ready state of every trainable role: ``roles.<role>.<module>``, ``optimizers.<role>``,
+        ``schedulers.<role>``. Per-rank random state is saved separately, after the collective save
+        (see :meth:`random_state`)."""
+        states: dict[str, Stateful] = {}
+        for role, model in self._role_models.items():
+            if not model._trainable:
+                continue
+            modules = {"transformer": model.transformer}
+            for module_name, module in modules.items():
+                states[f"roles.{role}.{module_name}"] = ModelState(module)
+            if role in self._optimizer_dict:
+                states[f"optimizers.{role}"] = OptimizerState(RoleModuleContainer(modules),
+                                                              self._optimizer_dict[role])
+            if role in self._lr_scheduler_dict:
+                states[f"schedulers.{role}"] = SchedulerState(self._lr_scheduler_dict[role])
+        return states
+
+    def random_state(self) -> dict[str, torch.Tensor]:
+        """``random_state.*`` of this rank: the method's shared generator."""
+        if self.cuda_generator is None:
+            return {}
+        return {"generator": self.cuda_generator.get_state()}
+
+    def load_random_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "generator" in state:
+            if self.cuda_generator is None:
+                raise RuntimeError("on_train_start() must run before the random state is restored")
+            self.cuda_generator.set_state(state["generator"])
+
+    def seed_optimizer_state_for_resume(self) -> None:
+        """Materialise optimizer state (parameters unchanged) so DCP has tensors to load into.
+
+        A fresh AdamW has no state until its first step, and DCP silently loads nothing into an empty
+        state. One step with zero gradients and lr 0 creates it; parameters and grads are left as they were.
+        """
+        for optimizer in self._optimizer_dict.values():
+            opt = _unwrap_optimizer(optimizer)
+            params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+            if all(len(opt.state.get(p, {})) > 0 for p in params):
+                continue
+            if any(p.grad is not None for p in params):
+                raise RuntimeError("seed_optimizer_state_for_resume() must run before any backward")
+            saved = [(g, g["lr"]) for g in opt.param_groups]
+            for group, _ in saved:
+                group["lr"] = 0.0
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            for group, lr in saved:
+                group["lr"] = lr
+            for p in params:
+                p.grad = None
+
+    def check_optimizer_state_loaded(self) -> None:
+        for role, optimizer in self._optimizer_dict.items():
+            if len(_unwrap_optimizer(optimizer).state) == 0:
+                raise RuntimeError(f"optimizer state of role {role!r} is empty after loading the checkpoint")

@@ -1,0 +1,94 @@
+"""Role models: one instance per role (student, teacher, critic, ...), each owning its own transformer.
+
+A family (``wan.py``) knows how to load its transformer, how to call it and how its latent space is
+normalised; it never knows which method uses it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from fv_accel import flow
+from fv_accel.config import ModelConfig
+
+
+@dataclass
+class ConditionBatch:
+    """A batch on device, in the model's (normalised) latent space."""
+
+    latents_bcthw: torch.Tensor | None
+    """Clean latents, normalised; None for text-only data."""
+    text_embeds_bld: torch.Tensor
+    text_mask_bl: torch.Tensor
+    uncond_embeds_bld: torch.Tensor
+    """Text embedding of the unconditional branch (zeros or a negative prompt)."""
+    index: torch.Tensor
+    """Dataset row of each sample, int64 [B]."""
+    latent_shape: tuple[int, int, int, int]
+    """[C, T, H, W] of one sample (also for text-only data)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.text_embeds_bld.shape[0]
+
+
+class ModelBase(ABC):
+    """A role's model: the transformer plus its noise-schedule conventions (flow matching, DESIGN.md §3)."""
+
+    #: class names of the transformer blocks that FSDP2 wraps one by one
+    block_class_names: tuple[str, ...] = ()
+
+    def __init__(self, *, role: str, transformer: torch.nn.Module, config: ModelConfig) -> None:
+        self.role = role
+        self.transformer = transformer
+        self.config = config
+        self._trainable = config.trainable
+        self.flow_shift = config.flow_shift
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def init_preprocessors(self, training_config: object) -> None:  # noqa: B027 - optional hook
+        """Student only: attach heavy shared handles (VAE, text encoder). Default: nothing to attach."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # -- latent space -------------------------------------------------------------------------------------
+    @abstractmethod
+    def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
+        """Dataset latents (as stored by preprocessing) → the space the transformer is trained in."""
+
+    @abstractmethod
+    def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`normalize_latents`."""
+
+    def prepare_batch(self, raw: object, device: torch.device) -> ConditionBatch:
+        """Move a collated :class:`fv_accel.data.LatentBatch` to ``device`` and normalise its latents."""
+        latents = raw.latents_bcthw  # type: ignore[attr-defined]
+        if latents is not None:
+            latents = self.normalize_latents(latents.to(device, torch.float32, non_blocking=True))
+        text = raw.text_embeds_bld.to(device, non_blocking=True)  # type: ignore[attr-defined]
+        uncond = raw.uncond_embeds_bld  # type: ignore[attr-defined]
+        uncond = torch.zeros_like(text) if uncond is None else uncond.to(device, non_blocking=True)
+        return ConditionBatch(
+            latents_bcthw=latents,
+            text_embeds_bld=text,
+            text_mask_bl=raw.text_mask_bl.to(device, non_blocking=True),  # type: ignore[attr-defined]
+            uncond_embeds_bld=uncond,
+            index=raw.index,  # type: ignore[attr-defined]
+            latent_shape=tuple(raw.latent_shape),  # type: ignore[attr-defined]
+        )
+
+    # -- flow matching ------------------------------------------------------------------------------------
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return flow.add_noise(x0, noise, t)
+
+    @abstractmethod
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+        """The transformer's velocity prediction v̂ ≈ ε − x0, returned in float32."""
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+        return flow.x0_from_velocity(x_t.float(), self.predict_noise(x_t, t, text_embeds_bld), t)

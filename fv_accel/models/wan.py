@@ -1,0 +1,126 @@
+"""Wan 2.1 / 2.2 family: diffusers ``WanTransformer3DModel``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fv_accel.config import ModelConfig
+from fv_accel.models.base import ModelBase
+
+logger = logging.getLogger(__name__)
+
+#: A ~41k-parameter Wan transformer for tests and the toy world (text embeddings of width 32).
+TINY_WAN_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 32,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 32,
+}
+
+#: Wan2.1-T2V-1.3B transformer configuration (for benchmarks with random weights).
+WAN_1_3B_CONFIG: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
+
+def _read_vae_stats(model_cfg: ModelConfig) -> tuple[list[float], list[float]] | None:
+    """Per-channel latent mean/std from the pipeline's VAE config, if ``init_from`` is a pipeline."""
+    local = Path(model_cfg.init_from).expanduser()
+    if local.exists():
+        vae_cfg = local / "vae" / "config.json"
+        if not vae_cfg.is_file():
+            return None
+        path = str(vae_cfg)
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(model_cfg.init_from, "vae/config.json")
+        except EntryNotFoundError:
+            return None
+    data = json.loads(Path(path).read_text())
+    if "latents_mean" in data and "latents_std" in data:
+        return list(data["latents_mean"]), list(data["latents_std"])
+    return None
+
+
+class WanModel(ModelBase):
+    block_class_names = ("WanTransformerBlock",)
+
+    def __init__(
+        self,
+        *,
+        role: str,
+        transformer: torch.nn.Module,
+        config: ModelConfig,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+    ) -> None:
+        super().__init__(role=role, transformer=transformer, config=config)
+        channels = transformer.config.in_channels
+        mean = torch.tensor(latents_mean or [0.0] * channels, dtype=torch.float32)
+        std = torch.tensor(latents_std or [1.0] * channels, dtype=torch.float32)
+        if mean.numel() != channels or std.numel() != channels:
+            raise ValueError(f"latent statistics have {mean.numel()} channels, transformer expects {channels}")
+        self._mean = mean.view(1, channels, 1, 1, 1)
+        self._std = std.view(1, channels, 1, 1, 1)
+
+    @classmethod
+    def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype) -> WanModel:
+        from diffusers import WanTransformer3DModel
+
+        transformer = WanTransformer3DModel.from_pretrained(
+            model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
+        )
+        if model_cfg.attention_backend:
+            transformer.set_attention_backend(model_cfg.attention_backend)
+        if model_cfg.activation_checkpointing == "full" and model_cfg.trainable:
+            transformer.enable_gradient_checkpointing()
+        stats = _read_vae_stats(model_cfg)
+        if stats is None:
+            logger.info("%s: no VAE latent statistics under %s; latents are used as stored", role,
+                        model_cfg.init_from)
+        mean, std = stats if stats is not None else (None, None)
+        return cls(role=role, transformer=transformer, config=model_cfg, latents_mean=mean, latents_std=std)
+
+    def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
+        return (latents_bcthw - self._mean.to(latents_bcthw.device)) / self._std.to(latents_bcthw.device)
+
+    def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
+        return latents_bcthw * self._std.to(latents_bcthw.device) + self._mean.to(latents_bcthw.device)
+
+    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+        out = self.transformer(
+            hidden_states=x_t,
+            timestep=t,
+            encoder_hidden_states=text_embeds_bld,
+            return_dict=False,
+        )[0]
+        return out.float()

@@ -1,0 +1,123 @@
+"""The one Accelerator: FSDP2 everywhere (world size 1 included), on GPUs and on CPU over gloo.
+
+``accelerate launch`` passes its choices through the environment (process layout, mixed precision,
+FSDP settings); :func:`build_accelerator` turns them into an Accelerator whose every model is FSDP2-sharded.
+A plain ``python recipes/x.py`` gets a world-size-1 process group so the same code path runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ensure_process_env() -> None:
+    """Without a launcher, describe a world of one process so Accelerate creates a process group."""
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
+    )
+
+
+def mixed_precision_from_env() -> str:
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if value not in ("no", "bf16"):
+        raise ValueError(f"mixed precision {value!r} is not supported: use 'no' (fp32) or 'bf16'")
+    return value
+
+
+def build_accelerator(
+    *,
+    block_class_names: tuple[str, ...] = ("WanTransformerBlock",),
+    log_with: list[str] | None = None,
+    project_dir: str | None = None,
+) -> Accelerator:
+    """Build the Accelerator from what ``accelerate launch`` passed (or a single local process).
+
+    ``log_with`` names Accelerate trackers (tensorboard, wandb, trackio); their files go under
+    ``<project_dir>/logs``.
+    """
+    from accelerate.utils import ProjectConfiguration
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    _ensure_process_env()
+    mixed_precision = mixed_precision_from_env()
+    # Accelerate's default bf16 policy reduces gradients in bf16; reduce in fp32 instead.
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=list(block_class_names),
+        reshard_after_forward=True,
+        state_dict_type="SHARDED_STATE_DICT",
+        mixed_precision_policy=policy,
+        activation_checkpointing=False,  # per role, see ModelConfig.activation_checkpointing
+    )
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        fsdp_plugin=plugin,
+        step_scheduler_with_optimizer=False,  # a prepared scheduler would step num_processes times per call
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs")
+        if project_dir
+        else None,
+    )
+    if accelerator.distributed_type != DistributedType.FSDP:
+        # On CPU Accelerate picks MULTI_CPU and would silently wrap models in DDP. Both state singletons
+        # carry the type (AcceleratorState re-copies PartialState's), so set it on both.
+        PartialState().distributed_type = DistributedType.FSDP
+        state = AcceleratorState()
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+    if not accelerator.is_fsdp2:
+        raise RuntimeError(f"Accelerate did not enable FSDP2 (distributed type {accelerator.distributed_type})")
+    return accelerator
+
+
+def assert_fsdp2_sharded(name: str, module: torch.nn.Module) -> None:
+    """Fail loudly if a model escaped FSDP2 (e.g. a silent DDP fallback)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(module, FSDPModule):
+        raise RuntimeError(f"role {name!r} is a {type(module).__name__}, not an FSDP2 module")
+    plain = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
+    if plain:
+        raise RuntimeError(f"role {name!r} has parameters that are not FSDP2 DTensors: {plain[:3]}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's singletons (tests that build several Accelerators in one process)."""
+    from accelerate.state import GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

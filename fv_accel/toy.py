@@ -1,0 +1,188 @@
+"""The toy world (DESIGN.md §7): a small conditional latent distribution with known multi-modal structure.
+
+Each of ``num_conditions`` conditions (a fixed random text embedding) has ``num_modes`` distinct modes; a sample
+is a mode centre plus a little noise. Centres are rank-1 (a channel vector times a smooth space-time pattern),
+so a tiny Wan transformer can learn them in seconds on a CPU. A few-step sampler of a flow-matching teacher
+averages modes (its first steps predict the conditional mean); a good DMD2 student lands on them. The metric
+is the distance from a generated sample to the nearest data sample of the same condition, per √dim.
+
+Everything here is deterministic from the spec's seed and is written atomically, so several processes may
+call ``ensure_*`` at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+TOY_ROOT = Path("outputs/toy")
+
+
+@dataclass(frozen=True)
+class ToyWorldSpec:
+    num_conditions: int = 8
+    num_modes: int = 3
+    samples_per_mode: int = 32
+    latent_shape: tuple[int, int, int, int] = (16, 2, 8, 8)
+    text_len: int = 8
+    text_dim: int = 32
+    within_mode_std: float = 0.05
+    seed: int = 0
+
+
+def _smooth_pattern(rng: np.random.Generator, t: int, h: int, w: int, num_freqs: int = 3) -> np.ndarray:
+    tt, yy, xx = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+    pattern = np.zeros((t, h, w))
+    for _ in range(num_freqs):
+        ky, kx = rng.integers(0, 3, size=2)
+        kt = rng.integers(0, max(t, 1))
+        phase = rng.uniform(0, 2 * math.pi, size=3)
+        pattern += rng.normal() * (np.cos(math.pi * ky * (yy + 0.5) / h + phase[0])
+                                   * np.cos(math.pi * kx * (xx + 0.5) / w + phase[1])
+                                   * np.cos(math.pi * kt * (tt + 0.5) / max(t, 1) + phase[2]))
+    return pattern
+
+
+def make_toy_world(spec: ToyWorldSpec) -> dict[str, torch.Tensor]:
+    """Mode centres [N_cond, N_mode, C, T, H, W] (RMS 1 each) and text embeddings [N_cond, L, D]."""
+    rng = np.random.default_rng(spec.seed)
+    c, t, h, w = spec.latent_shape
+    centres = np.zeros((spec.num_conditions, spec.num_modes, c, t, h, w))
+    for ci in range(spec.num_conditions):
+        for mi in range(spec.num_modes):
+            channel = rng.normal(size=c)
+            centre = channel[:, None, None, None] * _smooth_pattern(rng, t, h, w)[None]
+            centres[ci, mi] = centre / np.sqrt(np.mean(centre**2))
+    text = rng.normal(size=(spec.num_conditions, spec.text_len, spec.text_dim))
+    return {"centres": torch.from_numpy(centres).float(), "text": torch.from_numpy(text).float()}
+
+
+def _atomic_dir(target: Path, build: Any) -> None:
+    """Build a directory in a temporary sibling and rename it into place (first writer wins)."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_toy_dataset(out_dir: Path, spec: ToyWorldSpec) -> None:
+    """Parquet in FastVideo's T2V schema plus ``world.safetensors`` (centres, text, condition per row)."""
+    world = make_toy_world(spec)
+    rng = np.random.default_rng(spec.seed + 1)
+    rows: dict[str, list] = {k: [] for k in (
+        "id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype", "text_embedding_bytes",
+        "text_embedding_shape", "text_embedding_dtype", "file_name", "caption", "media_type", "width", "height",
+        "num_frames", "duration_sec", "fps")}
+    conditions, modes = [], []
+    c, t, h, w = spec.latent_shape
+    for ci in range(spec.num_conditions):
+        text = world["text"][ci].numpy().astype(np.float32)
+        for mi in range(spec.num_modes):
+            for si in range(spec.samples_per_mode):
+                centre = world["centres"][ci, mi].numpy()
+                latent = (centre + spec.within_mode_std * rng.normal(size=centre.shape)).astype(np.float32)
+                rows["id"].append(f"toy-c{ci}-m{mi}-s{si}")
+                rows["vae_latent_bytes"].append(latent.tobytes())
+                rows["vae_latent_shape"].append(list(latent.shape))
+                rows["vae_latent_dtype"].append("float32")
+                rows["text_embedding_bytes"].append(text.tobytes())
+                rows["text_embedding_shape"].append(list(text.shape))
+                rows["text_embedding_dtype"].append("float32")
+                rows["file_name"].append(f"toy-c{ci}-m{mi}-s{si}.latent")
+                rows["caption"].append(f"toy condition {ci}")
+                rows["media_type"].append("video")
+                rows["width"].append(w * 8)
+                rows["height"].append(h * 8)
+                rows["num_frames"].append((t - 1) * 4 + 1)
+                rows["duration_sec"].append(1.0)
+                rows["fps"].append(16.0)
+                conditions.append(ci)
+                modes.append(mi)
+
+    def build(tmp: Path) -> None:
+        pq.write_table(pa.table(rows), tmp / "part-00000.parquet", row_group_size=64)
+        save_file({**world, "row_condition": torch.tensor(conditions), "row_mode": torch.tensor(modes)},
+                  str(tmp / "world.safetensors"), metadata={k: str(v) for k, v in asdict(spec).items()})
+
+    _atomic_dir(out_dir, build)
+
+
+def ensure_toy_data(root: Path = TOY_ROOT, spec: ToyWorldSpec | None = None) -> Path:
+    out = root / "data"
+    write_toy_dataset(out, spec or ToyWorldSpec())
+    return out
+
+
+def ensure_init_transformer(root: Path = TOY_ROOT, seed: int = 0) -> Path:
+    """A randomly initialised tiny Wan transformer in diffusers format (``<root>/init/transformer``)."""
+    from diffusers import WanTransformer3DModel
+
+    from fv_accel.models import TINY_WAN_CONFIG
+
+    out = root / "init"
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(seed)
+        WanTransformer3DModel(**TINY_WAN_CONFIG).save_pretrained(tmp / "transformer")
+
+    _atomic_dir(out, build)
+    return out
+
+
+def load_world(data_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(data_dir) / "world.safetensors"))
+
+
+def distance_to_data(latents: torch.Tensor, data_index: torch.Tensor, data_dir: Path) -> torch.Tensor:
+    """Per sample: distance to the nearest data sample of the same condition, divided by √dim.
+
+    ``latents`` [N, C, T, H, W] in the dataset's stored space; ``data_index`` [N] the conditioning rows.
+    """
+    from fv_accel.data import ParquetLatentDataset
+
+    world = load_world(data_dir)
+    dataset = ParquetLatentDataset(str(data_dir), text_len=1)
+    cond_of_row = world["row_condition"]
+    data = torch.stack([dataset[i].latents_cthw for i in range(len(dataset))])  # type: ignore[misc]
+    dim = latents[0].numel()
+    out = torch.empty(latents.shape[0])
+    for n in range(latents.shape[0]):
+        same = data[cond_of_row == cond_of_row[data_index[n]]]
+        out[n] = (same - latents[n].float()).flatten(1).norm(dim=1).min() / math.sqrt(dim)
+    return out
+
+
+def finetune_default_config(root: Path = TOY_ROOT, output_dir: str | None = None) -> dict[str, Any]:
+    """The toy fine-tuning run: a tiny Wan learns the toy world from random init by flow matching."""
+    data = ensure_toy_data(root)
+    init = ensure_init_transformer(root)
+    return {
+        "models": {"student": {"family": "wan", "init_from": str(init), "trainable": True, "flow_shift": 3.0}},
+        "method": {"name": "finetune", "weighting_scheme": "uniform"},
+        "training": {
+            "data": {"data_path": str(data), "seed": 0, "train_batch_size": 32, "text_len": 8},
+            "optimizer": {"learning_rate": 2e-3, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20},
+            "loop": {"max_train_steps": 400, "max_grad_norm": 1.0},
+            "checkpoint": {"output_dir": output_dir or str(root / "finetune"), "save_steps": 0, "keep_last": 2},
+        },
+    }

@@ -1,0 +1,250 @@
+"""The recipe loop: the only place that orders accumulate → backward → clip → step.
+
+Per step: fetch micro-batches → forward/backward each (the method's losses) → clip every clip target →
+one host sync (rank-mean losses, global grad norms, non-finite and preemption flags) → step the optimizers
+and schedulers the method returns → callbacks → log → checkpoint → validate. The loop never knows which
+method runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from fv_accel.callbacks import CallbackList
+from fv_accel.checkpoint import CheckpointManager
+from fv_accel.config import RunConfig
+from fv_accel.errors import NonFiniteError, Preempted
+from fv_accel.methods import TrainingMethod
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsWriter:
+    """``<output_dir>/metrics.jsonl``: one JSON object per optimizer step, main process only."""
+
+    def __init__(self, path: Path, *, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows the interrupted run logged after the checkpoint it resumes from."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        self.path.write_text("".join(r + "\n" for r in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+class _StopSignal:
+    """Remembers SIGTERM/SIGINT; the loop acts on it at the next step boundary, on every rank together."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        accelerator: Any,
+        method: TrainingMethod,
+        data: Any,
+        cfg: RunConfig,
+        callbacks: CallbackList | None = None,
+        checkpoints: CheckpointManager | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.accelerator = accelerator
+        self.method = method
+        self.data = data
+        self.cfg = cfg
+        self.loop_cfg = cfg.training.loop
+        self.callbacks = callbacks or CallbackList()
+        self.checkpoints = checkpoints
+        self.output_dir = Path(cfg.training.checkpoint.output_dir)
+        self.is_main = accelerator.is_main_process
+        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=self.is_main)
+        self.show_progress = show_progress and self.is_main
+        self.step = 0
+        self.num_skipped = 0
+        self._consecutive_skips = 0
+        self._stop = _StopSignal()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _clip(self, step: int) -> dict[str, torch.Tensor]:
+        max_norm = self.loop_cfg.max_grad_norm
+        norms = {}
+        for role, module in self.method.get_grad_clip_targets(step).items():
+            params = [p for p in module.parameters() if p.grad is not None]
+            if not params:
+                continue
+            # DTensor-aware: returns the global norm over all ranks. Not accelerator.clip_grad_norm_, which
+            # confuses two prepared models of the same architecture.
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            norms[role] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norms
+
+    def train_step(self, step: int) -> dict[str, Any] | None:
+        """Run one optimizer step. Returns the metrics row, or None when the step was skipped."""
+        method = self.method
+        accum = self.loop_cfg.gradient_accumulation_steps
+        t_start = time.perf_counter()
+        data_wait = 0.0
+        loss_sums: dict[str, torch.Tensor] = {}
+        metric_sums: dict[str, torch.Tensor] = {}
+        loss_roles: dict[str, str] = {}
+        for _ in range(accum):
+            t_fetch = time.perf_counter()
+            batch = next(self.data)
+            data_wait += time.perf_counter() - t_fetch
+            out = method.single_train_step(batch, step)
+            method.backward(out, grad_accum_rounds=accum)
+            loss_roles.update(out.loss_roles)
+            for name, value in out.losses.items():
+                loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
+            for name, value in out.metrics.items():
+                if name in out.losses:
+                    raise ValueError(f"metric {name!r} collides with a loss name")
+                metric_sums[name] = metric_sums.get(name, 0) + value.detach().float()
+
+        grad_norms = self._clip(step)
+        self.callbacks.on_before_optimizer_step(self, step)
+
+        # The one host sync of the step: rank-mean losses/metrics, global grad norms, stop flags.
+        names = list(loss_sums) + list(metric_sums)
+        device = self.accelerator.device
+        scalars = [loss_sums[n] / accum for n in loss_sums] + [metric_sums[n] / accum for n in metric_sums]
+        scalars += list(grad_norms.values())  # already global: identical on every rank
+        scalars.append(torch.tensor(float(self._stop.received is not None)))
+        packed = torch.stack([s.reshape(()).float().to(device) for s in scalars])
+        if dist.is_initialized():
+            dist.all_reduce(packed)
+        values = (packed / self.world_size).tolist()
+        reduced = dict(zip(names, values[: len(names)], strict=True))
+        norms = dict(zip(grad_norms, values[len(names): len(names) + len(grad_norms)], strict=True))
+        preempt = values[-1] > 0
+
+        bad = [(n, loss_roles.get(n, "?")) for n in loss_sums if not math.isfinite(reduced[n])]
+        bad += [(f"grad_norm/{r}", r) for r, v in norms.items() if not math.isfinite(v)]
+        if bad:
+            what = ", ".join(f"{n} (role {r})" for n, r in bad)
+            if self.loop_cfg.nonfinite == "stop":
+                raise NonFiniteError(f"non-finite value at step {step}: {what}; stopping (training.loop.nonfinite=stop)")
+            self.num_skipped += 1
+            self._consecutive_skips += 1
+            logger.warning("step %d: non-finite %s; skipping the update (%d in a row)", step, what,
+                           self._consecutive_skips)
+            method.optimizers_zero_grad(step)
+            if self._consecutive_skips >= self.loop_cfg.max_consecutive_skips:
+                raise NonFiniteError(f"non-finite values at {self._consecutive_skips} consecutive steps "
+                                     f"(last: step {step}, {what})")
+            if preempt:
+                self._stop.received = self._stop.received or signal.SIGTERM
+            return None
+        self._consecutive_skips = 0
+
+        t_opt = time.perf_counter()
+        stepped_roles = [r for r, o in method._optimizer_dict.items() if o in list(method.get_optimizers(step))]
+        for optimizer in method.get_optimizers(step):
+            optimizer.step()
+        for scheduler in method.get_lr_schedulers(step):
+            scheduler.step()
+        method.optimizers_zero_grad(step)
+        self.callbacks.on_after_optimizer_step(self, step, stepped_roles)
+        t_end = time.perf_counter()
+
+        global_batch = self.cfg.training.data.train_batch_size * accum * self.world_size
+        row: dict[str, Any] = {"step": step, **reduced}
+        for role, sched in method._lr_scheduler_dict.items():
+            row[f"lr/{role}"] = float(sched.get_last_lr()[0])
+        for role, value in norms.items():
+            row[f"grad_norm/{role}"] = value
+        row["step_time_s"] = t_end - t_start
+        row["data_wait_s"] = data_wait
+        row["optimizer_s"] = t_end - t_opt
+        row["samples_per_s"] = global_batch / max(t_end - t_start, 1e-9)
+        row["nonfinite_skips"] = self.num_skipped
+        if preempt:
+            self._stop.received = self._stop.received or signal.SIGTERM
+        return row
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def fit(self, *, start_step: int = 0, resume_path: Path | None = None) -> int:
+        method = self.method
+        max_steps = self.loop_cfg.max_train_steps
+        method.on_train_start()
+        self.callbacks.on_train_start(self)
+        if resume_path is not None:
+            assert self.checkpoints is not None
+            start_step = self.checkpoints.load(resume_path)
+            self.metrics.truncate_after(start_step)
+            self.checkpoints.restore_random_state(resume_path)  # last: nothing may draw after this
+            if self.is_main:
+                logger.info("resumed from %s at step %d", resume_path, start_step)
+        self.step = start_step
+        if start_step == 0 and self.cfg.callbacks.validation and self.cfg.callbacks.validation.at_start:
+            self.callbacks.on_validation(self, 0)
+        save_steps = self.cfg.training.checkpoint.save_steps
+        bar = tqdm(total=max_steps, initial=start_step, disable=not self.show_progress, desc="train",
+                   dynamic_ncols=True)
+        self._stop.install()
+        try:
+            for step in range(start_step + 1, max_steps + 1):
+                row = self.train_step(step)
+                self.step = step
+                if row is not None:
+                    self.callbacks.on_step_end(self, step, row)
+                    self.metrics.write(row)
+                    if self.is_main:
+                        self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
+                                         if k.endswith("loss") or k == "samples_per_s"}, refresh=False)
+                bar.update(1)
+                if self._stop.received is not None:
+                    path = self.checkpoints.save(step) if self.checkpoints else None
+                    raise Preempted(
+                        f"stopped by signal {self._stop.received} after step {step}; checkpoint: {path}. "
+                        "Resume with the same command plus --training.checkpoint.resume_from_checkpoint=latest"
+                    )
+                if self.checkpoints is not None and save_steps > 0 and step % save_steps == 0:
+                    self.checkpoints.save(step)
+                self.callbacks.on_validation(self, step)
+            if self.checkpoints is not None and self.step > start_step:
+                self.checkpoints.save(self.step)
+            self.callbacks.on_train_end(self, self.step)
+        finally:
+            self._stop.uninstall()
+            bar.close()
+        return self.step

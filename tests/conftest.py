@@ -1,0 +1,86 @@
+"""Shared test fixtures: offline, single-threaded, tiny models, and a 2-process FSDP2 launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+CPU_2PROC = str(REPO / "accelerate_configs" / "cpu_fsdp2_2proc.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_python(args: list[str], *, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """One plain process: ``python <args>``."""
+    return subprocess.run([PYTHON, *args], cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_2proc(args: list[str], *, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """Two CPU processes with FSDP2 over gloo: ``accelerate launch --config_file cpu_fsdp2_2proc.yaml <args>``."""
+    cmd = [ACCELERATE, "launch", "--config_file", CPU_2PROC, "--main_process_port", str(free_port()), *args]
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, cwd: Path, timeout: float = 300,
+                 **env: str) -> subprocess.CompletedProcess:
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), script, *args]
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Toy dataset and a random tiny Wan init, built once per test session."""
+    from fv_accel.toy import ensure_init_transformer, ensure_toy_data
+
+    root = tmp_path_factory.mktemp("toy")
+    ensure_toy_data(root)
+    ensure_init_transformer(root)
+    return root
+
+
+@pytest.fixture
+def single_process_dist():
+    """An in-process world-size-1 gloo group with a fresh Accelerate state (torn down afterwards)."""
+    import torch.distributed as dist
+
+    from fv_accel.runtime import build_accelerator, reset_accelerate_state
+
+    reset_accelerate_state()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    accelerator = build_accelerator()
+    yield accelerator
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    reset_accelerate_state()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
