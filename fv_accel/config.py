@@ -214,6 +214,26 @@ class RunConfig(_Strict):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` as the *string* "1e-4", which the
+    strict schema would then reject as a learning rate."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                 |[-+]?\.(?:inf|Inf|INF)
+                 |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     """``--a.b=v`` or ``--a.b v`` → [("a.b", parsed v)]. Values use YAML scalar/list syntax."""
     overrides: list[tuple[str, Any]] = []
@@ -229,7 +249,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             raw = argv[i + 1]
             i += 1
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override --{key}: cannot parse value {raw!r}: {exc}") from None
         overrides.append((key, value))
@@ -261,6 +281,13 @@ def _format_validation_error(exc: ValidationError) -> str:
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required value is missing"
+        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+            # The culprit is the discriminator key itself (method.name), not the whole section.
+            tag = err.get("ctx", {}).get("discriminator", "name").strip("'")
+            path = f"{path}.{tag}"
+            msg = "required value is missing" if err["type"] == "union_tag_not_found" else msg
+        elif isinstance(err.get("input"), (str, int, float, bool)):
+            msg = f"{msg} (got {err['input']!r})"  # e.g. the string "10" where an int was expected
         lines.append(f"{path}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
@@ -270,7 +297,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = _yaml_load(p.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if data is None:
