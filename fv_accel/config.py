@@ -122,8 +122,9 @@ MethodConfig = Annotated[FinetuneMethodConfig | DMD2MethodConfig, Field(discrimi
 
 
 class DataConfig(_Strict):
-    data_path: str | list[str] = ""
-    """Parquet directory (FastVideo T2V or text-only schema), or a list of them."""
+    data_path: str | list[str] | dict[str, int] = ""
+    """Parquet directory or file (FastVideo T2V or text-only schema), a list of them, or a mapping
+    ``{path: repeat_count}`` (a path with count 3 appears three times per epoch)."""
     seed: int = 0
     train_batch_size: int = Field(1, ge=1)
     """Per process."""
@@ -134,6 +135,17 @@ class DataConfig(_Strict):
     num_workers: int = Field(0, ge=0)
     latent_shape: list[int] | None = None
     """[C, T, H, W] of generated latents when the dataset has no latents (text-only, data-free DMD2)."""
+    skip_bad_rows: bool = False
+    """Replace a malformed row by the next good one (logged and counted) instead of stopping with exit 1."""
+    row_group_cache_mb: int = Field(1024, ge=1)
+    """Per loader process: parquet row groups up to this size are cached whole; larger ones are streamed."""
+
+    @field_validator("data_path")
+    @classmethod
+    def _repeat_counts(cls, value: str | list[str] | dict[str, int]) -> str | list[str] | dict[str, int]:
+        if isinstance(value, dict) and any(count < 1 for count in value.values()):
+            raise ValueError("repeat counts must be >= 1")
+        return value
 
 
 class LoopConfig(_Strict):
@@ -159,6 +171,9 @@ class CheckpointConfig(_Strict):
 class TrackerConfig(_Strict):
     backends: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])
     project_name: str = "fv_accel"
+    peak_tflops_per_device: float | None = Field(None, gt=0)
+    """Peak TFLOP/s of one device for the MFU metric; None = the bf16 table in ``fv_accel/flops.py`` for
+    known GPUs in bf16 runs, else no MFU (achieved ``tflops_per_device`` is still logged)."""
 
 
 class TrainingConfig(_Strict):
@@ -178,8 +193,20 @@ class ValidationConfig(_Strict):
     every_steps: int = Field(0, ge=0)
     """Sample validation videos every N steps; 0 disables."""
     at_start: bool = False
+    """Also sample before the first step (step 0) of a fresh run."""
     num_samples: int = Field(4, ge=1)
+    """Validation prompts: rows spread evenly over the validation data (the same rows at every step)."""
     seed: int = 0
+    """Seed of the sampling noise: identical at every validation, so steps are comparable."""
+    data_path: str = ""
+    """Parquet file or directory (T2V or text-only schema) holding the validation prompts' precomputed text
+    embeddings; "" = use rows of ``training.data.data_path``."""
+    num_inference_steps: int = Field(8, ge=1)
+    """Euler steps for methods that sample with the flow ODE (finetune); DMD2 uses method.dmd_denoising_steps."""
+    guidance_scale: float = Field(1.0, ge=0)
+    """CFG scale (uncond + w·(cond − uncond)) of the flow-ODE sampler; 1 = no guidance."""
+    fps: int = Field(16, ge=1)
+    """Frame rate of the written mp4 files."""
 
 
 class CallbacksConfig(_Strict):

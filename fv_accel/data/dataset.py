@@ -4,33 +4,49 @@ T2V schema: ``id, vae_latent_bytes, vae_latent_shape [C,T,H,W], vae_latent_dtype
 text_embedding_shape [L,D], text_embedding_dtype, file_name, caption, media_type, width, height, num_frames,
 duration_sec, fps``. Text-only schema (data-free DMD2): ``id, text_embedding_{bytes,shape,dtype}, caption``.
 
-Rows are read one row group at a time (the last one is cached per worker), so memory stays bounded for
-datasets larger than RAM.
+Memory stays bounded for datasets larger than RAM: only file footers are read up front; rows are read one
+parquet row group at a time into a small LRU cache whose size is counted in bytes (``cache_bytes``), and a row
+group larger than that budget is streamed with a bounded read buffer, keeping only the requested row. Whole
+files are never loaded.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
 from fv_accel.errors import DataError
 
-T2V_COLUMNS = ("vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype",
-               "text_embedding_bytes", "text_embedding_shape", "text_embedding_dtype")
+logger = logging.getLogger(__name__)
+
+LATENT_COLUMNS = ("vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype")
 TEXT_ONLY_COLUMNS = ("text_embedding_bytes", "text_embedding_shape", "text_embedding_dtype")
+T2V_COLUMNS = LATENT_COLUMNS + TEXT_ONLY_COLUMNS
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "torch.float32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "torch.float16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "torch.bfloat16": torch.bfloat16,
+    "float64": torch.float64, "torch.float64": torch.float64,
 }
+
+#: A row group up to this size (uncompressed, as the footer reports it) is cached whole; larger ones stream.
+DEFAULT_CACHE_BYTES = 1 << 30
+#: Read buffer when streaming a row group that exceeds the cache budget.
+_STREAM_BUFFER_BYTES = 8 << 20
+#: With skip_bad_rows: give up after this many bad rows in a row (the data is broken, not a few rows).
+MAX_CONSECUTIVE_BAD_ROWS = 1000
 
 
 @dataclass
@@ -39,6 +55,8 @@ class LatentSample:
     latents_cthw: torch.Tensor | None
     text_embeds_ld: torch.Tensor
     text_mask_l: torch.Tensor
+    num_bad_rows_skipped: int = 0
+    """With ``skip_bad_rows``: bad rows passed over to reach this one (0 otherwise)."""
 
 
 @dataclass
@@ -51,114 +69,242 @@ class LatentBatch:
     index: torch.Tensor
     latent_shape: tuple[int, int, int, int]
     uncond_embeds_bld: torch.Tensor | None = None
+    num_bad_rows_skipped: int = 0
 
 
-def decode_tensor(raw: bytes, shape: list[int], dtype_name: str, *, where: str) -> torch.Tensor:
+def decode_tensor(raw: bytes | None, shape: Any, dtype_name: Any, *, where: str) -> torch.Tensor:
+    """Bytes + shape + dtype columns → a float32 tensor; a mismatch names ``where`` (file, row, column)."""
     dtype = _DTYPES.get(str(dtype_name))
     if dtype is None:
-        raise DataError(f"{where}: unsupported dtype {dtype_name!r}")
-    expected = int(np.prod(shape)) * torch.tensor([], dtype=dtype).element_size()
+        raise DataError(f"{where}: unsupported dtype {dtype_name!r} (expected one of float32, float16, bfloat16)")
+    if raw is None or shape is None:
+        raise DataError(f"{where}: value is null")
+    shape = [int(s) for s in shape]
+    if any(s < 0 for s in shape):
+        raise DataError(f"{where}: negative size in shape {shape}")
+    expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
     if len(raw) != expected:
-        raise DataError(f"{where}: {len(raw)} bytes do not hold a {dtype_name} tensor of shape {list(shape)} "
+        what = "truncated: " if len(raw) < expected else ""
+        raise DataError(f"{where}: {what}{len(raw)} bytes do not hold a {dtype_name} tensor of shape {shape} "
                         f"({expected} bytes)")
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(list(shape)).float()
+    if expected == 0:
+        return torch.zeros(shape)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).float()
 
 
-def list_parquet_files(data_path: str | list[str]) -> list[Path]:
-    paths = [data_path] if isinstance(data_path, str) else list(data_path)
-    if not paths or paths == [""]:
+def parse_data_path(data_path: str | list[str] | dict[str, int]) -> list[tuple[Path, int]]:
+    """``data_path`` as configured → [(directory or file, repeat count)]."""
+    if isinstance(data_path, dict):
+        entries = [(str(k), int(v)) for k, v in data_path.items()]
+    elif isinstance(data_path, str):
+        entries = [(data_path, 1)]
+    else:
+        entries = [(str(p), 1) for p in data_path]
+    entries = [(p, r) for p, r in entries if p != ""]
+    if not entries:
         raise DataError("training.data.data_path is empty")
+    for p, r in entries:
+        if r < 1:
+            raise DataError(f"training.data.data_path: repeat count for {p} must be >= 1, got {r}")
+    return [(Path(p).expanduser(), r) for p, r in entries]
+
+
+def list_parquet_files(data_path: str | list[str] | dict[str, int]) -> list[Path]:
+    """Every parquet file of ``data_path`` in a fixed order, each repeated by its entry's repeat count."""
     files: list[Path] = []
-    for entry in paths:
-        p = Path(entry).expanduser()
-        if p.is_file() and p.suffix == ".parquet":
-            files.append(p)
+    for p, repeat in parse_data_path(data_path):
+        if p.is_file():
+            if p.suffix != ".parquet":
+                raise DataError(f"{p}: not a .parquet file")
+            found = [p]
         elif p.is_dir():
-            found = sorted(p.rglob("*.parquet"))
+            # Hidden/underscore paths are writers' temporaries and manifests (preprocessing), never data.
+            found = sorted(f for f in p.rglob("*.parquet")
+                           if not any(part.startswith((".", "_")) for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"{p}: no .parquet files in this directory")
-            files.extend(found)
         else:
-            raise DataError(f"{p}: not a parquet file or directory")
+            raise DataError(f"{p}: no such file or directory")
+        files.extend(found * repeat)
     return files
 
 
+@dataclass(frozen=True)
+class _Group:
+    file: Path
+    row_group: int
+    start: int  # first dataset index of this group
+    file_row: int  # first row of this group within its file
+    num_rows: int
+    nbytes: int  # uncompressed size from the footer
+
+
 class ParquetLatentDataset(Dataset[LatentSample]):
-    """Map-style dataset over one or more parquet directories; text-only rows have no latents."""
+    """Map-style dataset over parquet files (T2V or text-only schema); text-only rows have no latents.
+
+    Index ``i`` is a position in the concatenation of all files (repeated files appear repeatedly). CFG dropout
+    is a pure function of (seed, index), so it is the same whatever the worker count or resume point.
+    """
 
     def __init__(
         self,
-        data_path: str | list[str],
+        data_path: str | list[str] | dict[str, int],
         *,
         text_len: int,
         cfg_rate: float = 0.0,
         seed: int = 0,
         latent_shape: list[int] | None = None,
+        skip_bad_rows: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.files = list_parquet_files(data_path)
         self.text_len = text_len
         self.cfg_rate = cfg_rate
         self.seed = seed
-        self._groups: list[tuple[int, int]] = []  # (file index, row group)
+        self.skip_bad_rows = skip_bad_rows
+        self.cache_bytes = cache_bytes
+        self._groups: list[_Group] = []
         self._starts: list[int] = []
+        footers: dict[Path, tuple[pq.FileMetaData, str]] = {}
         total = 0
         schema_kind: str | None = None
-        for fi, f in enumerate(self.files):
-            try:
-                meta = pq.ParquetFile(f).metadata
-            except Exception as exc:  # pyarrow raises several types for corrupt files
-                raise DataError(f"{f}: unreadable parquet file ({exc})") from None
-            names = set(pq.read_schema(f).names)
-            kind = "t2v" if set(T2V_COLUMNS) <= names else "text_only" if set(TEXT_ONLY_COLUMNS) <= names else None
-            if kind is None:
-                missing = sorted(set(TEXT_ONLY_COLUMNS) - names) or sorted(set(T2V_COLUMNS) - names)
-                raise DataError(f"{f}: missing column(s) {missing}")
+        for f in self.files:
+            if f not in footers:
+                footers[f] = self._inspect(f)
+            meta, kind = footers[f]
             if schema_kind is not None and kind != schema_kind:
-                raise DataError(f"{f}: {kind} schema mixed with {schema_kind} files")
+                raise DataError(f"{f}: {kind} schema mixed with {schema_kind} files in one dataset")
             schema_kind = kind
+            file_row = 0
             for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                if rg.num_rows == 0:
+                    continue
                 self._starts.append(total)
-                self._groups.append((fi, g))
-                total += meta.row_group(g).num_rows
+                self._groups.append(_Group(f, g, total, file_row, rg.num_rows, rg.total_byte_size))
+                total += rg.num_rows
+                file_row += rg.num_rows
         if total == 0:
-            raise DataError(f"{self.files[0].parent}: the dataset has no rows")
+            raise DataError(f"{', '.join(sorted({str(f) for f in self.files}))}: the dataset has no rows")
+        assert schema_kind is not None
         self.kind = schema_kind
         self._len = total
-        # A few decoded row groups per worker: random access without re-reading, memory stays bounded.
-        self._cache: OrderedDict[int, dict[str, list]] = OrderedDict()
-        self._cache_groups = 8
+        self._columns = list(T2V_COLUMNS if self.kind == "t2v" else TEXT_ONLY_COLUMNS)
+        self._reset_caches()
+        self._warned: set[int] = set()
         if self.kind == "text_only":
             if latent_shape is None or len(latent_shape) != 4:
-                raise DataError("text-only data needs training.data.latent_shape = [C, T, H, W]")
-            self.latent_shape = tuple(latent_shape)
+                raise DataError(f"{self.files[0]}: text-only data needs training.data.latent_shape = [C, T, H, W] "
+                                "(the shape of the latents the student generates)")
+            self.latent_shape = tuple(int(x) for x in latent_shape)
         else:
-            first = self._row(0)
-            self.latent_shape = tuple(int(x) for x in first["vae_latent_shape"])
+            self.latent_shape = self._first_latent_shape()
+            if latent_shape is not None and tuple(latent_shape) != self.latent_shape:
+                raise DataError(f"{self.files[0]}: latents have shape {list(self.latent_shape)} but "
+                                f"training.data.latent_shape is {list(latent_shape)}")
+
+    # -- setup --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _inspect(f: Path) -> tuple[pq.FileMetaData, str]:
+        """Footer and schema kind of one file; only the footer is read."""
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as exc:  # pyarrow raises several types for corrupt or foreign files
+            raise DataError(f"{f}: unreadable parquet file ({exc})") from None
+        names = set(pf.schema_arrow.names)
+        missing_text = [c for c in TEXT_ONLY_COLUMNS if c not in names]
+        missing_latent = [c for c in LATENT_COLUMNS if c not in names]
+        if missing_text:
+            raise DataError(f"{f}: missing column(s) {missing_text}")
+        if missing_latent and len(missing_latent) < len(LATENT_COLUMNS):
+            # Some latent columns but not all: a broken T2V file, not text-only data.
+            raise DataError(f"{f}: missing column(s) {missing_latent}")
+        return pf.metadata, "text_only" if missing_latent else "t2v"
+
+    def _first_latent_shape(self) -> tuple[int, int, int, int]:
+        group = self._groups[0]
+        try:
+            column = self._file(group.file).read_row_group(group.row_group, columns=["vae_latent_shape"])
+        except Exception as exc:
+            raise DataError(f"{group.file}: cannot read row group {group.row_group} ({exc})") from None
+        shape = column.column(0)[0].as_py()
+        if shape is None or len(shape) != 4:
+            raise DataError(f"{group.file} row 0: vae_latent_shape must be [C, T, H, W], got {shape}")
+        return tuple(int(s) for s in shape)  # type: ignore[return-value]
+
+    def _reset_caches(self) -> None:
+        # Per process: file handles and cached row groups are never shared with forked loader workers.
+        self._pid = os.getpid()
+        self._handles: OrderedDict[Path, pq.ParquetFile] = OrderedDict()
+        self._cache: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
+        self._cached_bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for key in ("_handles", "_cache"):
+            state[key] = OrderedDict()
+        state["_cached_bytes"] = 0
+        return state
 
     def __len__(self) -> int:
         return self._len
 
-    def _row(self, index: int) -> dict:
-        g = bisect.bisect_right(self._starts, index) - 1
-        cols = self._cache.get(g)
-        if cols is None:
-            fi, rg = self._groups[g]
-            try:
-                table = pq.ParquetFile(self.files[fi]).read_row_group(rg)
-            except Exception as exc:
-                raise DataError(f"{self.files[fi]}: cannot read row group {rg} ({exc})") from None
-            cols = self._cache[g] = table.to_pydict()
-            while len(self._cache) > self._cache_groups:
-                self._cache.popitem(last=False)
+    # -- reading --------------------------------------------------------------------------------------------
+    def _file(self, path: Path) -> pq.ParquetFile:
+        if os.getpid() != self._pid:
+            self._reset_caches()
+        handle = self._handles.get(path)
+        if handle is None:
+            # buffer_size > 0 makes pyarrow read column chunks in bounded pieces instead of whole.
+            handle = self._handles[path] = pq.ParquetFile(path, buffer_size=_STREAM_BUFFER_BYTES, pre_buffer=False)
+            while len(self._handles) > 16:
+                self._handles.popitem(last=False)
         else:
-            self._cache.move_to_end(g)
-        offset = index - self._starts[g]
-        return {k: v[offset] for k, v in cols.items()}
+            self._handles.move_to_end(path)
+        return handle
+
+    def _group_of(self, index: int) -> _Group:
+        if not 0 <= index < self._len:
+            raise IndexError(f"index {index} out of range for a dataset of {self._len} rows")
+        return self._groups[bisect.bisect_right(self._starts, index) - 1]
+
+    def _read_row(self, index: int) -> dict[str, Any]:
+        group = self._group_of(index)
+        offset = index - group.start
+        key = (group.file, group.row_group)
+        try:
+            table = self._cache.get(key)
+            if table is not None:
+                self._cache.move_to_end(key)
+                return table.slice(offset, 1).to_pylist()[0]
+            pf = self._file(group.file)
+            if group.nbytes <= self.cache_bytes:
+                table = pf.read_row_group(group.row_group, columns=self._columns)
+                self._cache[key] = table
+                self._cached_bytes += table.nbytes
+                while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached_bytes -= old.nbytes
+                return table.slice(offset, 1).to_pylist()[0]
+            # Too large to cache: stream the group a few rows at a time and keep only the wanted row.
+            step = max(1, int(group.num_rows * (self.cache_bytes / 4) / max(group.nbytes, 1)))
+            seen = 0
+            for batch in pf.iter_batches(batch_size=step, row_groups=[group.row_group], columns=self._columns):
+                if offset < seen + batch.num_rows:
+                    return batch.slice(offset - seen, 1).to_pylist()[0]
+                seen += batch.num_rows
+            raise DataError(f"{group.file}: row group {group.row_group} has {seen} rows, footer says "
+                            f"{group.num_rows}")
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{group.file}: cannot read row group {group.row_group} "
+                            f"({type(exc).__name__}: {exc})") from None
 
     def where(self, index: int) -> str:
-        g = bisect.bisect_right(self._starts, index) - 1
-        fi, rg = self._groups[g]
-        return f"{self.files[fi]} row {index - self._starts[g]} of row group {rg}"
+        """``<file> row <r>`` (0-based row within the file) for messages."""
+        group = self._group_of(index)
+        return f"{group.file} row {group.file_row + index - group.start}"
 
     def drop_text(self, index: int) -> bool:
         """CFG dropout decision: a pure function of (seed, index), identical across resumes and workers."""
@@ -166,8 +312,9 @@ class ParquetLatentDataset(Dataset[LatentSample]):
             return False
         return bool(np.random.default_rng([self.seed, index]).random() < self.cfg_rate)
 
-    def __getitem__(self, index: int) -> LatentSample:
-        row = self._row(index)
+    def load(self, index: int) -> LatentSample:
+        """Row ``index`` decoded and padded; raises DataError naming the file and row when it is malformed."""
+        row = self._read_row(index)
         where = self.where(index)
         text = decode_tensor(row["text_embedding_bytes"], row["text_embedding_shape"],
                              row["text_embedding_dtype"], where=f"{where}, text_embedding")
@@ -176,6 +323,7 @@ class ParquetLatentDataset(Dataset[LatentSample]):
         length = min(text.shape[0], self.text_len)
         padded = torch.zeros(self.text_len, text.shape[1])
         mask = torch.zeros(self.text_len, dtype=torch.bool)
+        # CFG dropout zeroes the embedding and keeps the mask (FastVideo's convention).
         if not self.drop_text(index):
             padded[:length] = text[:length]
         mask[:length] = True
@@ -188,6 +336,25 @@ class ParquetLatentDataset(Dataset[LatentSample]):
                                 f"{list(self.latent_shape)} (batches need equal shapes)")
         return LatentSample(index=index, latents_cthw=latents, text_embeds_ld=padded, text_mask_l=mask)
 
+    def __getitem__(self, index: int) -> LatentSample:
+        if not self.skip_bad_rows:
+            return self.load(index)
+        # A bad row is replaced by the next good row in dataset order, so every batch keeps its size (and every
+        # rank its number of forwards); the substitution is deterministic, hence identical after a resume.
+        for skipped in range(min(self._len, MAX_CONSECUTIVE_BAD_ROWS)):
+            current = (index + skipped) % self._len
+            try:
+                sample = self.load(current)
+            except DataError as exc:
+                if current not in self._warned:
+                    self._warned.add(current)
+                    logger.warning("skipping bad row (training.data.skip_bad_rows): %s", exc)
+                continue
+            sample.num_bad_rows_skipped = skipped
+            return sample
+        raise DataError(f"{self.where(index)}: {min(self._len, MAX_CONSECUTIVE_BAD_ROWS)} consecutive bad rows "
+                        "from here on; the data is broken beyond skip_bad_rows")
+
 
 def collate_latents(samples: list[LatentSample], latent_shape: tuple[int, int, int, int]) -> LatentBatch:
     latents = None
@@ -199,4 +366,5 @@ def collate_latents(samples: list[LatentSample], latent_shape: tuple[int, int, i
         text_mask_bl=torch.stack([s.text_mask_l for s in samples]),
         index=torch.tensor([s.index for s in samples], dtype=torch.int64),
         latent_shape=latent_shape,
+        num_bad_rows_skipped=sum(s.num_bad_rows_skipped for s in samples),
     )

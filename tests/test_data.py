@@ -1,0 +1,241 @@
+"""Test helpers: parquet files in FastVideo's T2V and text-only schemas, written row by row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+T2V_FIELDS = ("id", "vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype", "text_embedding_bytes",
+              "text_embedding_shape", "text_embedding_dtype", "file_name", "caption", "media_type", "width",
+              "height", "num_frames", "duration_sec", "fps")
+
+
+def make_arrays(num_rows: int, *, latent_shape=(16, 2, 8, 8), text_dim: int = 32, seed: int = 0,
+                text_lens: list[int] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    latents = [rng.normal(size=latent_shape).astype(np.float32) for _ in range(num_rows)]
+    lens = text_lens or [3 + i % 5 for i in range(num_rows)]
+    texts = [rng.normal(size=(n, text_dim)).astype(np.float32) for n in lens]
+    return latents, texts
+
+
+def t2v_rows(latents: list[np.ndarray], texts: list[np.ndarray], *, dtype: str = "float32",
+             prefix: str = "clip") -> dict[str, list[Any]]:
+    rows: dict[str, list[Any]] = {k: [] for k in T2V_FIELDS}
+    for i, (lat, txt) in enumerate(zip(latents, texts, strict=True)):
+        lat = lat.astype(dtype)
+        txt = txt.astype(dtype)
+        rows["id"].append(f"{prefix}-{i}")
+        rows["vae_latent_bytes"].append(lat.tobytes())
+        rows["vae_latent_shape"].append(list(lat.shape))
+        rows["vae_latent_dtype"].append(dtype)
+        rows["text_embedding_bytes"].append(txt.tobytes())
+        rows["text_embedding_shape"].append(list(txt.shape))
+        rows["text_embedding_dtype"].append(dtype)
+        rows["file_name"].append(f"{prefix}-{i}.mp4")
+        rows["caption"].append(f"caption {i}")
+        rows["media_type"].append("video")
+        rows["width"].append(lat.shape[3] * 8)
+        rows["height"].append(lat.shape[2] * 8)
+        rows["num_frames"].append((lat.shape[1] - 1) * 4 + 1)
+        rows["duration_sec"].append(1.0)
+        rows["fps"].append(16.0)
+    return rows
+
+
+def text_only_rows(texts: list[np.ndarray], *, dtype: str = "float32") -> dict[str, list[Any]]:
+    return {
+        "id": [f"prompt-{i}" for i in range(len(texts))],
+        "text_embedding_bytes": [t.astype(dtype).tobytes() for t in texts],
+        "text_embedding_shape": [list(t.shape) for t in texts],
+        "text_embedding_dtype": [dtype] * len(texts),
+        "caption": [f"prompt {i}" for i in range(len(texts))],
+    }
+
+
+def write_rows(path: Path, rows: dict[str, list[Any]], *, row_group_size: int = 4) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path, row_group_size=row_group_size)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------------------
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import REPO, run_python  # noqa: E402
+
+from fv_accel.config import DataConfig  # noqa: E402
+from fv_accel.data import DataStream, ParquetLatentDataset, build_data_stream  # noqa: E402
+from fv_accel.data.loader import EpochShardSampler  # noqa: E402
+from fv_accel.errors import DataError  # noqa: E402
+
+
+def _stream(data_path, **kw) -> DataStream:
+    rank = kw.pop("rank", 0)
+    world_size = kw.pop("world_size", 1)
+    cfg = DataConfig(data_path=data_path, text_len=kw.pop("text_len", 6), **kw)
+    return build_data_stream(cfg, rank=rank, world_size=world_size)
+
+
+def _take(stream: DataStream, n: int) -> list:
+    return [next(stream) for _ in range(n)]
+
+
+def _same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.index, y.index)
+        assert torch.equal(x.latents_bcthw, y.latents_bcthw)
+        assert torch.equal(x.text_embeds_bld, y.text_embeds_bld)
+        assert torch.equal(x.text_mask_bl, y.text_mask_bl)
+
+
+@pytest.fixture
+def fp32_fp16_dirs(tmp_path):
+    latents, texts = make_arrays(12, text_lens=[3, 9] * 6)
+    write_rows(tmp_path / "f32" / "part-0.parquet", t2v_rows(latents, texts, dtype="float32"))
+    lat16, txt16 = make_arrays(8, seed=1)
+    write_rows(tmp_path / "f16" / "part-0.parquet", t2v_rows(lat16, txt16, dtype="float16", prefix="h"))
+    return tmp_path / "f32", tmp_path / "f16", (latents, texts), (lat16, txt16)
+
+
+def test_rows_honour_dtype_shape_and_text_padding(fp32_fp16_dirs):
+    f32, f16, (latents, texts), (lat16, txt16) = fp32_fp16_dirs
+    ds = ParquetLatentDataset(str(f32), text_len=6)
+    assert len(ds) == 12 and ds.kind == "t2v" and ds.latent_shape == (16, 2, 8, 8)
+    for i in (0, 1, 11):
+        s = ds[i]
+        assert torch.equal(s.latents_cthw, torch.from_numpy(latents[i]))
+        n = texts[i].shape[0]
+        keep = min(n, 6)  # 3 tokens are padded to 6, 9 are truncated to 6
+        assert torch.equal(s.text_embeds_ld[:keep], torch.from_numpy(texts[i][:keep]))
+        assert s.text_embeds_ld[keep:].abs().sum() == 0
+        assert s.text_mask_l.tolist() == [True] * keep + [False] * (6 - keep)
+    h = ParquetLatentDataset(str(f16), text_len=16)
+    s = h[5]
+    # float16 bytes are read as float16 (not reinterpreted as float32), then widened exactly.
+    assert s.latents_cthw.dtype == torch.float32
+    assert torch.equal(s.latents_cthw, torch.from_numpy(lat16[5].astype(np.float16).astype(np.float32)))
+    assert torch.equal(s.text_embeds_ld[: txt16[5].shape[0]],
+                       torch.from_numpy(txt16[5].astype(np.float16).astype(np.float32)))
+
+
+def test_list_and_repeat_counts(fp32_fp16_dirs):
+    f32, f16, (latents, _), (lat16, _) = fp32_fp16_dirs
+    ds = ParquetLatentDataset({str(f32): 2, str(f16): 1}, text_len=4)
+    assert len(ds) == 2 * 12 + 8
+    assert torch.equal(ds[12 + 3].latents_cthw, torch.from_numpy(latents[3]))  # second copy of f32
+    assert torch.equal(ds[24 + 2].latents_cthw,
+                       torch.from_numpy(lat16[2].astype(np.float16).astype(np.float32)))
+    assert len(ParquetLatentDataset([str(f16), str(f32)], text_len=4)) == 20
+    # row names in messages are per file, also in the repeated copy
+    assert ds.where(12 + 5) == f"{f32 / 'part-0.parquet'} row 5"
+
+
+def test_large_row_group_is_streamed_with_bounded_memory(tmp_path):
+    """A 16 MiB row group with a 1 MiB cache budget: read row by row, peak Arrow memory stays ~1 page."""
+    latents, texts = make_arrays(64, latent_shape=(16, 4, 32, 32))  # 256 KiB per latent
+    rows = t2v_rows(latents, texts)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(rows), tmp_path / "big.parquet", row_group_size=64, use_dictionary=False,
+                   write_batch_size=1)
+    script = f"""
+import pyarrow as pa, numpy as np, json
+pool = pa.proxy_memory_pool(pa.default_memory_pool())
+pa.set_memory_pool(pool)
+from fv_accel.data import ParquetLatentDataset
+ds = ParquetLatentDataset({str(tmp_path)!r}, text_len=8, cache_bytes=1 << 20)
+row = ds[40].latents_cthw.numpy()
+print(json.dumps({{"peak": pool.max_memory(), "sum": float(row.sum())}}))
+"""
+    proc = run_python(["-c", script], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["sum"] == pytest.approx(float(latents[40].sum()), rel=1e-5)
+    assert out["peak"] < 4 << 20, out  # the whole group is 16 MiB
+    # The cached path returns the same rows.
+    ds = ParquetLatentDataset(str(tmp_path), text_len=8, cache_bytes=1 << 30)
+    assert torch.equal(ds[40].latents_cthw, torch.from_numpy(latents[40]))
+
+
+def test_epoch_reshuffle_from_seed_and_epoch():
+    a = EpochShardSampler(100, rank=0, world_size=1, seed=7)
+    b = EpochShardSampler(100, rank=0, world_size=1, seed=7)
+    c = EpochShardSampler(100, rank=0, world_size=1, seed=8)
+    e0, e1 = a.epoch_indices(0), a.epoch_indices(1)
+    assert sorted(e0) == sorted(e1) == list(range(100))
+    assert e0 != e1  # reshuffled every epoch
+    assert b.epoch_indices(1) == e1  # identical for the same seed
+    assert c.epoch_indices(0) != e0
+    # (seed, epoch) is a pair, not a sum: seed 7 epoch 1 differs from seed 8 epoch 0
+    assert c.epoch_indices(0) != e1
+
+
+@pytest.mark.parametrize("num_rows", [24, 25])
+def test_two_rank_sharding_covers_every_row_once_per_epoch(tmp_path, num_rows):
+    latents, texts = make_arrays(num_rows)
+    write_rows(tmp_path / "d" / "p.parquet", t2v_rows(latents, texts))
+    per_epoch: dict[int, list[int]] = {0: [], 1: []}
+    for rank in (0, 1):
+        stream = _stream(str(tmp_path / "d"), rank=rank, world_size=2, train_batch_size=3, seed=3)
+        assert stream.batches_per_epoch == 4
+        for epoch in (0, 1):
+            for batch in _take(stream, 4):
+                assert stream.epoch == epoch
+                per_epoch[epoch] += batch.index.tolist()
+    for epoch, seen in per_epoch.items():
+        assert len(seen) == len(set(seen)) == 24, epoch  # disjoint shards, nothing twice
+        if num_rows == 24:
+            assert sorted(seen) == list(range(24))
+    assert per_epoch[0] != per_epoch[1]
+
+
+def test_resume_and_worker_count_give_identical_batches_and_cfg_dropout(fp32_fp16_dirs):
+    f32, f16, _, _ = fp32_fp16_dirs
+    path = {str(f32): 1, str(f16): 1}
+    kw = dict(train_batch_size=3, training_cfg_rate=0.5, seed=11, text_len=6)
+    reference = _take(_stream(path, **kw), 9)  # 20 rows → 6 batches/epoch: crosses an epoch boundary
+    dropped = [bool(b.text_embeds_bld[j].abs().sum() == 0) for b in reference for j in range(3)]
+    assert 0 < sum(dropped) < len(dropped)  # dropout happened, and not everywhere
+    for b in reference:  # dropout zeroes the embedding and keeps the mask
+        assert b.text_mask_bl.sum(dim=1).min() >= 3
+
+    workers = _take(_stream(path, num_workers=2, **kw), 9)
+    _same_batches(reference, workers)
+
+    for num_workers_before, num_workers_after in ((0, 2), (2, 0), (2, 2)):
+        first = _stream(path, num_workers=num_workers_before, **kw)
+        _take(first, 4)
+        # the state travels through pickle, as DCP stores non-tensor values
+        state = pickle.loads(pickle.dumps(copy.deepcopy(first.state_dict())))
+        resumed = _stream(path, num_workers=num_workers_after, **kw)
+        resumed.load_state_dict(state)
+        _same_batches(reference[4:], _take(resumed, 5))
+        assert resumed.epoch == 1
+
+
+def test_text_only_dataset(tmp_path):
+    _, texts = make_arrays(6)
+    write_rows(tmp_path / "t" / "p.parquet", text_only_rows(texts, dtype="float16"))
+    with pytest.raises(DataError, match="latent_shape"):
+        ParquetLatentDataset(str(tmp_path / "t"), text_len=8)
+    stream = _stream(str(tmp_path / "t"), train_batch_size=2, latent_shape=[16, 2, 4, 4], text_len=8)
+    assert stream.dataset.kind == "text_only"
+    batch = next(stream)
+    assert batch.latents_bcthw is None and batch.latent_shape == (16, 2, 4, 4)
+    i = int(batch.index[0])
+    n = texts[i].shape[0]
+    assert torch.equal(batch.text_embeds_bld[0, :n], torch.from_numpy(texts[i].astype(np.float16)).float())
