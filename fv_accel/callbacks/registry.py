@@ -9,4 +9,9 @@ from fv_accel.methods import TrainingMethod
 
 def build_callbacks(cfg: RunConfig, method: TrainingMethod) -> CallbackList:
     callbacks: list[Callback] = []
+    validation = cfg.callbacks.validation
+    if validation is not None and (validation.every_steps > 0 or validation.at_start):
+        from fv_accel.callbacks.validation import ValidationCallback
+
+        callbacks.append(ValidationCallback(validation, cfg))
     return CallbackList(callbacks)

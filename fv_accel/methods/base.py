@@ -8,7 +8,7 @@ using :meth:`get_optimizers`, :meth:`get_lr_schedulers` and :meth:`get_grad_clip
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from fv_accel.config import OptimizerConfig, RunConfig
+from fv_accel.flops import PassCount
 from fv_accel.models.base import ModelBase
 
 
@@ -38,6 +39,15 @@ class StepOutput:
     """Loss name → the role it trains (named in non-finite errors)."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """Extra detached scalars to log (must not reuse loss names)."""
+    passes: dict[str, PassCount] = field(default_factory=dict)
+    """Role → samples its transformer saw in this micro-batch (forwards with or without grad, backwards), as
+    plain ints: the loop turns them into FLOPs and MFU (``fv_accel/flops.py``) without a host sync. Empty: no
+    MFU is reported."""
+
+
+#: ``sampler(model, text_embeds_bld, uncond_embeds_bld, latent_shape [C,T,H,W], generator)`` → x0 in the
+#: model's normalised latent space, float32 [B, C, T, H, W]; runs under ``torch.no_grad`` on every rank.
+ValidationSampler = Callable[[ModelBase, torch.Tensor, torch.Tensor, Sequence[int], torch.Generator], torch.Tensor]
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -171,6 +181,26 @@ class TrainingMethod(nn.Module, ABC):
     def get_grad_clip_targets(self, iteration: int) -> dict[str, nn.Module]:
         """Modules whose gradients are clipped (each to its own global norm) at ``iteration``."""
         return {"student": self.student.transformer}
+
+    def validation_sampler(self) -> ValidationSampler:
+        """How this method's student generates a sample (used by the validation callback).
+
+        Default: the flow ODE with ``callbacks.validation.num_inference_steps`` Euler steps along the
+        student's shifted schedule (``fv_accel.sampling.euler_sample``). Few-step methods override it; DMD2
+        samples with ``fv_accel.sampling.dmd_sample`` over ``method.dmd_denoising_steps``.
+        """
+        from fv_accel.sampling import euler_sample
+
+        num_steps = int(self.validation_config.get("num_inference_steps", 8))
+        guidance = float(self.validation_config.get("guidance_scale", 1.0))
+
+        def sample(model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor,
+                   latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+            return euler_sample(model, text_embeds_bld, latent_shape=latent_shape, num_steps=num_steps,
+                                shift=model.flow_shift, generator=generator, guidance_scale=guidance,
+                                uncond_embeds_bld=uncond_embeds_bld if guidance != 1.0 else None)
+
+        return sample
 
     def optimizers_zero_grad(self, iteration: int) -> None:
         for optimizer in self._optimizer_dict.values():

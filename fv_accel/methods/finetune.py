@@ -9,6 +9,7 @@ import torch
 from fv_accel import flow
 from fv_accel.config import FinetuneMethodConfig, RunConfig
 from fv_accel.data import LatentBatch
+from fv_accel.flops import PassCount
 from fv_accel.methods.base import StepOutput, TrainingMethod
 from fv_accel.models.base import ModelBase
 
@@ -39,4 +40,6 @@ class FinetuneMethod(TrainingMethod):
         x_t = student.add_noise(x0, noise, t)
         v_pred = student.predict_noise(x_t, t, cond.text_embeds_bld)
         loss = torch.mean((v_pred - flow.velocity_target(x0, noise)) ** 2)
-        return StepOutput(losses={"loss": loss}, loss_roles={"loss": "student"})
+        b = x0.shape[0]
+        return StepOutput(losses={"loss": loss}, loss_roles={"loss": "student"},
+                          passes={"student": PassCount(forward=b, backward=b)})

@@ -1,0 +1,192 @@
+"""Validation videos: sample the student (and its EMA weights) from fixed prompts with a fixed seed.
+
+Every ``callbacks.validation.every_steps`` steps (and at step 0 with ``at_start``) the callback runs the
+method's own sampler (:meth:`TrainingMethod.validation_sampler`: Euler for finetune, the few-step DMD sampler
+for DMD2) on ``num_samples`` prompts: rows spread evenly over the validation data (``data_path``, else the
+training data), whose precomputed text embeddings are read once. The noise comes from a generator seeded with
+``seed`` at every validation, so the videos of different steps differ only by the weights; the training RNG is
+never touched, so validation does not change the run.
+
+Every rank runs the forwards (the weights are FSDP-sharded: each forward is a collective); the main process
+turns the latents into frames (the model's VAE when it has one, else :func:`fv_accel.video.render_latents`),
+writes ``<output_dir>/validation/step-<step>/{student,ema}-<i>.mp4`` plus ``index.json``, and logs the videos
+to the trackers. Nothing outlives the call but the prompt embeddings (a few KiB): no model copy is made; EMA
+weights are swapped in place by the EMA callback and swapped back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from fv_accel.callbacks.base import Callback
+from fv_accel.config import RunConfig, ValidationConfig
+from fv_accel.video import decode_with_vae, frame_grid, render_latents, write_mp4
+
+if TYPE_CHECKING:
+    from fv_accel.data import LatentBatch
+    from fv_accel.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def evenly_spaced_rows(num_rows: int, num_samples: int) -> list[int]:
+    """``num_samples`` row indices spread over ``[0, num_rows)`` (first and last included), without repeats."""
+    if num_samples >= num_rows:
+        return list(range(num_rows))
+    return sorted({int(round(x)) for x in np.linspace(0, num_rows - 1, num_samples)})
+
+
+class ValidationCallback(Callback):
+    name = "validation"
+
+    def __init__(self, config: ValidationConfig, run_config: RunConfig) -> None:
+        self.config = config
+        self.run_config = run_config
+        self.rows: list[int] = []
+        self.where: list[str] = []
+        self._prompts: LatentBatch | None = None
+
+    # -- prompts --------------------------------------------------------------------------------------------
+    def load_prompts(self) -> LatentBatch:
+        """Read the validation rows' text embeddings once (host memory; a few KiB for toy-sized runs)."""
+        from fv_accel.data.dataset import ParquetLatentDataset, collate_latents
+
+        data_cfg = self.run_config.training.data
+        path = self.config.data_path or data_cfg.data_path
+        dataset = ParquetLatentDataset(path, text_len=data_cfg.text_len, latent_shape=data_cfg.latent_shape)
+        self.rows = evenly_spaced_rows(len(dataset), self.config.num_samples)
+        self.where = [dataset.where(i) for i in self.rows]
+        samples = [dataset[i] for i in self.rows]
+        return collate_latents(samples, tuple(dataset.latent_shape))
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self._prompts = self.load_prompts()
+
+    def should_run(self, step: int) -> bool:
+        if step == 0:
+            return self.config.at_start
+        return self.config.every_steps > 0 and step % self.config.every_steps == 0
+
+    def on_validation(self, trainer: Trainer, step: int) -> None:
+        if self.should_run(step):
+            self.run(trainer, step)
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    def _variants(self, trainer: Trainer) -> list[tuple[str, Any]]:
+        """(name, context manager factory): the student's weights, then the EMA weights when EMA is on."""
+        variants: list[tuple[str, Any]] = [("student", contextlib.nullcontext)]
+        ema = trainer.callbacks.get("ema")
+        if ema is not None:
+            variants.append(("ema", ema.swapped_in))  # type: ignore[attr-defined]
+        return variants
+
+    @torch.no_grad()
+    def sample(self, trainer: Trainer) -> dict[str, torch.Tensor]:
+        """Latents in the dataset's stored (unnormalised) space, ``[N, C, T, H, W]`` float32, per variant.
+        Collective: every rank must call it."""
+        if self._prompts is None:
+            self._prompts = self.load_prompts()
+        method = trainer.method
+        student = method.student
+        sampler = method.validation_sampler()
+        cond = student.prepare_batch(self._prompts, student.device)
+        chunk = max(1, self.run_config.training.data.train_batch_size)
+        transformer = student.transformer
+        was_training = transformer.training
+        transformer.eval()
+        out: dict[str, torch.Tensor] = {}
+        try:
+            for name, context in self._variants(trainer):
+                # A fresh generator per variant and per validation: same noise at every step, for both variants.
+                gen = torch.Generator(device=student.device).manual_seed(self.config.seed)
+                parts = []
+                with context():
+                    for start in range(0, cond.batch_size, chunk):
+                        sl = slice(start, start + chunk)
+                        x0 = sampler(student, cond.text_embeds_bld[sl], cond.uncond_embeds_bld[sl],
+                                     cond.latent_shape, gen)
+                        parts.append(student.denormalize_latents(x0.float()).cpu())
+                out[name] = torch.cat(parts)
+        finally:
+            transformer.train(was_training)
+        return out
+
+    def to_frames(self, trainer: Trainer, latents_bcthw: torch.Tensor) -> np.ndarray:
+        vae = getattr(trainer.method.student, "vae", None)
+        if vae is not None:
+            return decode_with_vae(vae, latents_bcthw.to(next(vae.parameters()).device))
+        return render_latents(latents_bcthw)
+
+    def run(self, trainer: Trainer, step: int) -> list[Path]:
+        t0 = time.perf_counter()
+        latents = self.sample(trainer)
+        written: list[Path] = []
+        if trainer.is_main:
+            out_dir = Path(trainer.output_dir) / "validation" / f"step-{step}"
+            videos: dict[str, np.ndarray] = {}
+            for name, lat in latents.items():
+                videos[name] = self.to_frames(trainer, lat)
+                for i, frames in enumerate(videos[name]):
+                    written.append(write_mp4(frames, out_dir / f"{name}-{i:02d}.mp4", fps=self.config.fps))
+            index = {
+                "step": step, "seed": self.config.seed, "method": self.run_config.method.name,
+                "rows": self.rows, "sources": self.where,
+                "files": {name: [f"{name}-{i:02d}.mp4" for i in range(len(v))] for name, v in videos.items()},
+                "frames": {name: list(v.shape[1:4]) for name, v in videos.items()},
+            }
+            tmp = out_dir / ".index.json.tmp"
+            tmp.write_text(json.dumps(index, indent=1))
+            os.replace(tmp, out_dir / "index.json")
+            log_videos(trainer.accelerator, videos, written, step=step, fps=self.config.fps)
+            logger.info("validation at step %d: %d video(s) in %s (%.1f s)", step, len(written), out_dir,
+                        time.perf_counter() - t0)
+        del latents
+        return written
+
+
+# -- trackers -----------------------------------------------------------------------------------------------
+def log_videos(accelerator: Any, videos: dict[str, np.ndarray], paths: list[Path], *, step: int, fps: int) -> None:
+    """Log validation videos to every active tracker.
+
+    TensorBoard: ``add_video`` when moviepy is installed (it encodes GIFs with it), else one frame-grid image
+    per variant (a row per sample). wandb / trackio: the mp4 files (``Video``), else the frame grid (``Image``).
+    """
+    by_name: dict[str, list[Path]] = {}
+    for p in paths:
+        by_name.setdefault(p.name.split("-")[0], []).append(p)
+    for tracker in getattr(accelerator, "trackers", []):
+        kind = getattr(tracker, "name", "")
+        try:
+            if kind == "tensorboard":
+                writer = tracker.writer
+                for name, vid in videos.items():
+                    if importlib.util.find_spec("moviepy") is not None:
+                        tensor = torch.from_numpy(vid).permute(0, 1, 4, 2, 3)  # [B, F, 3, H, W]
+                        writer.add_video(f"validation/{name}", tensor, global_step=step, fps=fps)
+                    else:
+                        writer.add_image(f"validation/{name}", frame_grid(vid), global_step=step,
+                                         dataformats="HWC")
+                writer.flush()
+            elif kind in ("wandb", "trackio"):
+                module = importlib.import_module(kind)
+                payload: dict[str, Any] = {}
+                for name, vid in videos.items():
+                    if hasattr(module, "Video"):
+                        payload[f"validation/{name}"] = [module.Video(str(p), format="mp4")
+                                                         for p in by_name.get(name, [])]
+                    elif hasattr(module, "Image"):
+                        payload[f"validation/{name}"] = module.Image(frame_grid(vid))
+                if payload:
+                    tracker.log(payload, step=step)
+        except Exception as exc:  # a tracker hiccup must not kill a multi-day run; the mp4 files are on disk
+            logger.warning("could not log validation videos to %s: %s", kind, exc)

@@ -1,0 +1,147 @@
+"""A FLOP model of the transformer, for model FLOP utilisation (MFU).
+
+Counted: matrix multiplications (linear layers, the patch-embedding convolution, attention scores and the
+attention-weighted sum), 2 FLOPs per multiply-accumulate. Not counted: norms, activations, RoPE, softmax,
+modulation and other element-wise work (a few percent at real sizes). This is the convention of
+``torch.utils.flop_counter.FlopCounterMode``, which the tests use to check the formula.
+
+Wan (``WanTransformer3DModel``), one sample, with D = heads·head_dim, N = (T/p_t)(H/p_h)(W/p_w) video tokens,
+L text tokens, F = ffn_dim, P = p_t·p_h·p_w, n layers::
+
+    patch embedding       2·N·(C_in·P)·D
+    time embedding        2·f·D + 2·D·D + 2·D·6D          (f = freq_dim)
+    text embedding        2·L·D_text·D + 2·L·D·D
+    per block             self-attention   4·2·N·D²  + 4·N²·D
+                          cross-attention  2·2·N·D² + 2·2·L·D² + 4·N·L·D
+                          feed-forward     2·2·N·D·F
+    output projection     2·N·D·(C_out·P)
+
+A training pass costs forward + backward = 3× the forward (the backward computes gradients for inputs and
+for weights, 2× the forward). Activation-checkpoint recomputation is not counted: MFU measures the model's
+FLOPs, not the hardware's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: Dense (no sparsity) peak TFLOP/s per device in bf16, matched against ``torch.cuda.get_device_name()``
+#: (first substring that matches wins, so the more specific names come first).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+)
+
+
+@dataclass(frozen=True)
+class PassCount:
+    """Samples that went through one role's transformer during one micro-batch.
+
+    ``forward`` counts every sample forward, with or without grad (a CFG-batched teacher call on B samples is
+    2·B); ``backward`` counts the samples whose forward was differentiated. Activation-checkpoint recompute
+    is not a forward here.
+    """
+
+    forward: int = 0
+    backward: int = 0
+
+    def __add__(self, other: PassCount) -> PassCount:
+        return PassCount(self.forward + other.forward, self.backward + other.backward)
+
+
+def wan_forward_flops(config: Mapping[str, Any], latent_shape: Sequence[int], text_len: int) -> int:
+    """Forward FLOPs of one sample through a Wan transformer (the formula in the module docstring)."""
+    c_in, t, h, w = (int(x) for x in latent_shape)
+    pt, ph, pw = (int(x) for x in config["patch_size"])
+    if t % pt or h % ph or w % pw:
+        raise ValueError(f"latent shape {list(latent_shape)} is not divisible by patch size {[pt, ph, pw]}")
+    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    n = (t // pt) * (h // ph) * (w // pw)
+    length = int(text_len)
+    patch = pt * ph * pw
+    f_ffn = int(config["ffn_dim"])
+    c_out = int(config.get("out_channels") or c_in)
+    embed = 2 * n * (c_in * patch) * d
+    time = 2 * int(config["freq_dim"]) * d + 2 * d * d + 2 * d * 6 * d
+    text = 2 * length * int(config["text_dim"]) * d + 2 * length * d * d
+    self_attn = 4 * 2 * n * d * d + 4 * n * n * d
+    cross_attn = 2 * 2 * n * d * d + 2 * 2 * length * d * d + 4 * n * length * d
+    ffn = 2 * 2 * n * d * f_ffn
+    out = 2 * n * d * (c_out * patch)
+    return embed + time + text + int(config["num_layers"]) * (self_attn + cross_attn + ffn) + out
+
+
+def model_forward_flops(model: Any, latent_shape: Sequence[int], text_len: int) -> int | None:
+    """Forward FLOPs per sample of a role model, or None when its family has no FLOP model."""
+    from fv_accel.models.wan import WanModel
+
+    if isinstance(model, WanModel):
+        return wan_forward_flops(dict(model.transformer.config), latent_shape, text_len)
+    return None
+
+
+def training_flops(forward_flops: int, passes: PassCount) -> int:
+    """FLOPs of ``passes`` through a model whose forward costs ``forward_flops`` per sample."""
+    return forward_flops * (passes.forward + 2 * passes.backward)
+
+
+class StepFlops:
+    """FLOPs of one step from the passes a method reports, with per-(role, shape) forward costs cached."""
+
+    def __init__(self, role_models: Mapping[str, Any]) -> None:
+        self.role_models = dict(role_models)
+        self._cache: dict[tuple[str, tuple[int, ...], int], int | None] = {}
+
+    def forward_flops(self, role: str, latent_shape: Sequence[int], text_len: int) -> int | None:
+        key = (role, tuple(int(x) for x in latent_shape), int(text_len))
+        if key not in self._cache:
+            self._cache[key] = model_forward_flops(self.role_models[role], latent_shape, text_len)
+        return self._cache[key]
+
+    def __call__(self, passes: Mapping[str, PassCount], latent_shape: Sequence[int], text_len: int) -> int | None:
+        """Total FLOPs; None when nothing was reported or a role has no FLOP model."""
+        if not passes:
+            return None
+        total = 0
+        for role, count in passes.items():
+            per_sample = self.forward_flops(role, latent_shape, text_len)
+            if per_sample is None:
+                return None
+            total += training_flops(per_sample, count)
+        return total
+
+
+def peak_tflops_per_device(device: Any, mixed_precision: str, configured: float | None) -> float | None:
+    """The peak MFU is measured against: the configured value, else the bf16 table for a known GPU in a bf16
+    run, else None (CPU, fp32 runs and unknown GPUs report achieved TFLOP/s without MFU)."""
+    if configured is not None:
+        return configured
+    if getattr(device, "type", str(device)) != "cuda" or mixed_precision != "bf16":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def format_flops(value: float) -> str:
+    if value <= 0:
+        return "0"
+    exp = min(int(math.log10(value) // 3), 5)
+    unit = ["", "K", "M", "G", "T", "P"][exp]
+    return f"{value / 10 ** (3 * exp):.3g} {unit}FLOP"
