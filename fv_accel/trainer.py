@@ -24,6 +24,7 @@ from fv_accel.callbacks import CallbackList
 from fv_accel.checkpoint import CheckpointManager
 from fv_accel.config import RunConfig
 from fv_accel.errors import NonFiniteError, Preempted
+from fv_accel.flops import StepFlops, peak_tflops_per_device
 from fv_accel.methods import TrainingMethod
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,20 @@ class MetricsWriter:
                 fh.write(json.dumps(row) + "\n")
 
 
+def peak_memory_metrics(device: torch.device) -> dict[str, float]:
+    """Peak memory of this process since the previous call: CUDA allocator peak (then reset), or on CPU the
+    peak resident set size since the process started (the OS keeps no resettable peak)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"peak_mem_gib": peak / 2**30}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_rss_gib": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+
+
 class _StopSignal:
     """Remembers SIGTERM/SIGINT; the loop acts on it at the next step boundary, on every rank together."""
 
@@ -68,6 +83,10 @@ class _StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signum
+
+
+#: metrics shown in the progress bar besides the losses
+_PROGRESS_KEYS = ("samples_per_s", "mfu", "tflops_per_device", "peak_mem_gib", "peak_rss_gib")
 
 
 class Trainer:
@@ -97,6 +116,10 @@ class Trainer:
         self.num_skipped = 0
         self._consecutive_skips = 0
         self._stop = _StopSignal()
+        # MFU: FLOPs from the passes each method reports (python ints: no extra host sync).
+        self._step_flops = StepFlops(method.role_models)
+        self._peak_tflops = peak_tflops_per_device(accelerator.device, accelerator.mixed_precision,
+                                                   cfg.training.tracker.peak_tflops_per_device)
 
     @property
     def world_size(self) -> int:
@@ -125,6 +148,7 @@ class Trainer:
         loss_sums: dict[str, torch.Tensor] = {}
         metric_sums: dict[str, torch.Tensor] = {}
         loss_roles: dict[str, str] = {}
+        flops: int | None = 0
         for _ in range(accum):
             t_fetch = time.perf_counter()
             batch = next(self.data)
@@ -132,6 +156,9 @@ class Trainer:
             out = method.single_train_step(batch, step)
             method.backward(out, grad_accum_rounds=accum)
             loss_roles.update(out.loss_roles)
+            if flops is not None:
+                micro = self._step_flops(out.passes, batch.latent_shape, batch.text_embeds_bld.shape[1])
+                flops = None if micro is None else flops + micro
             for name, value in out.losses.items():
                 loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
             for name, value in out.metrics.items():
@@ -194,6 +221,14 @@ class Trainer:
         row["step_time_s"] = t_end - t_start
         row["data_wait_s"] = data_wait
         row["optimizer_s"] = t_end - t_opt
+        # forward + backward + clip + the host sync (which waits for the device work queued before it)
+        row["compute_s"] = t_opt - t_start - data_wait
+        if flops:
+            tflops = flops / max(t_end - t_start, 1e-9) / 1e12
+            row["tflops_per_device"] = tflops
+            if self._peak_tflops is not None:
+                row["mfu"] = tflops / self._peak_tflops
+        row.update(peak_memory_metrics(device))
         row["samples_per_s"] = global_batch / max(t_end - t_start, 1e-9)
         row["nonfinite_skips"] = self.num_skipped
         if preempt:
@@ -230,7 +265,7 @@ class Trainer:
                     if self.is_main:
                         self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
-                                         if k.endswith("loss") or k == "samples_per_s"}, refresh=False)
+                                         if k.endswith("loss") or k in _PROGRESS_KEYS}, refresh=False)
                 bar.update(1)
                 if self._stop.received is not None:
                     path = self.checkpoints.save(step) if self.checkpoints else None
