@@ -46,6 +46,27 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: tracker backend → (package it imports, how to install it)
+_TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install 'fv_accel[wandb]'"),
+    "trackio": ("trackio", "pip install 'fv_accel[trackio]'"),
+}
+
+
+def check_tracker_backends(cfg: RunConfig) -> None:
+    """Fail with a ConfigError (exit 2) before anything is built when a tracker's package is missing."""
+    import importlib.util
+
+    from fv_accel.errors import ConfigError
+
+    for backend in cfg.training.tracker.backends:
+        package, hint = _TRACKER_PACKAGES[backend]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"training.tracker.backends: {backend!r} needs the {package!r} package, which is not "
+                              f"installed ({hint}, or remove {backend!r} from the list)")
+
+
 def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
     """Build and run one training job on an existing Accelerator. Returns the Trainer (None on dry run)."""
     from fv_accel.build import build_run
@@ -94,6 +115,7 @@ def run_recipe(
         from fv_accel.config import parse_overrides
 
         cfg = resolve_config(base, parse_overrides(rest))
+        check_tracker_backends(cfg)
         from fv_accel.runtime import build_accelerator
 
         accelerator = build_accelerator(log_with=cfg.training.tracker.backends,
