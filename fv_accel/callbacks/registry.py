@@ -14,4 +14,8 @@ def build_callbacks(cfg: RunConfig, method: TrainingMethod) -> CallbackList:
         from fv_accel.callbacks.validation import ValidationCallback
 
         callbacks.append(ValidationCallback(validation, cfg))
+    if cfg.hub.repo_id:  # pushes every checkpoint (hub.push_every_checkpoint) and always the final model
+        from fv_accel.callbacks.hub_push import HubPushCallback
+
+        callbacks.append(HubPushCallback.from_config(cfg))
     return CallbackList(callbacks)
