@@ -36,6 +36,8 @@ class MetricsWriter:
     def __init__(self, path: Path, *, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)  # a Trainer built without cli.train() too
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows the interrupted run logged after the checkpoint it resumes from."""
@@ -157,7 +159,9 @@ class Trainer:
             method.backward(out, grad_accum_rounds=accum)
             loss_roles.update(out.loss_roles)
             if flops is not None:
-                micro = self._step_flops(out.passes, batch.latent_shape, batch.text_embeds_bld.shape[1])
+                # Only a method that reports passes needs LatentBatch fields; others may use any batch type.
+                micro = (self._step_flops(out.passes, batch.latent_shape, batch.text_embeds_bld.shape[1])
+                         if out.passes else None)
                 flops = None if micro is None else flops + micro
             for name, value in out.losses.items():
                 loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
