@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,9 @@ def load_role_state_dict(checkpoint: Path, role: str) -> dict[str, torch.Tensor]
             continue  # model state dicts hold only tensors; anything else is not a weight
         state[key] = torch.empty(item.size, dtype=item.properties.dtype)
     try:
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        with warnings.catch_warnings():  # "no process group: loading in a single process" is the point here
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     except Exception as exc:
         raise CheckpointError(f"{checkpoint}: cannot read role {role!r} ({type(exc).__name__}: {exc})") from None
     return {k[len(prefix):]: v for k, v in state.items()}
@@ -105,7 +108,9 @@ def load_ema_role_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     if not any(k.startswith("callbacks.ema.") for k in _dcp_keys(checkpoint)):
         raise CheckpointError(f"{checkpoint}: holds no EMA weights (the run had no callbacks.ema section)")
     try:
-        state = load_ema_state_dict(checkpoint)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            state = load_ema_state_dict(checkpoint)
     except CheckpointError:
         raise
     except Exception as exc:
