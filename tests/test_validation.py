@@ -1,0 +1,183 @@
+"""Validation videos: a toy run writes decodable mp4 files at the right steps and logs curves and images to
+TensorBoard; sampling is deterministic, leaves the training RNG alone, and covers the EMA weights."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_python
+
+from fv_accel.flops import wan_forward_flops
+from fv_accel.models.wan import TINY_WAN_CONFIG
+
+
+def _decode(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def _tb_events(logs: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[int]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    images: dict[str, list[int]] = {}
+    for f in sorted(logs.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+    return scalars, images
+
+
+def test_toy_finetune_writes_validation_videos_and_tensorboard(toy_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
+            f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
+            "--training.loop.max_train_steps=4", "--training.data.train_batch_size=4",
+            "--callbacks.validation.every_steps=2", "--callbacks.validation.num_samples=3",
+            "--callbacks.validation.num_inference_steps=2"]
+    proc = run_python(args, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # mp4 files at steps 2 and 4 only; the toy rendering: T=2 latent frames × 4, 8×8 latent pixels × 16
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2", "step-4"]
+    for step in (2, 4):
+        step_dir = out / "validation" / f"step-{step}"
+        assert sorted(p.name for p in step_dir.glob("*.mp4")) == ["student-00.mp4", "student-01.mp4",
+                                                                   "student-02.mp4"]
+        frames = _decode(step_dir / "student-01.mp4")
+        assert len(frames) == 8
+        assert frames[0].shape == (128, 128, 3)
+        index = json.loads((step_dir / "index.json").read_text())
+        assert index["step"] == step and index["rows"] == [0, 384, 767]  # spread over the 768 toy rows
+        assert index["frames"] == {"student": [8, 128, 128]}
+
+    # metrics.jsonl: the step-time split adds up, FLOPs match the FLOP model, memory is reported
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    per_sample = wan_forward_flops(TINY_WAN_CONFIG, (16, 2, 8, 8), 8)
+    for r in rows:
+        parts = r["data_wait_s"] + r["compute_s"] + r["optimizer_s"]
+        assert 0 < parts <= r["step_time_s"] and r["step_time_s"] - parts < 0.05 * r["step_time_s"] + 1e-3
+        # finetune: 4 samples forward + backward = 3 forwards each
+        assert r["tflops_per_device"] * 1e12 * r["step_time_s"] == pytest.approx(3 * 4 * per_sample, rel=1e-9)
+        assert "mfu" not in r  # CPU, no configured peak
+        assert 0.05 < r["peak_rss_gib"] < 64
+
+    # TensorBoard under <output_dir>/logs: the curves and, without moviepy, a frame-grid image per validation
+    scalars, images = _tb_events(out / "logs")
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert [s for s, _ in scalars["grad_norm/student"]] == [1, 2, 3, 4]
+    assert "tflops_per_device" in scalars and "compute_s" in scalars
+    assert sorted(images["validation/student"]) == [2, 4]
+
+
+def _plain(p: torch.Tensor) -> torch.Tensor:
+    # FSDP2 keeps the root's parameters unsharded (plain tensors) after a forward, the blocks' as DTensors
+    return p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+
+class _FakeEMA:
+    """Stands in for the EMA callback: swaps scaled weights in, then restores them."""
+
+    name = "ema"
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.entered = 0
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        self.entered += 1
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in self.module.parameters()]
+            for p in self.module.parameters():
+                p.mul_(0.5)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.module.parameters(), saved, strict=True):
+                    p.copy_(s)
+
+
+def test_sampling_is_fixed_seed_and_leaves_training_rng_alone(toy_root, tmp_path, single_process_dist):
+    from fv_accel.build import build_run
+    from fv_accel.callbacks import CallbackList
+    from fv_accel.callbacks.validation import ValidationCallback
+    from fv_accel.config import resolve_config
+    from fv_accel.sampling import euler_sample
+    from fv_accel.trainer import Trainer
+
+    cfg = resolve_config({
+        "models": {"student": {"init_from": str(toy_root / "init")}},
+        "method": {"name": "finetune"},
+        "training": {"data": {"data_path": str(toy_root / "data"), "text_len": 8, "train_batch_size": 2},
+                     "checkpoint": {"output_dir": str(tmp_path / "out")}, "tracker": {"backends": []}},
+        "callbacks": {"validation": {"every_steps": 1, "num_samples": 3, "seed": 7, "num_inference_steps": 3}},
+    })
+    accelerator = single_process_dist
+    built = build_run(cfg, accelerator)
+    method = built.method
+    callback = ValidationCallback(cfg.callbacks.validation, cfg)
+    ema = _FakeEMA(method.student.transformer)
+    trainer = Trainer(accelerator=accelerator, method=method, data=built.data, cfg=cfg,
+                      callbacks=CallbackList([callback, ema]), show_progress=False)  # type: ignore[list-item]
+    method.on_train_start()
+    callback.on_train_start(trainer)
+    params_before = [_plain(p).clone() for p in method.student.transformer.parameters()]
+    gen_state = method.cuda_generator.get_state()
+    torch_state = torch.get_rng_state()
+
+    first = callback.sample(trainer)
+    second = callback.sample(trainer)
+    assert sorted(first) == ["ema", "student"] and ema.entered == 2
+    for name in first:
+        assert first[name].shape == (3, 16, 2, 8, 8)
+        assert torch.equal(first[name], second[name])  # fixed seed: comparable across steps
+    assert not torch.allclose(first["student"], first["ema"])  # the EMA weights really were used
+    # the training RNG streams and the weights are untouched
+    assert torch.equal(method.cuda_generator.get_state(), gen_state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    for p, q in zip(method.student.transformer.parameters(), params_before, strict=True):
+        assert torch.equal(_plain(p), q)
+
+    # finetune's sampler is the flow ODE with num_inference_steps Euler steps, in chunks of the batch size
+    student = method.student
+    cond = student.prepare_batch(callback._prompts, student.device)
+    gen = torch.Generator().manual_seed(7)
+    expected = torch.cat([
+        euler_sample(student, cond.text_embeds_bld[i:i + 2], latent_shape=(16, 2, 8, 8), num_steps=3,
+                     shift=student.flow_shift, generator=gen)
+        for i in (0, 2)
+    ])
+    assert torch.allclose(first["student"], student.denormalize_latents(expected), atol=1e-6)
+
+    # rank 0 writes one mp4 per prompt and variant
+    written = callback.run(trainer, 5)
+    assert sorted(p.name for p in written) == ["ema-00.mp4", "ema-01.mp4", "ema-02.mp4",
+                                               "student-00.mp4", "student-01.mp4", "student-02.mp4"]
+    assert all(len(_decode(p)) == 8 for p in written)
+
+
+def test_should_run_schedule(toy_root):
+    from fv_accel.callbacks.validation import ValidationCallback, evenly_spaced_rows
+    from fv_accel.config import ValidationConfig, resolve_config
+
+    cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init")}},
+                          "method": {"name": "finetune"}})
+    cb = ValidationCallback(ValidationConfig(every_steps=3, at_start=False), cfg)
+    assert [s for s in range(10) if cb.should_run(s)] == [3, 6, 9]
+    cb = ValidationCallback(ValidationConfig(every_steps=0, at_start=True), cfg)
+    assert [s for s in range(10) if cb.should_run(s)] == [0]
+    assert evenly_spaced_rows(768, 4) == [0, 256, 511, 767]
+    assert evenly_spaced_rows(3, 5) == [0, 1, 2]
