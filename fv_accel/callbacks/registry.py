@@ -9,6 +9,10 @@ from fv_accel.methods import TrainingMethod
 
 def build_callbacks(cfg: RunConfig, method: TrainingMethod) -> CallbackList:
     callbacks: list[Callback] = []
+    if cfg.callbacks.ema is not None:  # first: later callbacks of the same step see the updated average
+        from fv_accel.callbacks.ema import EMACallback
+
+        callbacks.append(EMACallback(cfg.callbacks.ema, method))
     validation = cfg.callbacks.validation
     if validation is not None and (validation.every_steps > 0 or validation.at_start):
         from fv_accel.callbacks.validation import ValidationCallback

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# checkpoint dirs and what killed saves / deletions leave behind
+_LEFTOVER_RE = re.compile(r"^checkpoint-(\d+)(\.partial|\.stale|\.deleting)?$")
 
 
 def _rank() -> int:
@@ -43,6 +45,41 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable across a machine crash (not needed for a killed process; cheap)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file DCP wrote (DCP's own writer does not), then the directory itself."""
+    for child in path.iterdir():
+        if child.is_file():
+            try:
+                with open(child, "rb") as fh:
+                    os.fsync(fh.fileno())
+            except OSError:
+                pass
+    _fsync_dir(path)
 
 
 def is_complete(path: Path) -> bool:
@@ -137,6 +174,7 @@ class CheckpointManager:
         self.callbacks = callbacks
         self.config_dump = config_dump
         self.keep_last = keep_last
+        self._last_saved_step: int | None = None
 
     # -- state --------------------------------------------------------------------------------------------
     def _states(self) -> dict[str, Any]:
@@ -148,63 +186,171 @@ class CheckpointManager:
             states[f"dataloader.rank{_rank()}"] = self.data
         return states
 
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {role: getattr(opt, "optimizer", opt) for role, opt in self.method._optimizer_dict.items()}
+
+    def _stateless_optimizer_roles(self) -> list[str]:
+        return [role for role, opt in self._optimizers().items() if not opt.state]
+
     def path_for(self, step: int) -> Path:
         return self.output_dir / f"checkpoint-{step}"
 
     # -- save -----------------------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
+        """Collective: write ``checkpoint-<step>/`` atomically, then apply retention. Returns its path.
+
+        Crash safety: everything goes into ``checkpoint-<step>.partial/``; only when every rank has written its
+        shards and random state does rank 0 add ``metadata.json`` and rename the directory into place (one
+        atomic rename), so a kill at any moment leaves either no ``checkpoint-<step>`` or a complete one, and
+        never touches older checkpoints. An incomplete or stale ``checkpoint-<step>`` (e.g. from an abandoned
+        run resumed from an earlier step) is replaced only after the new one is fully written.
+        """
         final = self.path_for(step)
-        if is_complete(final):
+        if self._last_saved_step == step and is_complete(final):
             return final  # e.g. the end-of-run save right after a periodic save of the same step
         partial = final.with_name(final.name + ".partial")
         if _rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed midway
             partial.mkdir(parents=True)
         _barrier()
-        dcp.save(self._states(), checkpoint_id=str(partial))
-        rng = capture_rng_state(self.method)  # after the collective save
-        with open(partial / f"random_state.rank{_rank()}.pt.tmp", "wb") as fh:
+        states = self._states()
+        # An optimizer that has not stepped yet (a DMD2 student before its first generator step) has no state.
+        # Saving it through DCP would *create* state (a zero-gradient AdamW step: step count 1), so saving
+        # would change the run; leave it out and record that it was empty.
+        stateless = self._stateless_optimizer_roles()
+        for role in stateless:
+            states.pop(f"optimizers.{role}", None)
+        dcp.save(states, checkpoint_id=str(partial))
+        # After the collective save: collectives (and DCP's planning) may advance RNG on some backends.
+        rng = capture_rng_state(self.method)
+        rng_file = partial / f"random_state.rank{_rank()}.pt"
+        with open(rng_file.with_suffix(".tmp"), "wb") as fh:
             pickle.dump(rng, fh)
-        os.replace(partial / f"random_state.rank{_rank()}.pt.tmp", partial / f"random_state.rank{_rank()}.pt")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(rng_file.with_suffix(".tmp"), rng_file)
         _barrier()
         if _rank() == 0:
             meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    "config": self.config_dump}
-            (partial / "metadata.json").write_text(json.dumps(meta, indent=2))
-            if final.exists():  # an incomplete directory of the same step
-                shutil.rmtree(final)
-            os.replace(partial, final)
+                    "optimizers_without_state": stateless, "config": self.config_dump}
+            _write_atomic(partial / "metadata.json", json.dumps(meta, indent=2))
+            _fsync_tree(partial)
+            if final.exists():  # incomplete, or stale from an abandoned timeline: the new one is complete now
+                stale = final.with_name(final.name + ".stale")
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(final, stale)
+                os.replace(partial, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.replace(partial, final)
+            _fsync_dir(self.output_dir)
             self._apply_retention()
+        self._last_saved_step = step
         _barrier()
         return final
 
     def _apply_retention(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints (all with 0); remove leftovers of killed saves
+        older than the newest complete checkpoint. Runs right after a checkpoint became complete, so the
+        newest complete checkpoint is never among the deleted ones."""
         complete = list_checkpoints(self.output_dir)
-        if self.keep_last > 0 and len(complete) > self.keep_last:
-            for _, path in complete[: len(complete) - self.keep_last]:
-                shutil.rmtree(path, ignore_errors=True)
-        newest = complete[-1][0] if complete else -1
-        for step, path in list_checkpoints(self.output_dir, complete_only=False):
-            if step < newest and not is_complete(path):
-                shutil.rmtree(path, ignore_errors=True)
+        if not complete:
+            return
+        newest = complete[-1][0]
+        doomed: list[Path] = []
+        if self.keep_last > 0:
+            doomed += [path for _, path in complete[: max(len(complete) - self.keep_last, 0)]]
+        for child in self.output_dir.iterdir():
+            match = _LEFTOVER_RE.match(child.name)
+            if not match or not child.is_dir():
+                continue
+            child_step, suffix = int(match.group(1)), match.group(2)
+            leftover = suffix is not None or not is_complete(child)
+            if suffix == ".deleting" or (child_step < newest and leftover):
+                doomed.append(child)
+        for path in doomed:
+            if path == complete[-1][1]:
+                continue
+            # Rename first: a kill during rmtree then leaves a name that is never taken for a checkpoint.
+            trash = path.with_name(path.name.split(".")[0] + ".deleting")
+            try:
+                if path != trash:
+                    shutil.rmtree(trash, ignore_errors=True)
+                    os.replace(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            except OSError as exc:
+                logger.warning("retention: could not delete %s: %s", path, exc)
 
     # -- load -----------------------------------------------------------------------------------------------
     def load(self, path: Path) -> int:
-        """Load everything but the random state into the freshly built run; returns the checkpoint's step."""
+        """Load everything but the random state into the freshly built run; returns the checkpoint's step.
+
+        Order matters: the optimizers' state is materialised first (DCP loads nothing into an empty AdamW
+        state), then everything is loaded in one collective ``dcp.load``, then every optimizer that had state
+        in the checkpoint is checked to really have received it.
+        """
         meta = read_metadata(path)
+        try:
+            saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
         self.method.seed_optimizer_state_for_resume()
         states = self._states()
+        loaded_roles = self._prepare_optimizers_for_load(path, meta, saved_keys, states)
         key = f"dataloader.rank{_rank()}"
-        if key in states and meta.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
+        saved_world = meta.get("world_size")
+        if key in states and saved_world != (dist.get_world_size() if dist.is_initialized() else 1):
             logger.warning("checkpoint was written by %s ranks; the data position restarts at epoch 0",
-                           meta.get("world_size"))
+                           saved_world)
             states.pop(key)
+        for name in [n for n in states if n.startswith("callbacks.")]:
+            # A stateless callback saves nothing (nothing to say); EMA switched on for the resumed run starts
+            # from the current weights.
+            if not any(k.startswith(name + ".") for k in saved_keys) and states.pop(name).state_dict():
+                logger.warning("%s has no state for %s; it starts fresh", path, name)
+        missing_roles = sorted({n for n in states if n.startswith("roles.")
+                                and not any(k.startswith(n + ".") for k in saved_keys)})
+        if missing_roles:
+            raise CheckpointError(f"{path}: no weights for {', '.join(missing_roles)} (saved by another method?)")
         try:
             dcp.load(states, checkpoint_id=str(path))
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from exc
-        self.method.check_optimizer_state_loaded()
+        # Stronger than the method's non-empty check: every state entry was overwritten by the checkpoint.
+        self._check_optimizers_loaded(path, loaded_roles)
         return int(meta["step"])
+
+    def _prepare_optimizers_for_load(self, path: Path, meta: dict[str, Any], saved_keys: set[str],
+                                     states: dict[str, Any]) -> list[str]:
+        """An optimizer saved without state (it had not stepped yet) gets its empty state back, as in the
+        uninterrupted run: its seeded state would count one extra AdamW step. The others keep the seeded
+        state, marked (step = -1) so that :meth:`_check_optimizers_loaded` can prove DCP overwrote it.
+        Returns the roles whose optimizer state is loaded."""
+        stateless = set(meta.get("optimizers_without_state", []))
+        loaded_roles = []
+        for role, opt in self._optimizers().items():
+            if role in stateless:
+                logger.info("%s: the optimizer of role %r had not stepped yet; it starts empty", path, role)
+                states.pop(f"optimizers.{role}", None)
+                opt.state.clear()
+                continue
+            if not any(k.startswith(f"optimizers.{role}.state.") for k in saved_keys):
+                raise CheckpointError(f"{path}: no optimizer state for role {role!r}")
+            for param_state in opt.state.values():
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"].fill_(-1)
+                elif "step" in param_state:
+                    param_state["step"] = -1
+            loaded_roles.append(role)
+        return loaded_roles
+
+    def _check_optimizers_loaded(self, path: Path, roles: list[str]) -> None:
+        for role in roles:
+            opt = self._optimizers()[role]
+            steps = [float(s["step"]) for s in opt.state.values() if "step" in s]
+            if not opt.state or any(v < 0 for v in steps):
+                raise CheckpointError(f"{path}: the optimizer state of role {role!r} was not loaded "
+                                      f"({sum(v < 0 for v in steps)} of {len(opt.state)} parameters missed)")
 
     def restore_random_state(self, path: Path) -> None:
         """Restore per-rank RNG; call last, after the data iterator and everything else are set up."""
