@@ -239,3 +239,130 @@ def test_text_only_dataset(tmp_path):
     i = int(batch.index[0])
     n = texts[i].shape[0]
     assert torch.equal(batch.text_embeds_bld[0, :n], torch.from_numpy(texts[i].astype(np.float16)).float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad data: message and exit code
+# ----------------------------------------------------------------------------------------------------------
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _finetune_main(argv: list[str]) -> int:
+    """recipes/finetune.py's main() in this process: a world-size-1 gloo run, torn down afterwards."""
+    import importlib.util
+    import os
+
+    from fv_accel.runtime import reset_accelerate_state
+
+    spec = importlib.util.spec_from_file_location("finetune_recipe", REPO / "recipes" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reset_accelerate_state()
+    try:
+        return module.main(argv)
+    finally:
+        reset_accelerate_state()
+        for key in _DIST_ENV:
+            os.environ.pop(key, None)
+
+
+def _bad_dataset(tmp_path, case: str):
+    """A directory whose problem is ``case``; returns (data_path, expected message fragment)."""
+    latents, texts = make_arrays(8)
+    rows = t2v_rows(latents, texts)
+    d = tmp_path / case
+    f = d / "part-0.parquet"
+    if case == "missing_column":
+        del rows["vae_latent_dtype"]
+        write_rows(f, rows)
+        return d, f"{f}: missing column(s) ['vae_latent_dtype']"
+    if case == "wrong_shape":
+        rows["vae_latent_shape"][5] = [16, 2, 8, 4]
+        write_rows(f, rows)
+        return d, f"{f} row 5, vae_latent: 8192 bytes do not hold a float32 tensor of shape [16, 2, 8, 4]"
+    if case == "truncated_bytes":
+        rows["text_embedding_bytes"][6] = rows["text_embedding_bytes"][6][:-10]
+        write_rows(f, rows)
+        return d, f"{f} row 6, text_embedding: truncated:"
+    if case == "unreadable_file":
+        d.mkdir()
+        f.write_bytes(b"PAR1 this is not parquet")
+        return d, f"{f}: unreadable parquet file"
+    if case == "empty_directory":
+        d.mkdir()
+        return d, f"{d}: no .parquet files in this directory"
+    raise AssertionError(case)
+
+
+BAD_CASES = ["missing_column", "wrong_shape", "truncated_bytes", "unreadable_file", "empty_directory"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_data_names_file_and_row(tmp_path, case):
+    data, message = _bad_dataset(tmp_path, case)
+    with pytest.raises(DataError) as info:
+        stream = _stream(str(data), train_batch_size=8)
+        next(stream)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["missing_column", "truncated_bytes"])
+def test_bad_data_exits_1_from_the_recipe(toy_root, tmp_path, capsys, case):
+    data, message = _bad_dataset(tmp_path, case)
+    code = _finetune_main([f"--models.student.init_from={toy_root / 'init'}", f"--training.data.data_path={data}",
+                           "--training.data.train_batch_size=8", "--training.data.text_len=8",
+                           "--training.data.num_workers=1",  # a worker's error comes back as one line
+                           f"--training.checkpoint.output_dir={tmp_path / 'out'}",
+                           "--training.loop.max_train_steps=1", "--training.tracker.backends=[]"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"fv_accel: error: {message}" in err
+    assert "Traceback" not in err
+
+
+def test_skip_bad_rows_keeps_batch_size_and_counts(tmp_path):
+    data, _ = _bad_dataset(tmp_path, "truncated_bytes")  # row 6 is bad
+    stream = _stream(str(data), train_batch_size=4, skip_bad_rows=True, seed=1)
+    seen, sizes = [], []
+    for batch in _take(stream, 6):  # 3 epochs of 2 batches
+        sizes.append(len(batch.index))
+        seen += batch.index.tolist()
+    assert sizes == [4] * 6
+    assert 6 not in seen
+    assert seen.count(7) == 3 + 3  # row 7 stands in for row 6 once per epoch, on top of its own turn
+    assert stream.num_bad_rows_skipped == 3
+    assert stream.state_dict()["num_bad_rows_skipped"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end through recipes/finetune.py
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_finetune_on_fp32_and_fp16_files_resumes_exactly_with_workers(toy_root, fp32_fp16_dirs, tmp_path):
+    """FastVideo-schema files written here (float32 + float16, repeat counts) train; a run resumed from its
+    step-2 checkpoint with 2 loader workers reproduces steps 3-4 (data order, CFG dropout, losses) exactly."""
+    f32, f16, _, _ = fp32_fp16_dirs
+    common = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
+              f"--training.data.data_path={{{f32}: 1, {f16}: 2}}",  # 12 + 2×8 = 28 rows
+              "--training.data.train_batch_size=8", "--training.data.text_len=8",
+              "--training.data.training_cfg_rate=0.3", "--training.loop.max_train_steps=4",
+              "--training.tracker.backends=[]"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = run_python([*common, f"--training.checkpoint.output_dir={a}", "--training.checkpoint.save_steps=2"],
+                      cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_python([*common, f"--training.checkpoint.output_dir={b}", "--training.data.num_workers=2",
+                       f"--training.checkpoint.resume_from_checkpoint={a / 'checkpoint-2'}"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows_a, rows_b = _metrics(a / "metrics.jsonl"), _metrics(b / "metrics.jsonl")
+    assert [r["step"] for r in rows_a] == [1, 2, 3, 4] and [r["step"] for r in rows_b] == [3, 4]
+    assert all(0 < r["loss"] < 10 for r in rows_a)
+    # 28 rows / batch 8 = 3 batches per epoch: step 4 is the first batch of epoch 1 (reshuffled).
+    assert [r["loss"] for r in rows_a[2:]] == [r["loss"] for r in rows_b]

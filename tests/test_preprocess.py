@@ -72,6 +72,22 @@ def world(tmp_path_factory):
     return root, pipe, videos
 
 
+def _preprocess_main(argv: list[str]) -> int:
+    """recipes/preprocess.py's main() in this process (saves an interpreter start per call)."""
+    import importlib.util
+
+    from fv_accel.runtime import reset_accelerate_state
+
+    spec = importlib.util.spec_from_file_location("preprocess_recipe", REPO / "recipes" / "preprocess.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reset_accelerate_state()
+    try:
+        return module.main(argv)
+    finally:
+        reset_accelerate_state()
+
+
 ARGS = ["--height", "16", "--width", "16", "--num-frames", "5", "--fps", "8", "--text-len", "8", "--no-progress"]
 
 
@@ -127,27 +143,34 @@ def test_preprocess_rows_equal_encoder_outputs_and_resume(world, tmp_path):
 
     # Rerun: everything already written is skipped, nothing new is written.
     files_before = sorted(p.name for p in out.glob("*.parquet"))
-    proc = run_python(cmd, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _preprocess_main(cmd[1:]) == 0
     summary = json.loads((out / "_preprocess_summary.json").read_text())
     assert summary["written"] == 0 and summary["already_done"] == 2
     assert sorted(p.name for p in out.glob("*.parquet")) == files_before
 
 
-def test_preprocess_text_only_and_bad_arguments(world, tmp_path):
+def test_preprocess_text_only_and_bad_arguments(world, tmp_path, capsys):
     root, pipe, _ = world
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\n\nthe dog jumps over the hill\na blue cat slowly runs\n")
     out = tmp_path / "text"
-    proc = run_python(["recipes/preprocess.py", "--model", str(pipe), "--text-only", "--captions", str(prompts),
-                       "--output", str(out), "--rows-per-shard", "2", *ARGS], cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _preprocess_main(["--model", str(pipe), "--text-only", "--captions", str(prompts),
+                             "--output", str(out), "--rows-per-shard", "2", *ARGS]) == 0
     ds = ParquetLatentDataset(str(out), text_len=8, latent_shape=[16, 2, 2, 2])
     assert ds.kind == "text_only" and len(ds) == 3
     assert len(list(out.glob("rank000-*.parquet"))) == 2  # 2 rows per shard
-    bad = run_python(["recipes/preprocess.py", "--model", str(tmp_path / "nope"), "--text-only", "--captions",
-                      str(prompts), "--output", str(out)], cwd=REPO)
-    assert bad.returncode == 2 and "does not exist" in bad.stderr
+    capsys.readouterr()
+    code = _preprocess_main(["--model", str(tmp_path / "nope"), "--text-only", "--captions", str(prompts),
+                             "--output", str(out)])
+    assert code == 2 and f"--model: local path '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
+    code = _preprocess_main(["--model", str(pipe), "--videos", str(tmp_path), "--captions", str(prompts),
+                             "--output", str(out), "--num-frames", "8"])
+    assert code == 2 and "--num-frames must be 4k+1" in capsys.readouterr().err
+    broken = tmp_path / "caps.json"
+    broken.write_text(json.dumps([{"path": "a.mp4", "cap": ""}]))
+    code = _preprocess_main(["--model", str(pipe), "--videos", str(tmp_path), "--captions", str(broken),
+                             "--output", str(out)])
+    assert code == 1 and f"{broken} entry 0: caption is missing or empty" in capsys.readouterr().err
 
 
 @pytest.mark.distributed
