@@ -79,3 +79,15 @@ def test_losses_match_single_process_run(two_proc: dict[str, Any], single: Any) 
     # The training actually moved the weights: losses after 3 updates differ from the first step's.
     assert rows[3]["critic_loss"] != pytest.approx(rows[0]["critic_loss"], rel=1e-3)
     assert rows[3]["student_loss"] != pytest.approx(rows[0]["student_loss"], rel=1e-3)
+
+
+@pytest.mark.distributed
+def test_each_prepared_scheduler_steps_once_per_optimizer_step(two_proc: dict[str, Any], single: Any) -> None:
+    """Both schedulers went through accelerator.prepare(); with 2 processes they must still step once per step."""
+    lr_s, lr_c = fsdp2_roles.STUDENT_OPT["learning_rate"], fsdp2_roles.CRITIC_OPT["learning_rate"]
+    rows = two_proc["rows"]
+    # student: linear, 2 warmup steps over 4 → k/2 then (4 − k)/2 ; critic: constant_with_warmup, 3 warmup steps.
+    assert [r["lr/student"] for r in rows] == pytest.approx([lr_s * f for f in (0.5, 1.0, 0.5, 0.0)])
+    assert [r["lr/critic"] for r in rows] == pytest.approx([lr_c * f for f in (1 / 3, 2 / 3, 1.0, 1.0)])
+    ref_rows, _ = single
+    assert [r["lr/student"] for r in rows] == [r["lr/student"] for r in ref_rows]
