@@ -72,6 +72,10 @@ class _StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        # Set only from the all-reduced flag of a step's host sync, so every rank sees the same value at the
+        # same step. ``received`` is per rank and may flip between the sync and the step boundary on one rank
+        # only; acting on it directly would send that rank alone into the collective save (a deadlock).
+        self.agreed = False
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -203,6 +207,7 @@ class Trainer:
                                      f"(last: step {step}, {what})")
             if preempt:
                 self._stop.received = self._stop.received or signal.SIGTERM
+                self._stop.agreed = True
             return None
         self._consecutive_skips = 0
 
@@ -237,6 +242,7 @@ class Trainer:
         row["nonfinite_skips"] = self.num_skipped
         if preempt:
             self._stop.received = self._stop.received or signal.SIGTERM
+            self._stop.agreed = True
         return row
 
     # -- the loop -------------------------------------------------------------------------------------------
@@ -271,11 +277,13 @@ class Trainer:
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
                                          if k.endswith("loss") or k in _PROGRESS_KEYS}, refresh=False)
                 bar.update(1)
-                if self._stop.received is not None:
+                if self._stop.agreed:
                     path = self.checkpoints.save(step) if self.checkpoints else None
+                    from fv_accel.checkpoint.manager import resume_command
+
                     raise Preempted(
                         f"stopped by signal {self._stop.received} after step {step}; checkpoint: {path}. "
-                        "Resume with the same command plus --training.checkpoint.resume_from_checkpoint=latest"
+                        f"Resume with: {resume_command()}"
                     )
                 if self.checkpoints is not None and save_steps > 0 and step % save_steps == 0:
                     self.checkpoints.save(step)

@@ -118,6 +118,27 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike[str]) -> Path | 
     return found[-1][1]
 
 
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command that resumes this run: this process's arguments with the resume option set to ``latest``
+    (the launcher's own flags, e.g. ``accelerate launch --config_file ...``, are not visible from here)."""
+    import shlex
+    import sys
+
+    args = list(sys.argv if argv is None else argv)
+    kept: list[str] = []
+    skip_next = False
+    for arg in args[1:]:
+        if skip_next:
+            skip_next = False
+        elif arg == "--training.checkpoint.resume_from_checkpoint":
+            skip_next = True
+        elif not arg.startswith("--training.checkpoint.resume_from_checkpoint="):
+            kept.append(arg)
+    script = args[0] if args else "recipes/<recipe>.py"
+    return ("accelerate launch [same launcher flags] "
+            + shlex.join([script, *kept, "--training.checkpoint.resume_from_checkpoint=latest"]))
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "metadata.json").read_text())
