@@ -48,6 +48,7 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[Request] = []
         self._failures: dict[str, list[int]] = {}
+        self._echo_auth = False
         self._lock = threading.Lock()
         hub = self
 
@@ -73,9 +74,11 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def fail_next(self, endpoint: str, *statuses: int) -> None:
-        """The next ``len(statuses)`` calls of ``endpoint`` answer these HTTP statuses."""
+    def fail_next(self, endpoint: str, *statuses: int, echo_auth: bool = False) -> None:
+        """The next ``len(statuses)`` calls of ``endpoint`` answer these HTTP statuses. With ``echo_auth`` the
+        error message quotes the request's Authorization header (a careless server), to test redaction."""
         self._failures.setdefault(endpoint, []).extend(statuses)
+        self._echo_auth = echo_auth
 
     def calls(self, endpoint: str) -> list[Request]:
         return [r for r in self.requests if r.endpoint == endpoint]
@@ -95,6 +98,8 @@ class FakeHub:
             failures = self._failures.get(endpoint)
             if failures:
                 status, payload = failures.pop(0), {"error": "injected failure"}
+                if self._echo_auth:
+                    payload["error"] += f" for {h.headers.get('Authorization')}"
             elif match is None:
                 status, payload = 404, {"error": f"fake hub does not implement {h.command} {path}"}
             else:

@@ -1,0 +1,108 @@
+"""Pushing to the Hub through the real huggingface_hub client, against a fake Hub on 127.0.0.1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_python
+from hub_server import FakeHub
+from huggingface_hub import ModelCard
+
+TOKEN = "hf_fvAccelTestToken0123456789abcdef"
+
+
+def hub_env(hub: FakeHub) -> dict[str, str]:
+    # Offline mode off for this process tree only: the sole endpoint is the local fake Hub.
+    return {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HOME": str(Path(hub.home))}
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A 2-step run that pushes every checkpoint (save_steps=1) to ``me/live`` on a fake Hub."""
+    root = tmp_path_factory.mktemp("hubrun")
+    with FakeHub() as hub:
+        hub.home = str(root / "hf_home")
+        out = root / "run"
+        args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
+                f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
+                "--training.loop.max_train_steps=2", "--training.data.train_batch_size=4",
+                "--training.checkpoint.save_steps=1", "--hub.repo_id=me/live", "--hub.push_every_checkpoint=true"]
+        proc = run_python(args, cwd=REPO, **hub_env(hub))
+        yield hub, out, proc
+
+
+def test_training_pushes_checkpoints_in_background_and_final_model(hub_run) -> None:  # type: ignore[no-untyped-def]
+    hub, out, proc = hub_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    repo = hub.repos["me/live"]
+    assert repo.private  # hub.private defaults to true
+    # Step 1's push may still be running when step 2 is saved; the newest waiting checkpoint wins, and the
+    # final model is always pushed (and awaited) before the process exits.
+    assert 1 <= len(repo.commits) <= 2
+    files = repo.branches["main"]
+    assert files == tree_bytes(out / "hub_export")
+    assert set(files) == {"README.md", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"}
+    card = files["README.md"].decode()
+    assert "training step **2**" in card and "fv-accel" in card
+    log = (out / "logs" / "hub_push.log").read_text()
+    assert "--push-to-hub me/live --private" in log
+    assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
+    for text in (proc.stdout, proc.stderr, log, *(p.read_text(errors="replace") for p in out.rglob("*.json*"))):
+        assert TOKEN not in text
+    assert not (out / "hub_push_staging").exists()
+
+
+def test_cli_push_retries_transient_failures(hub_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, run, _ = hub_run
+    with FakeHub() as hub:
+        hub.home = str(tmp_path / "hf_home")
+        hub.fail_next("create", 503)  # fv_accel's own retry (create_repo has none)
+        hub.fail_next("commit", 500)  # retried inside huggingface_hub
+        out = tmp_path / "export"
+        proc = run_python(["recipes/export.py", "--checkpoint", str(run), "--role", "student", "--output", str(out),
+                           "--push-to-hub", "org/distilled", "--private"], cwd=REPO, **hub_env(hub))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert [r.status for r in hub.calls("create")] == [503, 200]
+        assert [r.status for r in hub.calls("commit")] == [500, 200]
+        assert "retrying in 1.0s" in proc.stderr
+        repo = hub.repos["org/distilled"]
+        assert repo.private
+        assert repo.branches["main"] == tree_bytes(out)
+        card = ModelCard(repo.branches["main"]["README.md"].decode())
+        assert set(card.data.tags) >= {"fv-accel", "diffusers", "text-to-video", "distillation"}
+        assert 'from_pretrained("org/distilled", subfolder="transformer"' in card.text
+        assert "pushed to org/distilled@main" in proc.stdout
+
+        # A second push to a branch of a new public repo.
+        proc = run_python(["recipes/export.py", "--checkpoint", str(run), "--role", "student", "--output", str(out),
+                           "--push-to-hub", "org/public", "--revision", "dev"], cwd=REPO, **hub_env(hub))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not hub.repos["org/public"].private
+        assert hub.repos["org/public"].branches["dev"] == tree_bytes(out)
+        assert hub.repos["org/public"].branches["main"] == {}
+        assert TOKEN not in proc.stdout + proc.stderr
+
+
+def test_failed_push_keeps_export_and_says_how_to_retry(hub_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, run, _ = hub_run
+    with FakeHub() as hub:
+        hub.home = str(tmp_path / "hf_home")
+        hub.fail_next("create", 403, echo_auth=True)  # not transient; the server's message quotes the token
+        out = tmp_path / "export"
+        proc = run_python(["recipes/export.py", "--checkpoint", str(run), "--role", "student", "--output", str(out),
+                           "--push-to-hub", "org/denied"], cwd=REPO, **hub_env(hub))
+    assert proc.returncode == 1
+    assert len(hub.calls("create")) == 1  # a 403 is not retried
+    assert TOKEN not in proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "HTTP 403" in err and "org/denied" in err and f"local export at {out} is intact" in err
+    expected = (f"Retry with: python recipes/export.py --checkpoint {run / 'checkpoint-2'} --role student "
+                f"--output {out} --dtype bf16 --push-to-hub org/denied")
+    assert expected in err
+    assert (out / "transformer" / "config.json").is_file() and (out / "README.md").is_file()
