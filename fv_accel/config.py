@@ -139,6 +139,10 @@ class DataConfig(_Strict):
     """Replace a malformed row by the next good one (logged and counted) instead of stopping with exit 1."""
     row_group_cache_mb: int = Field(1024, ge=1)
     """Per loader process: parquet row groups up to this size are cached whole; larger ones are streamed."""
+    negative_prompt_path: str = ""
+    """Parquet (text-only schema, first row used) with the negative-prompt embedding, e.g. the
+    ``_negative_prompt.parquet`` written by ``recipes/preprocess.py --negative-prompt``; every batch then carries
+    it as the unconditional embedding. "" = none (zeros)."""
 
     @field_validator("data_path")
     @classmethod

@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--rows-per-shard", type=int, default=64)
     p.add_argument("--row-group-size", type=int, default=4)
     p.add_argument("--text-batch-size", type=int, default=32, help="captions encoded per text-encoder call")
+    p.add_argument("--negative-prompt", default=None,
+                   help="also encode this prompt into OUTPUT/_negative_prompt.parquet "
+                        "(for training.data.negative_prompt_path)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.text_only == (args.videos is not None):
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             text_len=args.text_len, save_dtype=args.save_dtype, vae_dtype=args.vae_dtype,
             text_encoder_dtype=args.text_encoder_dtype, rows_per_shard=args.rows_per_shard,
             row_group_size=args.row_group_size, text_batch_size=args.text_batch_size,
+            negative_prompt=args.negative_prompt,
         )
         mine = run_preprocess(opts, rank=state.process_index, world_size=state.num_processes,
                               device=state.device, show_progress=not args.no_progress)

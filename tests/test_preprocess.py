@@ -155,10 +155,24 @@ def test_preprocess_text_only_and_bad_arguments(world, tmp_path, capsys):
     prompts.write_text("a red cat\n\nthe dog jumps over the hill\na blue cat slowly runs\n")
     out = tmp_path / "text"
     assert _preprocess_main(["--model", str(pipe), "--text-only", "--captions", str(prompts),
-                             "--output", str(out), "--rows-per-shard", "2", *ARGS]) == 0
+                             "--output", str(out), "--rows-per-shard", "2", "--negative-prompt", "the dog",
+                             *ARGS]) == 0
     ds = ParquetLatentDataset(str(out), text_len=8, latent_shape=[16, 2, 2, 2])
-    assert ds.kind == "text_only" and len(ds) == 3
+    assert ds.kind == "text_only" and len(ds) == 3  # the negative prompt file is not a training row
     assert len(list(out.glob("rank000-*.parquet"))) == 2  # 2 rows per shard
+    from fv_accel.config import DataConfig
+    from fv_accel.data import build_data_stream
+
+    cfg = DataConfig(data_path=str(out), text_len=8, latent_shape=[16, 2, 2, 2], train_batch_size=3,
+                     negative_prompt_path=str(out / "_negative_prompt.parquet"))
+    batch = next(build_data_stream(cfg, rank=0, world_size=1))
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokens = AutoTokenizer.from_pretrained(pipe, subfolder="tokenizer")("the dog", return_tensors="pt")
+    with torch.no_grad():
+        neg = UMT5EncoderModel.from_pretrained(pipe, subfolder="text_encoder")(**tokens).last_hidden_state[0]
+    assert batch.uncond_embeds_bld.shape == (3, 8, 32)
+    assert torch.allclose(batch.uncond_embeds_bld[2, :3], neg, atol=1e-5) and batch.uncond_embeds_bld[:, 3:].eq(0).all()
     capsys.readouterr()
     code = _preprocess_main(["--model", str(tmp_path / "nope"), "--text-only", "--captions", str(prompts),
                              "--output", str(out)])

@@ -356,6 +356,24 @@ class ParquetLatentDataset(Dataset[LatentSample]):
                         "from here on; the data is broken beyond skip_bad_rows")
 
 
+def load_negative_prompt(path: str | os.PathLike[str], text_len: int) -> torch.Tensor:
+    """First row's text embedding of a parquet file, zero-padded/truncated to ``[text_len, D]``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"{p}: negative-prompt file does not exist (training.data.negative_prompt_path)")
+    try:
+        row = pq.ParquetFile(p).read_row_group(0, columns=list(TEXT_ONLY_COLUMNS)).slice(0, 1).to_pylist()[0]
+    except Exception as exc:
+        raise DataError(f"{p}: unreadable negative-prompt file ({type(exc).__name__}: {exc})") from None
+    text = decode_tensor(row["text_embedding_bytes"], row["text_embedding_shape"], row["text_embedding_dtype"],
+                         where=f"{p} row 0, text_embedding")
+    if text.ndim != 2:
+        raise DataError(f"{p} row 0: text_embedding_shape must be [L, D], got {list(text.shape)}")
+    out = torch.zeros(text_len, text.shape[1])
+    out[: min(text_len, text.shape[0])] = text[:text_len]
+    return out
+
+
 def collate_latents(samples: list[LatentSample], latent_shape: tuple[int, int, int, int]) -> LatentBatch:
     latents = None
     if samples[0].latents_cthw is not None:

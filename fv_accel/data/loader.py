@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from fv_accel.config import DataConfig
-from fv_accel.data.dataset import LatentBatch, ParquetLatentDataset, collate_latents
+from fv_accel.data.dataset import LatentBatch, ParquetLatentDataset, collate_latents, load_negative_prompt
 from fv_accel.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class DataStream:
             persistent_workers=cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+        self.uncond_ld = load_negative_prompt(cfg.negative_prompt_path, cfg.text_len) if cfg.negative_prompt_path \
+            else None
         self.epoch = 0
         self.batches_in_epoch = 0  # consumed from the current epoch
         self.num_bad_rows_skipped = 0
@@ -113,6 +115,8 @@ class DataStream:
                 match = _WORKER_ERROR.search(str(exc))
                 raise DataError(match.group(1).strip() if match else str(exc)) from None
             self.batches_in_epoch += 1
+            if self.uncond_ld is not None:
+                batch.uncond_embeds_bld = self.uncond_ld.expand(len(batch.index), -1, -1)
             if batch.num_bad_rows_skipped:
                 self.num_bad_rows_skipped += batch.num_bad_rows_skipped
                 logger.warning("skip_bad_rows: %d bad row(s) replaced in this batch, %d in total on this rank",

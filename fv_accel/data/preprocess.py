@@ -335,6 +335,18 @@ class ShardWriter:
         self.rows = []
 
 
+NEGATIVE_PROMPT_FILE = "_negative_prompt.parquet"  # leading "_": never listed as training data
+
+
+def write_negative_prompt(path: Path, encoders: Encoders, prompt: str, save_dtype: str) -> None:
+    """One text-only row with the negative prompt's embedding (for ``training.data.negative_prompt_path``)."""
+    text = encoders.encode_text([prompt])[0]
+    row = {"id": "negative_prompt", "caption": prompt, **tensor_columns("text_embedding", text, save_dtype)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist([row], schema=TEXT_ONLY_SCHEMA), tmp)
+    os.replace(tmp, path)
+
+
 def tensor_columns(prefix: str, tensor: torch.Tensor, dtype_name: str) -> dict[str, Any]:
     t = tensor.to(SAVE_DTYPES[dtype_name]).contiguous()
     # bfloat16 has no numpy dtype: take the raw bytes through a same-width integer view.
@@ -364,6 +376,7 @@ class PreprocessOptions:
     rows_per_shard: int = 64
     row_group_size: int = 4
     text_batch_size: int = 32
+    negative_prompt: str | None = None
 
 
 @dataclass
@@ -417,6 +430,8 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
         text_dtype = "bf16" if device.type == "cuda" else "fp32"
     encoders = Encoders.load(opts.model, device=device, text_len=opts.text_len, with_vae=not text_only,
                              vae_dtype=_TORCH_DTYPES[opts.vae_dtype], text_dtype=_TORCH_DTYPES[text_dtype])
+    if opts.negative_prompt is not None and rank == 0:
+        write_negative_prompt(opts.output / NEGATIVE_PROMPT_FILE, encoders, opts.negative_prompt, opts.save_dtype)
     writer = ShardWriter(opts.output, rank=rank, schema=TEXT_ONLY_SCHEMA if text_only else T2V_SCHEMA,
                          rows_per_shard=opts.rows_per_shard, row_group_size=opts.row_group_size)
     bar = tqdm(total=len(todo), desc=f"preprocess rank {rank}", disable=not show_progress, dynamic_ncols=True)
