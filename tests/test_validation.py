@@ -43,7 +43,7 @@ def test_toy_finetune_writes_validation_videos_and_tensorboard(toy_root, tmp_pat
             f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
             "--training.loop.max_train_steps=4", "--training.data.train_batch_size=4",
             "--callbacks.validation.every_steps=2", "--callbacks.validation.num_samples=3",
-            "--callbacks.validation.num_inference_steps=2"]
+            "--callbacks.validation.num_inference_steps=2", "--callbacks.ema.decay=0.5"]
     proc = run_python(args, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -51,14 +51,16 @@ def test_toy_finetune_writes_validation_videos_and_tensorboard(toy_root, tmp_pat
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2", "step-4"]
     for step in (2, 4):
         step_dir = out / "validation" / f"step-{step}"
-        assert sorted(p.name for p in step_dir.glob("*.mp4")) == ["student-00.mp4", "student-01.mp4",
-                                                                   "student-02.mp4"]
-        frames = _decode(step_dir / "student-01.mp4")
-        assert len(frames) == 8
-        assert frames[0].shape == (128, 128, 3)
+        # the student's weights and, with callbacks.ema on, the EMA weights
+        assert sorted(p.name for p in step_dir.glob("*.mp4")) == [
+            "ema-00.mp4", "ema-01.mp4", "ema-02.mp4", "student-00.mp4", "student-01.mp4", "student-02.mp4"]
+        for name in ("student-01.mp4", "ema-02.mp4"):
+            frames = _decode(step_dir / name)
+            assert len(frames) == 8
+            assert frames[0].shape == (128, 128, 3)
         index = json.loads((step_dir / "index.json").read_text())
         assert index["step"] == step and index["rows"] == [0, 384, 767]  # spread over the 768 toy rows
-        assert index["frames"] == {"student": [8, 128, 128]}
+        assert index["frames"] == {"student": [8, 128, 128], "ema": [8, 128, 128]}
 
     # metrics.jsonl: the step-time split adds up, FLOPs match the FLOP model, memory is reported
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -79,6 +81,7 @@ def test_toy_finetune_writes_validation_videos_and_tensorboard(toy_root, tmp_pat
     assert [s for s, _ in scalars["grad_norm/student"]] == [1, 2, 3, 4]
     assert "tflops_per_device" in scalars and "compute_s" in scalars
     assert sorted(images["validation/student"]) == [2, 4]
+    assert sorted(images["validation/ema"]) == [2, 4]
 
 
 def _plain(p: torch.Tensor) -> torch.Tensor:
