@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--negative-prompt", default=None,
                    help="also encode this prompt into OUTPUT/_negative_prompt.parquet "
                         "(for training.data.negative_prompt_path)")
+    p.add_argument("--cpu", action="store_true", help="encode on the CPU even when a GPU is available")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.text_only == (args.videos is not None):
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from fv_accel.data.preprocess import PreprocessOptions, Summary, run_preprocess
 
-        state = PartialState(cpu=not torch.cuda.is_available())
+        state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
         opts = PreprocessOptions(
             model=args.model, captions=args.captions, output=args.output, videos=args.videos,
             height=args.height, width=args.width, num_frames=args.num_frames, fps=args.fps,

@@ -365,4 +365,47 @@ def test_finetune_on_fp32_and_fp16_files_resumes_exactly_with_workers(toy_root, 
     assert [r["step"] for r in rows_a] == [1, 2, 3, 4] and [r["step"] for r in rows_b] == [3, 4]
     assert all(0 < r["loss"] < 10 for r in rows_a)
     # 28 rows / batch 8 = 3 batches per epoch: step 4 is the first batch of epoch 1 (reshuffled).
-    assert [r["loss"] for r in rows_a[2:]] == [r["loss"] for r in rows_b]
+    # Bitwise equal on CPU; the tolerance only absorbs GPU kernel nondeterminism (a different batch or dropout
+    # pattern changes the loss by far more).
+    assert [r["loss"] for r in rows_b] == pytest.approx([r["loss"] for r in rows_a[2:]], rel=1e-5, abs=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text-only data drives data-free DMD2 (rollout_mode: simulate)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "fv_accel" / "methods" / "dmd2.py").is_file(), reason="DMD2 method not present")
+def test_text_only_data_drives_dmd2_simulate(toy_root, tmp_path):
+    import yaml
+
+    _, texts = make_arrays(6, text_lens=[4, 8, 12] * 2)
+    data = tmp_path / "prompts"
+    write_rows(data / "rank000-00000.parquet", text_only_rows(texts, dtype="float16"))
+    neg = np.random.default_rng(5).normal(size=(3, 32)).astype(np.float32)
+    write_rows(data / "_negative_prompt.parquet", text_only_rows([neg]))
+    init = str(toy_root / "init")
+    out = tmp_path / "dmd2"
+    cfg = {
+        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False},
+                   "critic": {"init_from": init}},
+        "method": {"name": "dmd2", "rollout_mode": "simulate", "dmd_denoising_steps": [1000, 500],
+                   "generator_update_interval": 2, "uncond": "negative_prompt"},
+        "training": {
+            "data": {"data_path": str(data), "latent_shape": [16, 2, 8, 8], "text_len": 8, "train_batch_size": 2,
+                     "negative_prompt_path": str(data / "_negative_prompt.parquet")},
+            "loop": {"max_train_steps": 2},
+            "checkpoint": {"output_dir": str(out)},
+            "tracker": {"backends": []},
+        },
+    }
+    config = tmp_path / "dmd2.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    recipe = "distill.py" if (REPO / "recipes" / "distill.py").is_file() else "finetune.py"
+    proc = run_python([f"recipes/{recipe}", "--config", str(config)], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["critic_loss"]) for r in rows)
+    assert "generator_loss" not in rows[0] and np.isfinite(rows[1]["generator_loss"])

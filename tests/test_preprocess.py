@@ -88,7 +88,8 @@ def _preprocess_main(argv: list[str]) -> int:
         reset_accelerate_state()
 
 
-ARGS = ["--height", "16", "--width", "16", "--num-frames", "5", "--fps", "8", "--text-len", "8", "--no-progress"]
+# --cpu: the expected encodings below are computed on the CPU in fp32, so the recipe must run there too.
+ARGS = ["--cpu", "--height", "16", "--width", "16", "--num-frames", "5", "--fps", "8", "--text-len", "8", "--no-progress"]
 
 
 def test_load_clip_samples_fps_resizes_and_crops(world):

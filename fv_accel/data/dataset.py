@@ -13,6 +13,7 @@ files are never loaded.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -70,6 +71,12 @@ class LatentBatch:
     latent_shape: tuple[int, int, int, int]
     uncond_embeds_bld: torch.Tensor | None = None
     num_bad_rows_skipped: int = 0
+
+    def pin_memory(self) -> LatentBatch:
+        """Called by the DataLoader (``pin_memory=True`` on CUDA machines) so host→device copies can overlap."""
+        pinned = {f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **pinned)
 
 
 def decode_tensor(raw: bytes | None, shape: Any, dtype_name: Any, *, where: str) -> torch.Tensor:
