@@ -184,3 +184,48 @@ def test_should_run_schedule(toy_root):
     assert [s for s in range(10) if cb.should_run(s)] == [0]
     assert evenly_spaced_rows(768, 4) == [0, 256, 511, 767]
     assert evenly_spaced_rows(3, 5) == [0, 1, 2]
+
+
+@pytest.mark.skipif(not (REPO / "fv_accel" / "methods" / "dmd2.py").is_file(), reason="needs the dmd2 method")
+def test_toy_distillation_validation_and_critic_curves(toy_root, tmp_path):
+    """DMD2 on the toy world (random tiny teacher: mechanics only): validation every 2 of 4 steps with the
+    few-step sampler, and TensorBoard holds the critic's curves."""
+    import yaml
+
+    data = tmp_path / "data"  # the parquet without world.safetensors: no toy quality table after training
+    data.mkdir()
+    for f in (toy_root / "data").glob("*.parquet"):
+        (data / f.name).symlink_to(f)
+    out = tmp_path / "run"
+    init = str(toy_root / "init")
+    config = {
+        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "method": {"name": "dmd2", "dmd_denoising_steps": [1000, 500], "generator_update_interval": 2,
+                   "real_score_guidance_scale": 1.0},
+        "training": {"data": {"data_path": str(data), "train_batch_size": 2, "text_len": 8},
+                     "loop": {"max_train_steps": 4}, "checkpoint": {"output_dir": str(out)}},
+        "callbacks": {"validation": {"every_steps": 2, "num_samples": 2}},
+    }
+    (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
+    proc = run_python(["recipes/distill.py", "--config", str(tmp_path / "dmd2.yaml")], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    for step in (2, 4):
+        step_dir = out / "validation" / f"step-{step}"
+        assert sorted(p.name for p in step_dir.glob("*.mp4")) == ["student-00.mp4", "student-01.mp4"]
+        assert len(_decode(step_dir / "student-00.mp4")) == 8
+        assert json.loads((step_dir / "index.json").read_text())["method"] == "dmd2"
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2", "step-4"]
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scalars, _ = _tb_events(out / "logs")
+    assert [s for s, _ in scalars["critic_loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["critic_loss"]] == pytest.approx([r["critic_loss"] for r in rows], rel=1e-6)
+    assert [s for s, _ in scalars["grad_norm/critic"]] == [1, 2, 3, 4]
+    # the student steps only on generator steps; its curves have exactly those points
+    gen_steps = [r["step"] for r in rows if "generator_loss" in r]
+    assert gen_steps and len(gen_steps) < 4
+    assert [s for s, _ in scalars["generator_loss"]] == gen_steps
+    assert [s for s, _ in scalars["grad_norm/student"]] == gen_steps
+    # every step reports FLOPs: the method counts its rollouts, teacher and critic forwards
+    assert all(r["tflops_per_device"] > 0 for r in rows)
