@@ -182,7 +182,8 @@ def log_videos(accelerator: Any, videos: dict[str, np.ndarray], paths: list[Path
                 payload: dict[str, Any] = {}
                 for name, vid in videos.items():
                     if hasattr(module, "Video"):
-                        payload[f"validation/{name}"] = [module.Video(str(p), format="mp4")
+                        kwargs = {"format": "mp4"} if kind == "wandb" else {}
+                        payload[f"validation/{name}"] = [module.Video(str(p), **kwargs)
                                                          for p in by_name.get(name, [])]
                     elif hasattr(module, "Image"):
                         payload[f"validation/{name}"] = module.Image(frame_grid(vid))
