@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--negative-prompt", default=None,
                    help="also encode this prompt into OUTPUT/_negative_prompt.parquet "
                         "(for training.data.negative_prompt_path)")
+    p.add_argument("--vae-tiling", action="store_true", help="encode in tiles (less memory, slightly different)")
     p.add_argument("--cpu", action="store_true", help="encode on the CPU even when a GPU is available")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             text_len=args.text_len, save_dtype=args.save_dtype, vae_dtype=args.vae_dtype,
             text_encoder_dtype=args.text_encoder_dtype, rows_per_shard=args.rows_per_shard,
             row_group_size=args.row_group_size, text_batch_size=args.text_batch_size,
-            negative_prompt=args.negative_prompt,
+            negative_prompt=args.negative_prompt, vae_tiling=args.vae_tiling,
         )
         mine = run_preprocess(opts, rank=state.process_index, world_size=state.num_processes,
                               device=state.device, show_progress=not args.no_progress)

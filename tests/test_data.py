@@ -131,6 +131,18 @@ def test_rows_honour_dtype_shape_and_text_padding(fp32_fp16_dirs):
                        torch.from_numpy(txt16[5].astype(np.float16).astype(np.float32)))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_preprocess_bytes_round_trip_through_the_reader(dtype):
+    from fv_accel.data.dataset import decode_tensor
+    from fv_accel.data.preprocess import tensor_columns
+
+    x = torch.randn(3, 5)
+    cols = tensor_columns("t", x, dtype)
+    assert cols["t_dtype"] == dtype and cols["t_shape"] == [3, 5]
+    back = decode_tensor(cols["t_bytes"], cols["t_shape"], cols["t_dtype"], where="x")
+    assert torch.equal(back, x.to(getattr(torch, dtype)).float())
+
+
 def test_list_and_repeat_counts(fp32_fp16_dirs):
     f32, f16, (latents, _), (lat16, _) = fp32_fp16_dirs
     ds = ParquetLatentDataset({str(f32): 2, str(f16): 1}, text_len=4)

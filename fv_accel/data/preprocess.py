@@ -174,7 +174,9 @@ def load_clip(path: str | os.PathLike[str], *, height: int, width: int, num_fram
     if not p.is_file():
         raise SkipClip("missing", f"{p} does not exist")
     targets = [j / fps for j in range(num_frames)]
-    picked: list[np.ndarray] = []
+    # Each picked frame is resized and cropped at once: memory holds num_frames frames at the target size,
+    # never num_frames full-resolution source frames.
+    picked: list[torch.Tensor] = []
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
@@ -192,7 +194,7 @@ def load_clip(path: str | os.PathLike[str], *, height: int, width: int, num_fram
                 while len(picked) < num_frames and t >= targets[len(picked)]:
                     target = targets[len(picked)]
                     best = prev if prev is not None and target - prev[0] < t - target else (t, frame)
-                    picked.append(best[1].to_ndarray(format="rgb24"))
+                    picked.append(resize_center_crop(best[1].to_ndarray(format="rgb24")[None], height, width))
                 if len(picked) == num_frames:
                     break
                 prev = (t, frame)
@@ -204,7 +206,7 @@ def load_clip(path: str | os.PathLike[str], *, height: int, width: int, num_fram
         need = (num_frames - 1) / fps
         raise SkipClip("too_short", f"{p}: {last_time:.2f}s of frames, {need:.2f}s needed for {num_frames} "
                        f"frames at {fps:g} fps")
-    return resize_center_crop(np.stack(picked), height, width)
+    return torch.cat(picked, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +250,7 @@ class Encoders:
 
     @classmethod
     def load(cls, model: str, *, device: torch.device, text_len: int, with_vae: bool,
-             vae_dtype: torch.dtype, text_dtype: torch.dtype) -> Encoders:
+             vae_dtype: torch.dtype, text_dtype: torch.dtype, vae_tiling: bool = False) -> Encoders:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         check_model_source(model, ["tokenizer", "text_encoder"] + (["vae"] if with_vae else []))
@@ -261,6 +263,8 @@ class Encoders:
 
             vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=vae_dtype)
             vae.to(device).eval().requires_grad_(False)
+            if vae_tiling:
+                vae.enable_tiling()  # bounded activation memory for large frames; latents change slightly
         return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, device=device, text_len=text_len)
 
     @torch.no_grad()
@@ -377,6 +381,7 @@ class PreprocessOptions:
     row_group_size: int = 4
     text_batch_size: int = 32
     negative_prompt: str | None = None
+    vae_tiling: bool = False
 
 
 @dataclass
@@ -429,7 +434,8 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
     if text_dtype == "auto":
         text_dtype = "bf16" if device.type == "cuda" else "fp32"
     encoders = Encoders.load(opts.model, device=device, text_len=opts.text_len, with_vae=not text_only,
-                             vae_dtype=_TORCH_DTYPES[opts.vae_dtype], text_dtype=_TORCH_DTYPES[text_dtype])
+                             vae_dtype=_TORCH_DTYPES[opts.vae_dtype], text_dtype=_TORCH_DTYPES[text_dtype],
+                             vae_tiling=opts.vae_tiling)
     if opts.negative_prompt is not None and rank == 0:
         write_negative_prompt(opts.output / NEGATIVE_PROMPT_FILE, encoders, opts.negative_prompt, opts.save_dtype)
     writer = ShardWriter(opts.output, rank=rank, schema=TEXT_ONLY_SCHEMA if text_only else T2V_SCHEMA,
