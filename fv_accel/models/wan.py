@@ -99,15 +99,32 @@ class WanModel(ModelBase):
         transformer = WanTransformer3DModel.from_pretrained(
             model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
         )
-        if model_cfg.attention_backend:
-            transformer.set_attention_backend(model_cfg.attention_backend)
-        if model_cfg.activation_checkpointing == "full" and model_cfg.trainable:
-            transformer.enable_gradient_checkpointing()
         stats = _read_vae_stats(model_cfg)
         if stats is None:
             logger.info("%s: no VAE latent statistics under %s; latents are used as stored", role,
                         model_cfg.init_from)
-        mean, std = stats if stats is not None else (None, None)
+        return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats)
+
+    @classmethod
+    def from_transformer(
+        cls,
+        role: str,
+        transformer: torch.nn.Module,
+        model_cfg: ModelConfig,
+        *,
+        latent_stats: tuple[list[float], list[float]] | None = None,
+    ) -> WanModel:
+        """Wrap an already built transformer, applying the role's attention backend, activation checkpointing
+        and compilation (benchmarks build random-weight transformers this way)."""
+        if model_cfg.attention_backend:
+            transformer.set_attention_backend(model_cfg.attention_backend)
+        if model_cfg.activation_checkpointing == "full" and model_cfg.trainable:
+            transformer.enable_gradient_checkpointing()
+        if model_cfg.compile == "regional":
+            # Per block, before fully_shard: FSDP2's hooks stay outside the compiled regions.
+            for block in transformer.blocks:
+                block.compile()
+        mean, std = latent_stats if latent_stats is not None else (None, None)
         return cls(role=role, transformer=transformer, config=model_cfg, latents_mean=mean, latents_std=std)
 
     def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
