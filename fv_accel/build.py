@@ -33,6 +33,10 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> t
     kwargs: dict[str, Any] = {}
     if cfg.fused and torch.cuda.is_available():
         kwargs["fused"] = True
+    else:
+        # FSDP2 parameters are DTensors: the per-tensor loop (PyTorch's CPU default) pays DTensor dispatch for
+        # every op of every parameter; the foreach kernels dispatch once per op for the whole list.
+        kwargs["foreach"] = True
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.betas),  # type: ignore[arg-type]
                              weight_decay=cfg.weight_decay, eps=cfg.eps, **kwargs)
 

@@ -25,6 +25,7 @@ from fv_accel.checkpoint import CheckpointManager
 from fv_accel.config import RunConfig
 from fv_accel.errors import NonFiniteError, Preempted
 from fv_accel.flops import StepFlops, peak_tflops_per_device
+from fv_accel.grad_clip import clip_grad_norm_
 from fv_accel.methods import TrainingMethod
 
 logger = logging.getLogger(__name__)
@@ -139,10 +140,11 @@ class Trainer:
             params = [p for p in module.parameters() if p.grad is not None]
             if not params:
                 continue
-            # DTensor-aware: returns the global norm over all ranks. Not accelerator.clip_grad_norm_, which
-            # confuses two prepared models of the same architecture.
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-            norms[role] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            # DTensor-aware global norm over all ranks, computed on local shards (fv_accel/grad_clip.py). Not
+            # accelerator.clip_grad_norm_, which confuses two prepared models of the same architecture.
+            norm = clip_grad_norm_(params, max_norm)
+            if norm is not None:
+                norms[role] = norm
         return norms
 
     def train_step(self, step: int) -> dict[str, Any] | None:
