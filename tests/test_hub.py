@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, run_python
@@ -32,7 +36,8 @@ def hub_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory):  # type: 
         args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
                 f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
                 "--training.loop.max_train_steps=2", "--training.data.train_batch_size=4",
-                "--training.checkpoint.save_steps=1", "--hub.repo_id=me/live", "--hub.push_every_checkpoint=true"]
+                "--training.checkpoint.save_steps=1", "--hub.repo_id=me/live", "--hub.push_every_checkpoint=true",
+                "--callbacks.ema.decay=0.5"]
         proc = run_python(args, cwd=REPO, **hub_env(hub))
         yield hub, out, proc
 
@@ -50,8 +55,9 @@ def test_training_pushes_checkpoints_in_background_and_final_model(hub_run) -> N
     assert set(files) == {"README.md", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"}
     card = files["README.md"].decode()
     assert "training step **2**" in card and "fv-accel" in card
+    assert "the EMA of the student (decay 0.5)" in card  # a run with an EMA pushes the EMA
     log = (out / "logs" / "hub_push.log").read_text()
-    assert "--push-to-hub me/live --private" in log
+    assert "--role ema --output" in log and "--push-to-hub me/live --private" in log
     assert all(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
     for text in (proc.stdout, proc.stderr, log, *(p.read_text(errors="replace") for p in out.rglob("*.json*"))):
         assert TOKEN not in text
@@ -106,3 +112,53 @@ def test_failed_push_keeps_export_and_says_how_to_retry(hub_run, tmp_path: Path)
                 f"--output {out} --dtype bf16 --push-to-hub org/denied")
     assert expected in err
     assert (out / "transformer" / "config.json").is_file() and (out / "README.md").is_file()
+
+
+def _fake_checkpoint(output_dir: Path, step: int) -> None:
+    ckpt = output_dir / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_bytes(b"dcp")
+    (ckpt / "__0_0.distcp").write_bytes(b"x" * 10)
+    (ckpt / "metadata.json").write_text(json.dumps({"step": step}))
+
+
+def test_push_callback_never_blocks_and_coalesces(tmp_path: Path) -> None:
+    from fv_accel.callbacks import CallbackList
+    from fv_accel.callbacks.hub_push import HubPushCallback
+
+    out = tmp_path / "run"
+    _fake_checkpoint(out, 1)  # existed before this run: a resumed run must not push it again
+    cb = HubPushCallback(repo_id="me/x", private=True, push_every_checkpoint=True, output_dir=out)
+    release = threading.Event()
+    started: list[tuple[int, list[str]]] = []
+
+    def slow_push(step: int, snapshot: Path) -> bool:  # stands in for the export+upload subprocess
+        started.append((step, sorted(p.name for p in snapshot.iterdir())))
+        release.wait(10)
+        return step != 4
+
+    cb._push = slow_push  # type: ignore[method-assign]
+    trainer = SimpleNamespace(is_main=True, callbacks=CallbackList([cb]))
+    cb.on_train_start(trainer)  # type: ignore[arg-type]
+    cb.on_validation(trainer, 1)  # type: ignore[arg-type]
+    assert started == [] and cb._pending is None
+    timings = []
+    for step in (2, 3, 4):
+        _fake_checkpoint(out, step)
+        t0 = time.perf_counter()
+        cb.on_validation(trainer, step)  # type: ignore[arg-type]
+        timings.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+    assert max(timings) < 0.5  # staging is a few hard links, the push itself runs elsewhere
+    assert [s for s, _ in started] == [2]  # step 2 is being pushed; 3 was superseded by 4 while waiting
+    assert not (out / "hub_push_staging" / "checkpoint-3").exists()
+    # The snapshot is hard links of the checkpoint, so retention may delete the original meanwhile.
+    assert (out / "hub_push_staging" / "checkpoint-4" / "__0_0.distcp").stat().st_nlink == 2
+    release.set()
+    cb.on_train_end(trainer, 4)  # type: ignore[arg-type]
+    assert [s for s, _ in started] == [2, 4]
+    assert started[1][1] == [".metadata", "__0_0.distcp", "metadata.json"]
+    assert cb.pushed_steps == [2] and cb.failed_steps == [4]
+    assert not (out / "hub_push_staging").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3",
+                                                     "checkpoint-4", "logs"]

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,15 +35,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _link_checkpoint(src: Path, dst: Path) -> None:
+def _link_checkpoint(src: Path, dst: Path) -> bool:
+    """Hard-link a checkpoint's files into ``dst``; False (and nothing left) where the filesystem cannot link:
+    copying gigabytes here would stall the training step."""
     dst.mkdir(parents=True)
-    for path in src.iterdir():  # DCP checkpoints are flat: shards, .metadata, metadata.json, RNG files
-        if path.name.startswith("random_state."):
-            continue
-        try:
-            os.link(path, dst / path.name)
-        except OSError:
-            shutil.copy2(path, dst / path.name)
+    try:
+        for path in src.iterdir():  # DCP checkpoints are flat: shards, .metadata, metadata.json, RNG files
+            if not path.name.startswith("random_state."):
+                os.link(path, dst / path.name)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        return False
+    return True
+
+
+def ema_started(checkpoint: Path) -> bool:
+    """Whether the checkpoint's EMA has had its first update (before that it holds no average to export)."""
+    import torch.distributed.checkpoint as dcp
+
+    state: dict[str, Any] = {"callbacks.ema.initialized": False}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # no collectives: safe off the main thread
+    except Exception:
+        return False
+    return bool(state["callbacks.ema.initialized"])
 
 
 class HubPushCallback(Callback):
@@ -130,15 +148,23 @@ class HubPushCallback(Callback):
         self.last_submitted_step = step
         snapshot = self.staging_dir / f"checkpoint-{step}"
         try:
-            _link_checkpoint(path, snapshot)
+            staged = _link_checkpoint(path, snapshot)
         except OSError as exc:
             logger.error("cannot stage %s for the Hub push: %s", path, exc)
             return
+        if not staged:
+            logger.warning("cannot hard-link %s for the Hub push; pushing from it directly (it must survive "
+                           "training.checkpoint.keep_last until the push has read it)", path)
+            snapshot = path
         with self._cond:
             if self._pending is not None:  # not started yet: the newer checkpoint replaces it
-                shutil.rmtree(self._pending[1], ignore_errors=True)
+                self._discard(self._pending[1])
             self._pending = (step, snapshot)
             self._cond.notify_all()
+
+    def _discard(self, snapshot: Path) -> None:
+        if snapshot.parent == self.staging_dir:  # never a real checkpoint
+            shutil.rmtree(snapshot, ignore_errors=True)
 
     def wait(self) -> None:
         """Block until no push is pending or running."""
@@ -159,13 +185,13 @@ class HubPushCallback(Callback):
                 logger.exception("Hub push of step %d crashed", step)
                 self.failed_steps.append(step)
             finally:
-                shutil.rmtree(snapshot, ignore_errors=True)
+                self._discard(snapshot)
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def command(self, checkpoint: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "fv_accel.export", "--checkpoint", str(checkpoint), "--role", self.role,
+    def command(self, checkpoint: Path, role: str) -> list[str]:
+        cmd = [sys.executable, "-m", "fv_accel.export", "--checkpoint", str(checkpoint), "--role", role,
                "--output", str(self.export_dir), "--dtype", self.dtype, "--push-to-hub", self.repo_id]
         if self.private:
             cmd.append("--private")
@@ -174,7 +200,9 @@ class HubPushCallback(Callback):
         return cmd
 
     def _push(self, step: int, snapshot: Path) -> bool:
-        cmd = self.command(snapshot)
+        # Until its first update (callbacks.ema.start_step) the EMA is not an average yet: push the student.
+        role = "ema" if self.role == "ema" and ema_started(snapshot) else "student"
+        cmd = self.command(snapshot, role)
         with open(self.log_path, "a") as log:
             log.write(f"--- step {step}: {shlex.join(cmd)}\n")
             log.flush()
