@@ -170,16 +170,24 @@ def pipeline_source(init_from: str) -> Path | None:
     if local.exists():
         return local if (local / "model_index.json").is_file() else None
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
         hf_hub_download(init_from, "model_index.json")
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:  # a bare model repo
+        return None
+    except LocalEntryNotFoundError:  # offline and not cached
+        logger.warning("cannot reach %s (offline?); exporting the transformer only, not a full pipeline",
+                       init_from)
         return None
     except Exception as exc:
         raise CheckpointError(f"cannot reach base model {init_from!r} on the Hub ({type(exc).__name__})") from None
-    # The transformer itself comes from the checkpoint: do not download the base one.
-    return Path(snapshot_download(init_from, ignore_patterns=["transformer/*", "transformer_2/*"]))
+    try:
+        # The transformer itself comes from the checkpoint: do not download the base one.
+        return Path(snapshot_download(init_from, ignore_patterns=["transformer/*", "transformer_2/*"]))
+    except Exception as exc:
+        raise CheckpointError(f"cannot download the components of base pipeline {init_from!r} "
+                              f"({type(exc).__name__})") from None
 
 
 def _link_tree(src: Path, dst: Path) -> None:
