@@ -78,6 +78,11 @@ def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
     output_dir = cfg.training.checkpoint.output_dir
     if accelerator.is_main_process and not dry_run:
         write_resolved_config(cfg, output_dir)
+    # Global RNGs (python, numpy, torch) seeded per rank, so that a run and its resumed copy start alike; the
+    # method draws from its own generator, these only matter to code outside fv_accel (a resume restores them).
+    from fv_accel.runtime import seed_everything
+
+    seed_everything(cfg.training.data.seed * 1_000_003 + accelerator.process_index + 7_919)
     built = build_run(cfg, accelerator)
     if dry_run:
         if accelerator.is_main_process:

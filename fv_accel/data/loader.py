@@ -87,6 +87,10 @@ class DataStream:
             # Workers live across epochs (no re-fork and no cold row-group cache at each epoch start).
             persistent_workers=cfg.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # Its own generator: each new iterator draws a worker base seed, and drawing it from the global
+            # torch RNG would make that RNG depend on where a run was resumed (the rows are a pure function
+            # of (seed, epoch, index) either way).
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         self.uncond_ld = load_negative_prompt(cfg.negative_prompt_path, cfg.text_len) if cfg.negative_prompt_path \
             else None
