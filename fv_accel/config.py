@@ -48,6 +48,9 @@ class ModelConfig(_Strict):
     """Recompute each transformer block in backward (trainable roles only)."""
     attention_backend: str | None = None
     """diffusers attention backend for this role (e.g. ``flash``, ``_native_cudnn``); None keeps the default."""
+    compile: Literal["off", "regional"] = "off"
+    """``regional``: ``torch.compile`` each transformer block before sharding (torchtitan-style); compiles
+    once per block shape, so the first steps are slow."""
 
 
 class FinetuneMethodConfig(_Strict):
@@ -230,6 +233,18 @@ class RunConfig(_Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_critic(cls, data: Any) -> Any:
+        """dmd2 without ``models.critic``: the critic starts from the teacher's weights and is trainable."""
+        if not isinstance(data, dict):
+            return data
+        method, models = data.get("method"), data.get("models")
+        if (isinstance(method, dict) and method.get("name") == "dmd2" and isinstance(models, dict)
+                and "critic" not in models and isinstance(models.get("teacher"), dict)):
+            data = {**data, "models": {**models, "critic": {**models["teacher"], "trainable": True}}}
+        return data
 
     @model_validator(mode="after")
     def _roles(self) -> RunConfig:

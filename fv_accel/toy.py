@@ -186,3 +186,82 @@ def finetune_default_config(root: Path = TOY_ROOT, output_dir: str | None = None
             "checkpoint": {"output_dir": output_dir or str(root / "finetune"), "save_steps": 0, "keep_last": 2},
         },
     }
+
+
+def toy_teacher_dir(root: Path = TOY_ROOT) -> Path:
+    return root / "teacher"
+
+
+def teacher_finetune_config(root: Path = TOY_ROOT) -> dict[str, Any]:
+    """The toy teacher's training run: the toy fine-tune, writing its run files to ``<root>/teacher-train``."""
+    cfg = finetune_default_config(root, output_dir=str(root / "teacher-train"))
+    cfg["training"]["tracker"] = {"backends": []}
+    return cfg
+
+
+def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
+    """The tiny teacher (``<root>/teacher``, a diffusers dir with ``transformer/``), trained on first use.
+
+    Collective: every rank must call it. Trains with ``finetune`` in-process on ``accelerator``, exports the
+    student of that run, then renames it into place, so an interrupted run leaves no half-written teacher."""
+    import logging
+
+    import torch.distributed as dist
+
+    from fv_accel.checkpoint.export import save_transformer_pretrained
+    from fv_accel.cli import train
+    from fv_accel.config import resolve_config
+
+    out = toy_teacher_dir(root)
+    if (out / "transformer" / "config.json").is_file():
+        return out
+    logging.getLogger("fv_accel").info("toy: training the teacher into %s (first use only)", out)
+    cfg = resolve_config(teacher_finetune_config(root))
+    trainer = train(cfg, accelerator)
+    tmp = root / ".teacher.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    save_transformer_pretrained(trainer.method.student.transformer, tmp / "transformer")
+    if accelerator.is_main_process:
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+#: the toy distillation's EMA decay (the quality table samples the EMA student)
+TOY_EMA_DECAY = 0.9
+
+
+def distill_default_config(root: Path = TOY_ROOT, output_dir: str | None = None,
+                           teacher_dir: Path | None = None) -> dict[str, Any]:
+    """The toy DMD2 run: 4-step student and critic both initialised from the toy teacher.
+
+    Settings follow DESIGN.md §7: critic lr 4× the student's, 3 critic updates per student update, student Adam
+    β1 = 0, EMA of the student. The toy teacher is trained without CFG dropout, so its guidance scale is 1."""
+    data = ensure_toy_data(root)
+    teacher = str(teacher_dir or toy_teacher_dir(root))
+    return {
+        "models": {
+            "student": {"family": "wan", "init_from": teacher, "trainable": True, "flow_shift": 3.0},
+            "teacher": {"family": "wan", "init_from": teacher, "trainable": False, "flow_shift": 3.0,
+                        "frozen_dtype": "fp32"},
+        },
+        "method": {
+            "name": "dmd2",
+            "rollout_mode": "simulate",
+            "dmd_denoising_steps": [1000, 750, 500, 250],
+            "generator_update_interval": 3,
+            "real_score_guidance_scale": 1.0,
+            "critic_optimizer": {"learning_rate": 8e-4, "betas": [0.0, 0.999]},
+        },
+        "training": {
+            "data": {"data_path": str(data), "seed": 0, "train_batch_size": 32, "text_len": 8},
+            "optimizer": {"learning_rate": 2e-4, "betas": [0.0, 0.999]},
+            "loop": {"max_train_steps": 300, "max_grad_norm": 1.0},
+            "checkpoint": {"output_dir": output_dir or str(root / "distill"), "save_steps": 0, "keep_last": 2},
+        },
+        "callbacks": {"ema": {"decay": TOY_EMA_DECAY, "start_step": 0}},
+    }

@@ -1,0 +1,73 @@
+"""DMD2 distillation of a many-step video diffusion model into a few-step student.
+
+    accelerate launch [--config_file accelerate_configs/<topology>.yaml] recipes/distill.py \
+        [--config RECIPE.yaml] [--dotted.key=value ...] [--dry-run]
+
+Without --config it runs the embedded toy default: on first use it writes the toy dataset to outputs/toy/data/,
+trains the tiny teacher with `finetune` into outputs/toy/teacher/, then distills into outputs/toy/distill/ and
+prints the quality table (student@K vs teacher@K vs teacher@50), also written to <output_dir>/quality.json.
+Later runs reuse the data and the teacher. Real recipes: recipes/configs/*.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from fv_accel.cli import run_recipe
+from fv_accel.config import RunConfig
+
+logger = logging.getLogger("fv_accel")
+
+
+def toy_default_config() -> dict[str, Any]:
+    """Data and teacher of the toy world (made on first use, collectively), then the toy DMD2 config."""
+    from fv_accel.toy import TOY_ROOT, distill_default_config, ensure_toy_data, ensure_toy_teacher, toy_teacher_dir
+
+    ensure_toy_data(TOY_ROOT)
+    if not (toy_teacher_dir(TOY_ROOT) / "transformer" / "config.json").is_file():
+        from fv_accel.runtime import build_accelerator
+
+        # The same process group and Accelerate state that the distillation then uses.
+        ensure_toy_teacher(build_accelerator(), TOY_ROOT)
+    return distill_default_config(TOY_ROOT)
+
+
+def _toy_data_dir(cfg: RunConfig) -> Path | None:
+    """The data directory when the run trains on a toy world (it has ``world.safetensors``), else None."""
+    path = cfg.training.data.data_path
+    if isinstance(path, str) and path and (Path(path) / "world.safetensors").is_file():
+        return Path(path)
+    return None
+
+
+def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
+    """After a toy-world distillation: the quality table (EMA student when EMA is on), on stdout and in JSON."""
+    from fv_accel.config import DMD2MethodConfig
+    from fv_accel.quality import format_quality_table, toy_quality, write_quality_json
+
+    data_dir = _toy_data_dir(cfg)
+    if data_dir is None or not isinstance(cfg.method, DMD2MethodConfig):
+        return
+    method = trainer.method
+    ema = trainer.callbacks.get("ema")
+    # Every rank samples (FSDP2 forwards are collectives); the EMA swap is per rank too.
+    with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
+        results = toy_quality(method.student, method.role_models["teacher"], data_dir,
+                              dmd_denoising_steps=cfg.method.dmd_denoising_steps,
+                              text_len=cfg.training.data.text_len)
+    if accelerator.is_main_process:
+        path = write_quality_json(results, cfg.training.checkpoint.output_dir)
+        student = "EMA student" if ema is not None else "student"
+        print(f"toy quality ({student}; written to {path}):\n{format_quality_table(results)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe("recipes/distill.py", argv, toy_default_config, after_training=print_toy_quality)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
