@@ -228,14 +228,15 @@ def test_resume_and_worker_count_give_identical_batches_and_cfg_dropout(fp32_fp1
     workers = _take(_stream(path, num_workers=2, **kw), 9)
     _same_batches(reference, workers)
 
-    for num_workers_before, num_workers_after in ((0, 2), (2, 0), (2, 2)):
+    # split 6 = exactly at the end of epoch 0 (its StopIteration not yet seen)
+    for num_workers_before, num_workers_after, split in ((0, 2, 4), (2, 0, 4), (2, 2, 4), (0, 0, 6), (2, 0, 7)):
         first = _stream(path, num_workers=num_workers_before, **kw)
-        _take(first, 4)
+        _take(first, split)
         # the state travels through pickle, as DCP stores non-tensor values
         state = pickle.loads(pickle.dumps(copy.deepcopy(first.state_dict())))
         resumed = _stream(path, num_workers=num_workers_after, **kw)
         resumed.load_state_dict(state)
-        _same_batches(reference[4:], _take(resumed, 5))
+        _same_batches(reference[split:], _take(resumed, 9 - split))
         assert resumed.epoch == 1
 
 
