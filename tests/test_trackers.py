@@ -63,12 +63,30 @@ def test_no_backends_writes_no_logs(toy_root, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["wandb", "trackio"])
-def test_missing_tracker_package_is_a_config_error(toy_root, tmp_path, backend):
+def test_missing_tracker_package_is_a_config_error(toy_root, backend):
+    from fv_accel.cli import check_tracker_backends
+    from fv_accel.config import resolve_config
+    from fv_accel.errors import EXIT_CONFIG, ConfigError
+
     if importlib.util.find_spec(backend) is not None:
         pytest.skip(f"{backend} is installed")
+    cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init")}},
+                          "method": {"name": "finetune"},
+                          "training": {"tracker": {"backends": ["tensorboard", backend]}}})
+    with pytest.raises(ConfigError) as err:
+        check_tracker_backends(cfg)
+    assert err.value.exit_code == EXIT_CONFIG
+    assert f"training.tracker.backends: '{backend}' needs the '{backend}' package" in str(err.value)
+    assert f"fv_accel[{backend}]" in str(err.value)
+    check_tracker_backends(resolve_config({"models": {"student": {"init_from": str(toy_root / "init")}},
+                                           "method": {"name": "finetune"}}))  # tensorboard alone is fine
+
+
+def test_missing_tracker_package_exits_2_before_building(toy_root, tmp_path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
     out = tmp_path / "run"
-    proc = run_python(_args(toy_root, out, f"--training.tracker.backends=[tensorboard, {backend}]"), cwd=REPO)
+    proc = run_python(_args(toy_root, out, "--training.tracker.backends=[tensorboard, wandb]"), cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"training.tracker.backends: '{backend}' needs the '{backend}' package" in proc.stderr
-    assert f"fv_accel[{backend}]" in proc.stderr
+    assert "training.tracker.backends: 'wandb' needs the 'wandb' package" in proc.stderr
     assert not out.exists()  # failed before anything was built or written
