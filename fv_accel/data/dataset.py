@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,12 +173,13 @@ class ParquetLatentDataset(Dataset[LatentSample]):
         self.cache_bytes = cache_bytes
         self._groups: list[_Group] = []
         self._starts: list[int] = []
-        footers: dict[Path, tuple[pq.FileMetaData, str]] = {}
+        # Footers only, read concurrently: a large dataset has thousands of files and this is I/O latency.
+        unique = list(dict.fromkeys(self.files))
+        with ThreadPoolExecutor(max_workers=min(16, len(unique))) as pool:
+            footers = dict(zip(unique, pool.map(self._inspect, unique), strict=True))
         total = 0
         schema_kind: str | None = None
         for f in self.files:
-            if f not in footers:
-                footers[f] = self._inspect(f)
             meta, kind = footers[f]
             if schema_kind is not None and kind != schema_kind:
                 raise DataError(f"{f}: {kind} schema mixed with {schema_kind} files in one dataset")
