@@ -440,7 +440,9 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
         write_negative_prompt(opts.output / NEGATIVE_PROMPT_FILE, encoders, opts.negative_prompt, opts.save_dtype)
     writer = ShardWriter(opts.output, rank=rank, schema=TEXT_ONLY_SCHEMA if text_only else T2V_SCHEMA,
                          rows_per_shard=opts.rows_per_shard, row_group_size=opts.row_group_size)
-    bar = tqdm(total=len(todo), desc=f"preprocess rank {rank}", disable=not show_progress, dynamic_ncols=True)
+    # One bar (rank 0's share) rather than world_size bars overwriting each other; the shares are equal in size.
+    bar = tqdm(total=len(todo), desc=f"preprocess (rank 0 of {world_size})", disable=not show_progress or rank != 0,
+               dynamic_ncols=True)
     try:
         for start in range(0, len(todo), opts.text_batch_size):
             chunk = todo[start:start + opts.text_batch_size]
