@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_python
+from conftest import REPO, run_2proc, run_python
 
 from fv_accel.flops import wan_forward_flops
 from fv_accel.models.wan import TINY_WAN_CONFIG
@@ -87,6 +87,30 @@ def test_toy_finetune_writes_validation_videos_and_tensorboard(toy_root, tmp_pat
 def _plain(p: torch.Tensor) -> torch.Tensor:
     # FSDP2 keeps the root's parameters unsharded (plain tensors) after a forward, the blocks' as DTensors
     return p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+
+
+@pytest.mark.distributed
+def test_validation_two_processes(toy_root, tmp_path):
+    """Both ranks run the sharded forwards (a rank that skipped them would deadlock the other); rank 0 writes.
+    3 prompts in chunks of the batch size 2 and the EMA pass: uneven chunks, two variants, at step 0 too."""
+    out = tmp_path / "run"
+    args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
+            f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
+            "--training.loop.max_train_steps=2", "--training.data.train_batch_size=2",
+            "--callbacks.validation.every_steps=2", "--callbacks.validation.at_start=true",
+            "--callbacks.validation.num_samples=3", "--callbacks.validation.num_inference_steps=2",
+            "--callbacks.ema.decay=0.5", "--training.tracker.backends=[]"]
+    proc = run_2proc(args, cwd=REPO, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-0", "step-2"]
+    for step in (0, 2):
+        files = sorted((out / "validation" / f"step-{step}").glob("*.mp4"))
+        assert [p.name for p in files] == [f"{v}-{i:02d}.mp4" for v in ("ema", "student") for i in range(3)]
+        assert all(len(_decode(p)) == 8 for p in files)
+    # at step 0 nothing has trained: the EMA weights are the student's, so the videos are identical
+    step0 = out / "validation" / "step-0"
+    for a, b in zip(_decode(step0 / "ema-01.mp4"), _decode(step0 / "student-01.mp4"), strict=True):
+        assert np.array_equal(a, b)
 
 
 class _FakeEMA:
