@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_2proc, run_python
+from conftest import REPO, run_2proc
 from safetensors.torch import load_file
 
 from fv_accel.export import export_checkpoint, main
@@ -57,9 +57,8 @@ def test_export_two_rank_checkpoint_fp32_is_exact(two_rank_run: Path, tmp_path: 
 
     out = tmp_path / "export"
     # The output dir (not a checkpoint-<step>): the newest complete checkpoint is used.
-    proc = run_python(["recipes/export.py", "--checkpoint", str(two_rank_run), "--role", "student",
-                       "--output", str(out), "--dtype", "fp32"], cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["--checkpoint", str(two_rank_run), "--role", "student", "--output", str(out),
+                 "--dtype", "fp32"]) == 0
     expected = checkpoint_tensors(two_rank_run / "checkpoint-2", "roles.student.transformer.")
     assert len(expected) > 20
     exported = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -67,7 +66,7 @@ def test_export_two_rank_checkpoint_fp32_is_exact(two_rank_run: Path, tmp_path: 
     for key, value in expected.items():
         assert exported[key].dtype == torch.float32
         assert torch.equal(exported[key], value), key
-    model = WanTransformer3DModel.from_pretrained(out / "transformer", torch_dtype=torch.float32)
+    model = WanTransformer3DModel.from_pretrained(out / "transformer")
     loaded = model.state_dict()
     for key, value in expected.items():
         assert torch.equal(loaded[key], value), key
