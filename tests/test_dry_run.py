@@ -76,3 +76,33 @@ def test_dry_run_two_processes_shards_the_estimate(toy_root, tmp_path):
     # rank 0's shard: FSDP2 splits each parameter along dim 0 (the first rank gets the larger half)
     assert numel * 4 / 2 / 2**20 - 0.01 < float(mib) < numel * 4 / 2**20 * 0.6
     assert not out.exists()
+
+
+def test_dry_run_dmd2_prints_every_role(toy_root, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    init = str(toy_root / "init")
+    config = {
+        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "method": {"name": "dmd2", "generator_update_interval": 5},
+        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 4, "text_len": 8},
+                     "loop": {"max_train_steps": 10}, "checkpoint": {"output_dir": str(out)}},
+    }
+    (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
+    proc = run_python(["recipes/distill.py", "--config", str(tmp_path / "dmd2.yaml"), "--dry-run"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    numel, _ = _tiny_counts()
+    trainable = {role: _role_line(proc.stdout, role)[2] for role in ("student", "teacher", "critic")}
+    assert trainable == {"student": "yes", "teacher": "no", "critic": "yes"}  # the critic defaults from the teacher
+    for role in ("student", "teacher", "critic"):
+        assert _role_line(proc.stdout, role)[1] == f"{numel:,}"
+    # each role's optimizer steps: the critic every step, the student every 5th
+    assert re.search(r"optimizer\[student\]: .* steps=2\b", proc.stdout)
+    assert re.search(r"optimizer\[critic\]: .* steps=10\b", proc.stdout)
+    mem = _memory(proc.stdout)
+    w = numel * 4 / 2**20
+    assert mem["weights"] == pytest.approx(3 * w, abs=0.005)
+    assert mem["grads+AdamW"] == pytest.approx(6 * w, abs=0.005)  # student and critic, not the teacher
+    assert mem["EMA"] == 0
+    assert not out.exists()
