@@ -25,7 +25,13 @@ logger = logging.getLogger("fv_accel")
 
 def toy_default_config() -> dict[str, Any]:
     """Data and teacher of the toy world (made on first use, collectively), then the toy DMD2 config."""
-    from fv_accel.toy import TOY_ROOT, distill_default_config, ensure_toy_data, ensure_toy_teacher, toy_teacher_dir
+    from fv_accel.toy import (
+        TOY_ROOT,
+        distill_default_config,
+        ensure_toy_data,
+        ensure_toy_teacher,
+        toy_teacher_dir,
+    )
 
     ensure_toy_data(TOY_ROOT)
     if not (toy_teacher_dir(TOY_ROOT) / "transformer" / "config.json").is_file():

@@ -1,0 +1,108 @@
+"""recipes/sample.py: roles read from a DCP checkpoint in one process, output layout, determinism, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO, run_python
+from safetensors.torch import load_file
+from test_dmd2_distributed import write_recipe
+
+
+@pytest.fixture(scope="module")
+def dmd2_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-step single-process dmd2 run (interval 1, EMA on) with its final checkpoint."""
+    tmp = tmp_path_factory.mktemp("sample")
+    out = tmp / "run"
+    recipe = write_recipe(tmp / "dmd2.yaml", toy_root, out, generator_update_interval=1)
+    proc = run_python(["recipes/distill.py", "--config", str(recipe), "--training.loop.max_train_steps=3"],
+                      cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _load_recipe() -> Any:
+    spec = importlib.util.spec_from_file_location("sample_recipe", REPO / "recipes" / "sample.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SAMPLE = _load_recipe()
+
+
+def _sample(run: Path, out: Path, role: str, steps: int = 4, n: int = 5, seed: int = 0
+            ) -> tuple[int, str, dict[str, torch.Tensor] | None]:
+    """recipes/sample.py's main in this process (one plain process is what it is made for): rc, stderr, file."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = SAMPLE.main(["--checkpoint", str(run), "--role", role, "--steps", str(steps), "--num-samples", str(n),
+                          "--output", str(out), "--seed", str(seed)])
+    return rc, err.getvalue(), load_file(str(out)) if out.exists() else None
+
+
+def test_roles_layout_and_determinism(dmd2_run: Path, tmp_path: Path) -> None:
+    from fv_accel.export import load_ema_role_state_dict, load_role_state_dict
+
+    results = {}
+    for role in ("student", "ema", "teacher"):
+        rc, err, result = _sample(dmd2_run, tmp_path / f"{role}.safetensors", role)
+        assert rc == 0, err[-3000:]
+        assert result is not None
+        assert result["latents"].dtype == torch.float32 and tuple(result["latents"].shape) == (5, 16, 2, 8, 8)
+        assert result["data_index"].dtype == torch.int64
+        assert result["data_index"].tolist() == [i * 768 // 5 for i in range(5)]
+        results[role] = result["latents"]
+    # the student trained 3 steps, EMA (decay 0.5) lags it, the teacher is the init: three different samplers
+    assert not torch.equal(results["student"], results["teacher"])
+    assert not torch.equal(results["student"], results["ema"])
+    ckpt = dmd2_run / "checkpoint-3"
+    student, ema = load_role_state_dict(ckpt, "student"), load_ema_role_state_dict(ckpt)
+    assert any(not torch.equal(student[k], ema[k]) for k in student)
+    # same seed → same latents; another seed → different
+    _, _, again = _sample(dmd2_run, tmp_path / "again.safetensors", "student")
+    assert again is not None and torch.equal(again["latents"], results["student"])
+    _, _, other = _sample(dmd2_run, tmp_path / "other.safetensors", "student", seed=1)
+    assert other is not None and not torch.equal(other["latents"], results["student"])
+
+
+def test_student_reproduces_the_dmd_sampler(dmd2_run: Path, tmp_path: Path) -> None:
+    """The file holds exactly dmd_sample of the checkpoint's student, denormalised (identity here)."""
+    from fv_accel.config import ModelConfig
+    from fv_accel.export import load_role_state_dict
+    from fv_accel.models import load_role_model
+    from fv_accel.quality import conditioning
+    from fv_accel.sampling import dmd_sample
+    from fv_accel.toy import distance_to_data
+
+    rc, err, result = _sample(dmd2_run, tmp_path / "s.safetensors", "student", n=3, seed=7)
+    assert rc == 0 and result is not None, err[-3000:]
+    import yaml
+
+    cfg = yaml.safe_load((dmd2_run / "resolved_config.yaml").read_text())
+    model = load_role_model("student", ModelConfig(**{**cfg["models"]["student"], "trainable": False}),
+                            mixed_precision="no")
+    model.transformer.load_state_dict(load_role_state_dict(dmd2_run / "checkpoint-3", "student"))
+    text, shape = conditioning(cfg["training"]["data"]["data_path"], result["data_index"].tolist(), 8)
+    expected = dmd_sample(model, text, latent_shape=shape, denoising_steps=[1000, 750, 500, 250],
+                          generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(result["latents"], expected, rtol=1e-5, atol=1e-5)
+    assert distance_to_data(result["latents"], result["data_index"], Path(cfg["training"]["data"]["data_path"])
+                            ).shape == (3,)
+
+
+def test_errors(dmd2_run: Path, tmp_path: Path) -> None:
+    rc, err, _ = _sample(dmd2_run, tmp_path / "x.safetensors", "student", steps=2)
+    assert rc == 2 and "dmd_denoising_steps" in err
+    rc, err, _ = _sample(tmp_path / "missing", tmp_path / "y.safetensors", "teacher")
+    assert rc == 1 and "does not exist" in err
+    rc, err, _ = _sample(dmd2_run, tmp_path / "z.bin", "teacher")
+    assert rc == 2 and ".safetensors" in err
+    assert not (tmp_path / "x.safetensors").exists()
