@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -221,7 +222,9 @@ def load_ema_state_dict(checkpoint_dir: str | os.PathLike[str], *, with_student_
     flat: dict[str, Any] = {k: empty(k) for k in ema_keys + rest_keys}
     flat["callbacks.ema.initialized"] = False
     # No process group: DCP reads every rank's shard into these full-size tensors (resharding to world size 1).
-    dcp.load(flat, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
     if not flat["callbacks.ema.initialized"]:
         raise CheckpointError(f"{path}: the EMA had not started yet (step < callbacks.ema.start_step)")
     out = {k[len(student_prefix):]: flat[k] for k in rest_keys}
