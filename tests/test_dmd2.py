@@ -88,12 +88,9 @@ def test_critic_defaults_to_the_teacher(toy_root: Path, tmp_path: Path) -> None:
     assert cfg.method.critic_optimizer.learning_rate == 4e-5  # type: ignore[union-attr]
 
 
-def test_negative_prompt_needs_a_file(toy_root: Path, tmp_path: Path, single_process_dist: Any) -> None:
-    from fv_accel.build import build_run
-
-    cfg = _config(toy_root, tmp_path, uncond="negative_prompt")
-    with pytest.raises(ConfigError, match="negative_prompt_path"):
-        build_run(cfg, single_process_dist)
+def test_negative_prompt_needs_a_file(toy_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="training.data.negative_prompt_path"):
+        _config(toy_root, tmp_path, uncond="negative_prompt")
 
 
 def test_roles_step_only_when_gated(toy_root: Path, tmp_path: Path, single_process_dist: Any) -> None:
@@ -175,3 +172,12 @@ def test_teacher_cfg_is_one_batched_forward(toy_root: Path, tmp_path: Path, sing
         r_c = teacher.predict_x0(x_t, t, text)
         r_u = teacher.predict_x0(x_t, t, torch.zeros_like(text))
     torch.testing.assert_close(r, r_u + 2.5 * (r_c - r_u), rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_must_be_present_and_frozen(toy_root: Path, tmp_path: Path) -> None:
+    tree: dict[str, Any] = {"models": {"student": {"init_from": str(toy_root / "init")}}, "method": {"name": "dmd2"}}
+    with pytest.raises(ConfigError, match="models.teacher is required"):
+        resolve_config(tree)
+    tree["models"]["teacher"] = {"init_from": str(toy_root / "init")}
+    with pytest.raises(ConfigError, match="models.teacher.trainable must be false"):
+        resolve_config(tree)

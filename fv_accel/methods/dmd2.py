@@ -97,9 +97,6 @@ class DMD2Method(TrainingMethod):
         self.config: DMD2MethodConfig = cfg.method
         if role_models["teacher"]._trainable:
             raise ConfigError("models.teacher.trainable must be false for method dmd2 (the teacher is frozen)")
-        if self.config.uncond == "negative_prompt" and not cfg.training.data.negative_prompt_path:
-            raise ConfigError("method.uncond=negative_prompt needs training.data.negative_prompt_path (a text-only "
-                              "parquet with the negative-prompt embedding); or set method.uncond=zeros")
         self.teacher = role_models["teacher"]
         self.critic = role_models["critic"]
 
