@@ -1,9 +1,11 @@
-"""Exact resume on 2-process FSDP2 (CPU, fp32): crash, lost completion marker, preemption, resharding.
+"""Exact resume on 2-process FSDP2 (CPU, fp32) with DMD2 (student, critic, frozen teacher;
+generator_update_interval=3: the student steps at 3 and 6): crash, lost completion marker, preemption,
+resharding.
 
 One uninterrupted reference run (8 steps, checkpoints at 4 and 8, EMA on, per-rank epochs of 6 batches, so the
-resumed part crosses an epoch boundary) is shared by every test; each interrupted run must
-reproduce its logged losses exactly and its ``checkpoint-8`` bit for bit: weights, optimizer moments and step
-counts, LR schedulers, EMA shards, data positions, per-rank RNG.
+resumed part crosses an epoch boundary) is shared by every test; each interrupted run must reproduce its
+logged losses exactly and its ``checkpoint-8`` bit for bit: student and critic weights, both optimizers' moments
+and step counts, both LR schedulers, EMA shards, data positions, per-rank RNG.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from conftest import REPO, run_2proc
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -25,19 +28,39 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
 SCRIPT = "tests/dist_scripts/resume_run.py"
 MAX_STEPS = 8
+#: optimizer steps of each role in 8 steps (the student steps at 3 and 6)
+ROLE_STEPS = {"student": 2, "critic": 8}
+
+
+def dmd2_config(toy_root: Path, out: Path) -> dict[str, Any]:
+    """Toy DMD2, teacher = critic init = student init = the random tiny Wan (quality is irrelevant here).
+    768 rows, 64 per batch and rank → 6 batches per epoch: epoch 1 starts at step 7."""
+    init = str(toy_root / "init")
+    return {
+        "models": {"student": {"family": "wan", "init_from": init, "trainable": True, "flow_shift": 3.0},
+                   "teacher": {"family": "wan", "init_from": init, "trainable": False, "flow_shift": 3.0}},
+        "method": {"name": "dmd2", "rollout_mode": "simulate", "dmd_denoising_steps": [1000, 500],
+                   "generator_update_interval": 3, "real_score_guidance_scale": 1.0,
+                   "critic_optimizer": {"learning_rate": 8e-4, "betas": [0.0, 0.999]}},
+        "training": {"data": {"data_path": str(toy_root / "data"), "seed": 0, "train_batch_size": 64,
+                              "text_len": 8},
+                     "optimizer": {"learning_rate": 2e-4, "betas": [0.0, 0.999]},
+                     "loop": {"max_train_steps": MAX_STEPS, "max_grad_norm": 1.0},
+                     "checkpoint": {"output_dir": str(out), "save_steps": 4, "keep_last": 0},
+                     "tracker": {"backends": []}},
+        "callbacks": {"ema": {"decay": 0.5, "start_step": 0}},
+    }
 
 
 def run_args(toy_root: Path, out: Path, *extra: str) -> list[str]:
-    """The finetune toy run: 768 rows, 64 per batch and rank → 6 batches per epoch: epoch 1 starts at step 7."""
-    return [SCRIPT, f"--models.student.init_from={toy_root / 'init'}",
-            f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
-            f"--training.loop.max_train_steps={MAX_STEPS}", "--training.checkpoint.save_steps=4",
-            "--training.checkpoint.keep_last=0", "--training.data.train_batch_size=64",
-            "--callbacks.ema.decay=0.5", "--training.tracker.backends=[]", *extra]
+    config = out.parent / f"{out.name}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(dmd2_config(toy_root, out)))
+    return [SCRIPT, "--config", str(config), *extra]
 
 
 def launch(toy_root: Path, out: Path, *extra: str, **env: str) -> Any:
-    return run_2proc(run_args(toy_root, out, *extra), cwd=REPO, timeout=600, **env)
+    return run_2proc(run_args(toy_root, out, *extra), cwd=REPO, timeout=600, FVR_RECIPE="distill", **env)
 
 
 def resume(toy_root: Path, out: Path, **env: str) -> Any:
@@ -85,24 +108,37 @@ def assert_same_checkpoint(ref: Path, other: Path) -> None:
     assert a.keys() == b.keys()
     groups = {k.split(".")[0] + "." + k.split(".")[1] for k in a}
     # trainable roles, their optimizers and schedulers, EMA, both ranks' data positions: nothing else
-    assert groups == {"roles.student", "optimizers.student", "schedulers.student", "callbacks.ema",
-                      "dataloader.rank0", "dataloader.rank1"}, groups
+    assert groups == {"roles.student", "optimizers.student", "schedulers.student", "roles.critic",
+                      "optimizers.critic", "schedulers.critic", "callbacks.ema", "dataloader.rank0",
+                      "dataloader.rank1"}, groups  # never the frozen teacher
     differ = [k for k in a if not (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k])]
     assert not differ, f"{len(differ)} entries differ, e.g. {differ[:5]}"
     assert a["dataloader.rank0.epoch"] == 1 and a["dataloader.rank0.batches_in_epoch"] == 2  # crossed epoch 0→1
-    step_keys = [k for k in a if k.startswith("optimizers.student.state.") and k.endswith(".step")]
-    assert step_keys and all(float(a[k]) == MAX_STEPS for k in step_keys)
+    for role, num_steps in ROLE_STEPS.items():
+        step_keys = [k for k in a if k.startswith(f"optimizers.{role}.state.") and k.endswith(".step")]
+        assert step_keys and all(float(a[k]) == num_steps for k in step_keys), role
+    assert a["callbacks.ema.num_updates"] == ROLE_STEPS["student"]
     for r, (x, y) in enumerate(zip(rng_states(ref), rng_states(other), strict=True)):
         assert_same_rng(x, y, f"rank{r}")
 
 
+LOSSES = ("critic_loss", "generator_loss")
+
+
+def assert_same_losses(ref: Path, rows: list[dict[str, Any]]) -> None:
+    want = {r["step"]: r for r in metrics(ref)}
+    for row in rows:
+        expected = want[row["step"]]
+        assert [k for k in LOSSES if k in row] == [k for k in LOSSES if k in expected]
+        for k in LOSSES:
+            assert row.get(k) == expected.get(k), f"step {row['step']} {k}: {row.get(k)!r} != {expected.get(k)!r}"
+
+
 def assert_same_losses_after(ref: Path, other: Path, start: int) -> None:
-    want = {r["step"]: r["loss"] for r in metrics(ref)}
     got = metrics(other)
     assert [r["step"] for r in got] == list(range(1, MAX_STEPS + 1))  # rows past the resume step were dropped
-    for row in got:
-        if row["step"] > start:
-            assert row["loss"] == want[row["step"]], f"step {row['step']}: {row['loss']!r} != {want[row['step']]!r}"
+    assert sum("generator_loss" in r for r in got) == 2
+    assert_same_losses(ref, [r for r in got if r["step"] > start])
 
 
 @pytest.fixture(scope="module")
@@ -115,48 +151,53 @@ def reference(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_sigkill_after_checkpoint_then_lost_marker(reference: Path, toy_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    # 1. SIGKILL on every rank right after checkpoint-4 became complete: no cleanup of any kind.
-    proc = launch(toy_root, out, FVR_SIGKILL_AFTER_SAVE="4")
+def test_preemption_crash_and_lost_marker(reference: Path, toy_root: Path, tmp_path: Path) -> None:
+    """One interrupted timeline, each segment resumed with ``latest``: SIGTERM on one rank at step 2 → resume →
+    SIGKILL right after checkpoint-4 → resume to 8 (bitwise = reference) → checkpoint-8 loses its .metadata →
+    resume from 4 again (bitwise = reference). Chained so that 4 launches cover all three failure kinds."""
+    out = tmp_path / "interrupted"
+
+    # 1. Only rank 1 gets SIGTERM, during step 2; the per-step all-reduce makes both ranks stop after step 2.
+    #    The student has not stepped yet (its first step is 3): its optimizer is saved without state and must
+    #    come back empty, or the resumed run would count one extra AdamW step.
+    proc = launch(toy_root, out, FVR_SIGTERM_RANK="1", FVR_SIGTERM_STEP="2")
     assert proc.returncode != 0
+    messages = [line for line in proc.stderr.splitlines() if "fv_accel: error: stopped by signal 15" in line]
+    assert len(messages) == 2, proc.stderr[-4000:]  # one per rank
+    assert all(f"checkpoint: {out / 'checkpoint-2'}" in m and "resume_from_checkpoint=latest" in m
+               for m in messages)
+    assert "exitcode  : 143" in proc.stderr  # the launcher's per-rank report
+    assert "exitcode  : 1 " not in proc.stderr
+    ckpt = out / "checkpoint-2"
+    meta = json.loads((ckpt / "metadata.json").read_text())
+    assert (ckpt / ".metadata").is_file() and meta["step"] == 2 and meta["optimizers_without_state"] == ["student"]
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # both ranks' shards
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert_same_losses(reference, metrics(out))
+
+    # 2. Resume from `latest` (= checkpoint-2); every rank SIGKILLs itself right after checkpoint-4 completes:
+    #    no cleanup of any kind.
+    proc = launch(toy_root, out, "--training.checkpoint.resume_from_checkpoint=latest", FVR_SIGKILL_AFTER_SAVE="4")
+    assert proc.returncode != 0
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stderr
     assert (out / "checkpoint-4" / ".metadata").is_file() and not (out / "checkpoint-8").exists()
-    # 2. resume from `latest` (= checkpoint-4) to step 8: the same run.
+
+    # 3. Resume from `latest` (= checkpoint-4) to step 8: the same run as the uninterrupted one.
     proc = resume(toy_root, out)
     assert f"resumed from {out / 'checkpoint-4'} at step 4" in proc.stderr
-    assert_same_losses_after(reference, out, 4)
+    assert_same_losses_after(reference, out, 0)
     assert_same_checkpoint(reference / "checkpoint-8", out / "checkpoint-8")
-    # 3. checkpoint-8 loses its completion marker (DCP's .metadata): `latest` must skip it, resume from 4 and
+
+    # 4. checkpoint-8 loses its completion marker (DCP's .metadata): `latest` must skip it, resume from 4 and
     #    save over the incomplete checkpoint-8 directory.
     (out / "checkpoint-8" / ".metadata").unlink()
     (out / "metrics.jsonl").write_text("")  # rows now come only from this resume (steps 5-8)
     proc = resume(toy_root, out)
     assert f"resumed from {out / 'checkpoint-4'} at step 4" in proc.stderr
     assert [r["step"] for r in metrics(out)] == [5, 6, 7, 8]
-    want = {r["step"]: r["loss"] for r in metrics(reference)}
-    assert all(r["loss"] == want[r["step"]] for r in metrics(out))
+    assert_same_losses(reference, metrics(out))
     assert_same_checkpoint(reference / "checkpoint-8", out / "checkpoint-8")
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
-
-
-def test_sigterm_on_one_rank(reference: Path, toy_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "preempted"
-    # Only rank 1 gets SIGTERM, during step 3; the per-step all-reduce makes both ranks stop after step 3.
-    proc = launch(toy_root, out, FVR_SIGTERM_RANK="1", FVR_SIGTERM_STEP="3")
-    assert proc.returncode != 0
-    messages = [line for line in proc.stderr.splitlines() if "fv_accel: error: stopped by signal 15" in line]
-    assert len(messages) == 2, proc.stderr[-4000:]  # one per rank
-    assert all(f"checkpoint: {out / 'checkpoint-3'}" in m and "resume_from_checkpoint=latest" in m
-               for m in messages)
-    assert "exitcode  : 143" in proc.stderr  # the launcher's per-rank report
-    assert "exitcode  : 1 " not in proc.stderr
-    ckpt = out / "checkpoint-3"
-    assert (ckpt / ".metadata").is_file() and json.loads((ckpt / "metadata.json").read_text())["step"] == 3
-    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # both ranks' shards
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
-    resume(toy_root, out)
-    assert_same_losses_after(reference, out, 3)
-    assert_same_checkpoint(reference / "checkpoint-8", out / "checkpoint-8")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-8"]
 
 
 def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Path, tmp_path: Path,
@@ -167,7 +208,6 @@ def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Pat
     from fv_accel.callbacks.registry import build_callbacks
     from fv_accel.checkpoint import CheckpointManager
     from fv_accel.config import parse_overrides, resolve_config
-    from fv_accel.toy import finetune_default_config
 
     ckpt = reference / "checkpoint-8"
     ema_ref = load_file(str(reference.parent / "ema_full.safetensors"))  # gathered by the 2-rank run itself
@@ -183,8 +223,7 @@ def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Pat
     assert any(not torch.equal(ema[k], student[k]) for k in ema)  # decay 0.5: the average is not the weights
 
     # The whole run state, loaded by a world-size-1 run (as a different topology would).
-    cfg = resolve_config(finetune_default_config(toy_root, str(tmp_path / "one")), parse_overrides(
-        run_args(toy_root, tmp_path / "one")[1:]))
+    cfg = resolve_config(dmd2_config(toy_root, tmp_path / "one"), parse_overrides([]))
     built = build_run(cfg, single_process_dist)
     callbacks = build_callbacks(cfg, built.method)
     manager = CheckpointManager(output_dir=tmp_path / "one", method=built.method, data=built.data,
@@ -197,11 +236,16 @@ def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Pat
     weights = built.method.student.transformer.state_dict()
     for k, v in student.items():
         assert torch.equal(weights[k].full_tensor(), v), k
+    critic = built.method.role_models["critic"].transformer.state_dict()
+    critic_ref = {k[len("roles.critic.transformer."):]: v for k, v in flat.items()
+                  if k.startswith("roles.critic.transformer.")}
+    assert critic_ref.keys() == critic.keys()
+    assert all(torch.equal(critic[k].full_tensor(), v) for k, v in critic_ref.items())
     shadow = ema_cb.shadow_full()  # type: ignore[attr-defined]
     assert all(torch.equal(shadow[k], ema_ref[k]) for k in ema_ref)
     opt = built.method._optimizer_dict["student"].optimizer
-    assert all(float(s["step"]) == MAX_STEPS for s in opt.state.values())
-    exp_avg = {k: v for k, v in flat.items() if k.endswith(".exp_avg")}
+    assert all(float(s["step"]) == ROLE_STEPS["student"] for s in opt.state.values())
+    exp_avg = {k: v for k, v in flat.items() if k.startswith("optimizers.student.") and k.endswith(".exp_avg")}
     assert len(exp_avg) == len(opt.state)
     names = {id(p): n for n, p in built.method.student.transformer.named_parameters()}
     for p, s in opt.state.items():
