@@ -260,6 +260,9 @@ class Trainer:
             self.checkpoints.restore_random_state(resume_path)  # last: nothing may draw after this
             if self.is_main:
                 logger.info("resumed from %s at step %d", resume_path, start_step)
+        else:
+            # A fresh run into a used output dir (e.g. the toy demo's second run) must not append to the old rows.
+            self.metrics.truncate_after(start_step)
         self.step = start_step
         if start_step == 0 and self.cfg.callbacks.validation and self.cfg.callbacks.validation.at_start:
             self.callbacks.on_validation(self, 0)
