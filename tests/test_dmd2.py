@@ -181,3 +181,26 @@ def test_teacher_must_be_present_and_frozen(toy_root: Path, tmp_path: Path) -> N
     tree["models"]["teacher"] = {"init_from": str(toy_root / "init")}
     with pytest.raises(ConfigError, match="models.teacher.trainable must be false"):
         resolve_config(tree)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_data_latent_pass_counts(toy_root: Path, tmp_path: Path, single_process_dist: Any, reuse: bool) -> None:
+    """data_latent: one graded student forward; the critic trains on a fresh no-grad rollout unless reuse is on;
+    the teacher sees 2B samples (cond + uncond batched) and the critic B (score) + B (its own loss)."""
+    from fv_accel.build import build_run
+    from fv_accel.flops import PassCount
+
+    cfg = _config(toy_root, tmp_path, rollout_mode="data_latent", generator_update_interval=1,
+                  real_score_guidance_scale=2.5, reuse_generator_rollout_for_critic=reuse)
+    built = build_run(cfg, single_process_dist)
+    method = built.method
+    method.on_train_start()
+    assert built.data is not None
+    out = method.single_train_step(next(built.data), 1)
+    b = 2
+    assert set(out.losses) == {"generator_loss", "critic_loss"}
+    assert out.loss_roles == {"generator_loss": "student", "critic_loss": "critic"}
+    assert out.passes["student"] == PassCount(forward=b if reuse else 2 * b, backward=b)
+    assert out.passes["teacher"] == PassCount(forward=2 * b)
+    assert out.passes["critic"] == PassCount(forward=2 * b, backward=b)
+    assert out.losses["generator_loss"].requires_grad and out.losses["critic_loss"].requires_grad
