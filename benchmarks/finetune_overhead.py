@@ -52,7 +52,7 @@ class StepClock(Callback):
         self.stamps.append((time.perf_counter(), time.process_time()))
 
 
-def fv_accel_side(root: Path, out_dir: Path, batch_size: int) -> tuple[Any, StepClock, Any]:
+def fv_accel_side(root: Path, out_dir: Path, batch_size: int, num_workers: int = 0) -> tuple[Any, StepClock, Any]:
     from fv_accel.build import build_run
     from fv_accel.runtime import build_accelerator
     from fv_accel.toy import finetune_default_config
@@ -60,7 +60,8 @@ def fv_accel_side(root: Path, out_dir: Path, batch_size: int) -> tuple[Any, Step
 
     base = finetune_default_config(root, output_dir=str(out_dir))
     cfg = resolve_config(base, parse_overrides([
-        f"--training.data.train_batch_size={batch_size}", "--training.tracker.backends=[]",
+        f"--training.data.train_batch_size={batch_size}", f"--training.data.num_workers={num_workers}",
+        "--training.tracker.backends=[]",
     ]))
     accelerator = build_accelerator()
     built = build_run(cfg, accelerator)
@@ -73,12 +74,13 @@ def fv_accel_side(root: Path, out_dir: Path, batch_size: int) -> tuple[Any, Step
 class BareLoop:
     """The same step written directly against PyTorch."""
 
-    def __init__(self, root: Path, cfg: Any, batch: Any) -> None:
+    def __init__(self, cfg: Any, batch: Any) -> None:
         from diffusers import WanTransformer3DModel
         from diffusers.optimization import get_constant_schedule_with_warmup
 
         opt = cfg.training.optimizer
-        self.model = WanTransformer3DModel.from_pretrained(str(root / "init"), subfolder="transformer",
+        student = cfg.models["student"]  # the very weights the fv_accel side loaded
+        self.model = WanTransformer3DModel.from_pretrained(student.init_from, subfolder=student.subfolder or None,
                                                            torch_dtype=torch.float32)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -113,19 +115,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=5, help="steps of each side discarded before round 1")
     parser.add_argument("--batch-size", type=int, default=32, help="the toy default's per-process batch")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="training.data.num_workers of the fv_accel side (loader processes)")
     parser.add_argument("--root", default=None, help="toy world directory (default: a temporary one)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the fv_accel rounds")
     args = parser.parse_args()
 
-    from fv_accel.toy import ensure_init_transformer, ensure_toy_data
 
     tmp = Path(tempfile.mkdtemp(prefix="fv_bench_"))
     root = Path(args.root) if args.root else tmp / "toy"
-    ensure_toy_data(root)
-    ensure_init_transformer(root)
 
-    trainer, clock, cfg = fv_accel_side(root, tmp / "run", args.batch_size)
-    bare = BareLoop(root, cfg, next(iter(trainer.data)))
+    trainer, clock, cfg = fv_accel_side(root, tmp / "run", args.batch_size, args.num_workers)
+    bare = BareLoop(cfg, next(iter(trainer.data)))
+    fv_numel = sum(p.numel() for p in trainer.method.student.transformer.parameters())
+    if fv_numel != sum(p.numel() for p in bare.params):
+        raise RuntimeError("the two sides train different models")
 
     profiler = None
     if args.profile:
@@ -170,7 +174,7 @@ def main() -> None:
     fv_cpu, bare_cpu = statistics.median(t[1] for t in fv_times), statistics.median(t[1] for t in bare_times)
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"toy Wan ({sum(p.numel() for p in bare.params)} params), batch {args.batch_size}, "
+    print(f"toy Wan ({fv_numel} params, {cfg.models['student'].init_from}), batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps per side after {args.warmup} warm-up steps")
     print(f"fv_accel step (median wall): {fv_med * 1e3:.2f} ms  (p10 {_pct(fv_wall, 10) * 1e3:.2f}, "
           f"p90 {_pct(fv_wall, 90) * 1e3:.2f}); CPU {fv_cpu * 1e3:.2f} ms")
