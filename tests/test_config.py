@@ -172,13 +172,15 @@ def test_override_forms_lists_bools_strings(model_dir: Path) -> None:
 
 
 def test_override_switches_method_and_sets_a_list(model_dir: Path) -> None:
-    argv = ["--method.name=dmd2", "--method.dmd_denoising_steps=[1000, 500]", "--method.rollout_mode",
+    roles = [f"--models.teacher.init_from={model_dir}", "--models.teacher.trainable=false",
+             f"--models.critic.init_from={model_dir}"]
+    argv = [*roles, "--method.name=dmd2", "--method.dmd_denoising_steps=[1000, 500]", "--method.rollout_mode",
             "data_latent"]
     cfg = resolve_config(_base(model_dir), parse_overrides(argv))
     assert cfg.method.name == "dmd2"
     assert cfg.method.dmd_denoising_steps == [1000, 500]  # type: ignore[union-attr]
     assert cfg.method.rollout_mode == "data_latent"  # type: ignore[union-attr]
-    msg = _error(_base(model_dir), ["--method.name=dmd2", "--method.dmd_denoising_steps=[500, 1000]"])
+    msg = _error(_base(model_dir), [*roles, "--method.name=dmd2", "--method.dmd_denoising_steps=[500, 1000]"])
     assert "method.dmd_denoising_steps" in msg
 
 
