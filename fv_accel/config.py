@@ -251,6 +251,8 @@ class RunConfig(_Strict):
         if "student" not in self.models:
             raise ValueError("models.student is required")
         teacher = self.models.get("teacher")
+        if isinstance(self.method, DMD2MethodConfig) and teacher is None:
+            raise ValueError("models.teacher is required for method.name=dmd2")
         if isinstance(self.method, DMD2MethodConfig) and teacher is not None and teacher.trainable:
             raise ValueError("models.teacher.trainable must be false for method.name=dmd2 (the teacher is frozen)")
         if (isinstance(self.method, DMD2MethodConfig) and self.method.uncond == "negative_prompt"
