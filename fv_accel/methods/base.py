@@ -108,6 +108,7 @@ class TrainingMethod(nn.Module, ABC):
     trainable_roles: ClassVar[tuple[str, ...]] = ("student",)
 
     cuda_generator: torch.Generator | None = None
+    choice_generator: torch.Generator | None = None
 
     def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase]) -> None:
         super().__init__()
@@ -157,11 +158,16 @@ class TrainingMethod(nn.Module, ABC):
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        """Create the shared generator every random draw of the method and its models uses."""
+        """Create the shared generator every random draw of the method and its models uses, and the host-side
+        ``choice_generator`` for random choices that change the number of forward passes."""
         rank = dist.get_rank() if dist.is_initialized() else 0
         device = self.student.device
         self.cuda_generator = torch.Generator(device=device)
         self.cuda_generator.manual_seed(self.training_config.data.seed * 1_000_003 + rank)
+        # Seeded without the rank, so every rank draws the same choices: FSDP collectives stay aligned with no
+        # broadcast, and no device→host sync happens inside the step.
+        self.choice_generator = torch.Generator()
+        self.choice_generator.manual_seed(self.training_config.data.seed * 1_000_003 + 7_919)
 
     @abstractmethod
     def single_train_step(self, batch: Any, iteration: int) -> StepOutput:
@@ -227,15 +233,17 @@ class TrainingMethod(nn.Module, ABC):
 
     def random_state(self) -> dict[str, torch.Tensor]:
         """``random_state.*`` of this rank: the method's shared generator."""
-        if self.cuda_generator is None:
+        if self.cuda_generator is None or self.choice_generator is None:
             return {}
-        return {"generator": self.cuda_generator.get_state()}
+        return {"generator": self.cuda_generator.get_state(), "choice_generator": self.choice_generator.get_state()}
 
     def load_random_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.cuda_generator is None or self.choice_generator is None:
+            raise RuntimeError("on_train_start() must run before the random state is restored")
         if "generator" in state:
-            if self.cuda_generator is None:
-                raise RuntimeError("on_train_start() must run before the random state is restored")
             self.cuda_generator.set_state(state["generator"])
+        if "choice_generator" in state:
+            self.choice_generator.set_state(state["choice_generator"])
 
     def seed_optimizer_state_for_resume(self) -> None:
         """Materialise optimizer state (parameters unchanged) so DCP has tensors to load into.

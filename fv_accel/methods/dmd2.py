@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fv_accel import flow
@@ -72,15 +71,6 @@ def score_timesteps(batch_size: int, cfg: DMD2MethodConfig, *, generator: torch.
     lo, hi = cfg.min_timestep_ratio * flow.NUM_TRAIN_TIMESTEPS, cfg.max_timestep_ratio * flow.NUM_TRAIN_TIMESTEPS
     t = lo + (hi - lo) * torch.rand(batch_size, generator=generator, device=device)
     return flow.shift_timestep(t, cfg.score_timestep_shift).clamp(lo, hi)
-
-
-def _broadcast_int(value: int, device: torch.device) -> int:
-    """Rank 0's ``value`` on every rank: choices that change the number of forwards must agree (FSDP)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
-    return int(t.item())
 
 
 @register_method
@@ -139,9 +129,10 @@ class DMD2Method(TrainingMethod):
         steps = self.config.dmd_denoising_steps
         b = cond.batch_size
         text = cond.text_embeds_bld
-        # Drawn on every rank (keeps the generators' draw counts equal), then rank 0's choice is used.
-        index = int(torch.randint(len(steps), (1,), generator=gen, device=device).item())
-        index = _broadcast_int(index, device)
+        # The graded step decides how many forwards run: drawn from the host-side generator that is identical
+        # on every rank (no broadcast, no device sync).
+        assert self.choice_generator is not None
+        index = int(torch.randint(len(steps), (1,), generator=self.choice_generator))
         if self.config.rollout_mode == "data_latent":
             if cond.latents_bcthw is None:
                 raise ValueError("method.rollout_mode=data_latent needs latents; text-only data needs simulate")
