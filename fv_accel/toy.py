@@ -12,6 +12,7 @@ call ``ensure_*`` at once.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -132,9 +133,30 @@ def write_toy_dataset(out_dir: Path, spec: ToyWorldSpec) -> None:
     _atomic_dir(out_dir, build)
 
 
+def _spec_metadata(spec: ToyWorldSpec) -> dict[str, str]:
+    return {k: str(v) for k, v in asdict(spec).items()}
+
+
+def _stored_spec(data_dir: Path) -> dict[str, str] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(data_dir / "world.safetensors"), "pt") as fh:
+            return dict(fh.metadata() or {})
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_toy_data(root: Path = TOY_ROOT, spec: ToyWorldSpec | None = None) -> Path:
+    """The toy dataset under ``<root>/data``; rebuilt when it was written by a different world spec (an older
+    fv_accel), and then the toy teacher trained on it is dropped too."""
+    spec = spec or ToyWorldSpec()
     out = root / "data"
-    write_toy_dataset(out, spec or ToyWorldSpec())
+    if out.exists() and _stored_spec(out) != _spec_metadata(spec):
+        logging.getLogger("fv_accel").info("toy: %s was made by another toy-world spec; rebuilding it", out)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(toy_teacher_dir(root), ignore_errors=True)
+    write_toy_dataset(out, spec)
     return out
 
 
