@@ -102,6 +102,29 @@ def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
     return trainer
 
 
+def run_main(body: Callable[[], int], *, rank: int = 0) -> int:
+    """Run an entry point's body, map failures to the contract's exit codes, and tear down the process group.
+
+    Bad arguments (argparse) and ``ConfigError`` → 2, other ``FvAccelError`` → its code, anything else → 1 with
+    the traceback. A configuration error is printed by rank 0 only (every rank hits the same one)."""
+    import torch.distributed as dist
+
+    try:
+        return body()
+    except SystemExit as exc:  # argparse
+        return EXIT_CONFIG if exc.code not in (0, None) else EXIT_OK
+    except FvAccelError as exc:
+        if rank == 0 or exc.exit_code != EXIT_CONFIG:
+            print(f"fv_accel: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILURE
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run_recipe(
     prog: str,
     argv: list[str] | None,
@@ -113,16 +136,15 @@ def run_recipe(
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
-    accelerator = None
-    try:
-        args, rest = parse_recipe_args(prog, argv)
-        base = load_yaml(args.config) if args.config else default_config()
-        from fv_accel.config import parse_overrides
 
-        cfg = resolve_config(base, parse_overrides(rest))
-        check_tracker_backends(cfg)
+    def body() -> int:
+        from fv_accel.config import parse_overrides
         from fv_accel.runtime import build_accelerator
 
+        args, rest = parse_recipe_args(prog, argv)
+        base = load_yaml(args.config) if args.config else default_config()
+        cfg = resolve_config(base, parse_overrides(rest))
+        check_tracker_backends(cfg)
         accelerator = build_accelerator(log_with=cfg.training.tracker.backends,
                                         project_dir=cfg.training.checkpoint.output_dir)
         if not args.dry_run:
@@ -133,20 +155,8 @@ def run_recipe(
             after_training(cfg, accelerator, trainer)
         accelerator.end_training()
         return EXIT_OK
-    except SystemExit as exc:  # argparse
-        return EXIT_CONFIG if exc.code not in (0, None) else EXIT_OK
-    except FvAccelError as exc:
-        if rank == 0 or exc.exit_code != EXIT_CONFIG:
-            print(f"fv_accel: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception:
-        traceback.print_exc()
-        return EXIT_FAILURE
-    finally:
-        import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_main(body, rank=rank)
 
 
-__all__ = ["dump_config", "run_recipe", "train"]
+__all__ = ["dump_config", "run_main", "run_recipe", "train"]

@@ -17,10 +17,9 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
-from fv_accel.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, FvAccelError
+from fv_accel.errors import EXIT_FAILURE, EXIT_OK
 
 
 def parse_args(argv: list[str] | None):
@@ -61,11 +60,11 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fv_accel.cli import setup_logging
+    from fv_accel.cli import run_main, setup_logging
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
-    try:
+    def body() -> int:
         args = parse_args(argv)
         import torch
         import torch.distributed as dist
@@ -104,19 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             print("fv_accel: error: no clip could be preprocessed", file=sys.stderr)
             return EXIT_FAILURE
         return EXIT_OK
-    except SystemExit as exc:  # argparse
-        return EXIT_CONFIG if exc.code not in (0, None) else EXIT_OK
-    except FvAccelError as exc:
-        print(f"fv_accel: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception:
-        traceback.print_exc()
-        return EXIT_FAILURE
-    finally:
-        import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return run_main(body, rank=rank)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 
-from fv_accel.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, CheckpointError, ConfigError, FvAccelError
+from fv_accel.errors import EXIT_OK, CheckpointError, ConfigError
 
 #: samples per forward batch (bounds memory; the result does not depend on it only through the noise order)
 CHUNK = 16
@@ -114,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
 
     from fv_accel.checkpoint.manager import resolve_checkpoint
+    from fv_accel.cli import run_main
 
-    try:
+    def body() -> int:
         args = parse_args(argv)
         checkpoint = resolve_checkpoint(args.checkpoint, args.checkpoint)
         assert checkpoint is not None
@@ -127,14 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, out)
         print(f"wrote {len(result['data_index'])} {args.role} samples ({args.steps} steps) to {out}")
         return EXIT_OK
-    except SystemExit as exc:  # argparse
-        return EXIT_CONFIG if exc.code not in (0, None) else EXIT_OK
-    except FvAccelError as exc:
-        print(f"fv_accel: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception:
-        traceback.print_exc()
-        return EXIT_FAILURE
+
+    return run_main(body)
 
 
 if __name__ == "__main__":
