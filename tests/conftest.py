@@ -56,6 +56,28 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, cwd: Path, timeout: fl
                           timeout=timeout)
 
 
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_recipe_main(name: str, argv: list[str]) -> int:
+    """``recipes/<name>.py``'s main() in this process (saves an interpreter start per call): a world-size-1
+    run with fresh Accelerate state, torn down afterwards."""
+    import importlib.util
+
+    from fv_accel.runtime import reset_accelerate_state
+
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    reset_accelerate_state()
+    try:
+        return module.main(argv)
+    finally:
+        reset_accelerate_state()
+        for key in _DIST_ENV:
+            os.environ.pop(key, None)
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Toy dataset and a random tiny Wan init, built once per test session."""

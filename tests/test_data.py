@@ -73,7 +73,7 @@ import pickle  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import REPO, run_python  # noqa: E402
+from conftest import REPO, run_python, run_recipe_main  # noqa: E402
 
 from fv_accel.config import DataConfig  # noqa: E402
 from fv_accel.data import DataStream, ParquetLatentDataset, build_data_stream  # noqa: E402
@@ -258,26 +258,8 @@ def test_text_only_dataset(tmp_path):
 # Bad data: message and exit code
 # ----------------------------------------------------------------------------------------------------------
 
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def _finetune_main(argv: list[str]) -> int:
-    """recipes/finetune.py's main() in this process: a world-size-1 gloo run, torn down afterwards."""
-    import importlib.util
-    import os
-
-    from fv_accel.runtime import reset_accelerate_state
-
-    spec = importlib.util.spec_from_file_location("finetune_recipe", REPO / "recipes" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    reset_accelerate_state()
-    try:
-        return module.main(argv)
-    finally:
-        reset_accelerate_state()
-        for key in _DIST_ENV:
-            os.environ.pop(key, None)
+    return run_recipe_main("finetune", argv)
 
 
 def _bad_dataset(tmp_path, case: str):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_2proc
+from conftest import REPO, run_2proc, run_recipe_main
 
 from fv_accel.data import ParquetLatentDataset
 from fv_accel.data.preprocess import load_clip
@@ -73,19 +73,7 @@ def world(tmp_path_factory):
 
 
 def _preprocess_main(argv: list[str]) -> int:
-    """recipes/preprocess.py's main() in this process (saves an interpreter start per call)."""
-    import importlib.util
-
-    from fv_accel.runtime import reset_accelerate_state
-
-    spec = importlib.util.spec_from_file_location("preprocess_recipe", REPO / "recipes" / "preprocess.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    reset_accelerate_state()
-    try:
-        return module.main(argv)
-    finally:
-        reset_accelerate_state()
+    return run_recipe_main("preprocess", argv)
 
 
 # --cpu: the expected encodings below are computed on the CPU in fp32, so the recipe must run there too.
