@@ -9,6 +9,10 @@ the same hyper-parameters, a constant-with-warmup LR schedule, and one host sync
   time is the wall time between consecutive ``on_step_end`` callbacks, so everything the loop does per step
   counts (data loading, the metrics row, the progress bookkeeping).
 * bare: ``WanTransformer3DModel`` as a plain module, no FSDP, no Accelerate, the batch already collated in memory.
+* bare+FSDP2: the same bare loop with the model wrapped by ``fully_shard`` (per block, then the root) on the same
+  world-size-1 process group, and ``torch.nn.utils.clip_grad_norm_`` on its DTensors: what a hand-written loop
+  pays for FSDP2 everywhere. fv_accel / bare+FSDP2 is the framework's own cost; fv_accel / bare is the whole
+  cost including FSDP2's per-parameter hooks at world size 1.
 
 Steps are measured in alternating rounds (fv_accel, bare, fv_accel, ...) in one process, so machine load that
 changes over time hits both sides alike. Reported: median seconds per step of each side and their ratio.
@@ -72,9 +76,9 @@ def fv_accel_side(root: Path, out_dir: Path, batch_size: int, num_workers: int =
 
 
 class BareLoop:
-    """The same step written directly against PyTorch."""
+    """The same step written directly against PyTorch (``fsdp2``: with the model ``fully_shard``-ed)."""
 
-    def __init__(self, cfg: Any, batch: Any) -> None:
+    def __init__(self, cfg: Any, batch: Any, *, fsdp2: bool = False) -> None:
         from diffusers import WanTransformer3DModel
         from diffusers.optimization import get_constant_schedule_with_warmup
 
@@ -83,9 +87,15 @@ class BareLoop:
         self.model = WanTransformer3DModel.from_pretrained(student.init_from, subfolder=student.subfolder or None,
                                                            torch_dtype=torch.float32)
         self.model.train()
+        if fsdp2:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=opt.learning_rate, betas=tuple(opt.betas),
-                                           weight_decay=opt.weight_decay, eps=opt.eps)
+                                           weight_decay=opt.weight_decay, eps=opt.eps, foreach=True)
         self.scheduler = get_constant_schedule_with_warmup(self.optimizer, opt.lr_warmup_steps)
         self.max_grad_norm = cfg.training.loop.max_grad_norm
         self.shift = cfg.models["student"].flow_shift
@@ -126,10 +136,12 @@ def main() -> None:
     root = Path(args.root) if args.root else tmp / "toy"
 
     trainer, clock, cfg = fv_accel_side(root, tmp / "run", args.batch_size, args.num_workers)
-    bare = BareLoop(cfg, next(iter(trainer.data)))
+    batch = next(iter(trainer.data))
+    bare = BareLoop(cfg, batch)
+    bare_fsdp2 = BareLoop(cfg, batch, fsdp2=True)
     fv_numel = sum(p.numel() for p in trainer.method.student.transformer.parameters())
-    if fv_numel != sum(p.numel() for p in bare.params):
-        raise RuntimeError("the two sides train different models")
+    if not fv_numel == sum(p.numel() for p in bare.params) == sum(p.numel() for p in bare_fsdp2.params):
+        raise RuntimeError("the sides train different models")
 
     profiler = None
     if args.profile:
@@ -149,38 +161,42 @@ def main() -> None:
         # drop fit()'s set-up step
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[1:], stamps[2:], strict=False)]
 
-    def bare_round(num: int) -> list[tuple[float, float]]:
+    def bare_round(loop: BareLoop, num: int) -> list[tuple[float, float]]:
         times = []
         for _ in range(num):
             t0, c0 = time.perf_counter(), time.process_time()
-            bare.step()
+            loop.step()
             times.append((time.perf_counter() - t0, time.process_time() - c0))
         return times
 
     done = 0
     fv_round(done, args.warmup)
     done += args.warmup
-    bare_round(args.warmup)
-    fv_times: list[tuple[float, float]] = []
-    bare_times: list[tuple[float, float]] = []
+    bare_round(bare, args.warmup)
+    bare_round(bare_fsdp2, args.warmup)
+    times: dict[str, list[tuple[float, float]]] = {"fv_accel": [], "bare": [], "bare+FSDP2": []}
     for _ in range(args.rounds):
-        fv_times += fv_round(done, args.steps)
+        times["fv_accel"] += fv_round(done, args.steps)
         done += args.steps
-        bare_times += bare_round(args.steps)
+        times["bare"] += bare_round(bare, args.steps)
+        times["bare+FSDP2"] += bare_round(bare_fsdp2, args.steps)
 
-    fv_wall, bare_wall = [t[0] for t in fv_times], [t[0] for t in bare_times]
-    fv_med, bare_med = statistics.median(fv_wall), statistics.median(bare_wall)
-    # CPU time of this process: far less sensitive than wall time to other jobs on a shared machine.
-    fv_cpu, bare_cpu = statistics.median(t[1] for t in fv_times), statistics.median(t[1] for t in bare_times)
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
           f"torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"toy Wan ({fv_numel} params, {cfg.models['student'].init_from}), batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps per side after {args.warmup} warm-up steps")
-    print(f"fv_accel step (median wall): {fv_med * 1e3:.2f} ms  (p10 {_pct(fv_wall, 10) * 1e3:.2f}, "
-          f"p90 {_pct(fv_wall, 90) * 1e3:.2f}); CPU {fv_cpu * 1e3:.2f} ms")
-    print(f"bare step     (median wall): {bare_med * 1e3:.2f} ms  (p10 {_pct(bare_wall, 10) * 1e3:.2f}, "
-          f"p90 {_pct(bare_wall, 90) * 1e3:.2f}); CPU {bare_cpu * 1e3:.2f} ms")
-    print(f"ratio fv_accel / bare: wall {fv_med / bare_med:.3f}, CPU {fv_cpu / bare_cpu:.3f}  (target <= 1.15)")
+    wall: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for side, measured in times.items():
+        walls = [t[0] for t in measured]
+        wall[side] = statistics.median(walls)
+        # CPU time of this process: far less sensitive than wall time to other jobs on a shared machine.
+        cpu[side] = statistics.median(t[1] for t in measured)
+        print(f"{side:<11} step (median wall): {wall[side] * 1e3:6.2f} ms  (p10 {_pct(walls, 10) * 1e3:.2f}, "
+              f"p90 {_pct(walls, 90) * 1e3:.2f}); CPU {cpu[side] * 1e3:.2f} ms")
+    for ref in ("bare", "bare+FSDP2"):
+        print(f"ratio fv_accel / {ref}: wall {wall['fv_accel'] / wall[ref]:.3f}, "
+              f"CPU {cpu['fv_accel'] / cpu[ref]:.3f}  (target <= 1.15)")
     if profiler is not None:
         import pstats
 

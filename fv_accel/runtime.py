@@ -70,7 +70,8 @@ def build_accelerator(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=list(block_class_names),
-        reshard_after_forward=True,
+        # None: the launcher's fsdp_reshard_after_forward (FSDP_RESHARD_AFTER_FORWARD), true when it says nothing.
+        reshard_after_forward=None,
         state_dict_type="SHARDED_STATE_DICT",
         mixed_precision_policy=policy,
         activation_checkpointing=False,  # per role, see ModelConfig.activation_checkpointing

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+import math
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
@@ -90,7 +90,7 @@ def decode_tensor(raw: bytes | None, shape: Any, dtype_name: Any, *, where: str)
     shape = [int(s) for s in shape]
     if any(s < 0 for s in shape):
         raise DataError(f"{where}: negative size in shape {shape}")
-    expected = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         what = "truncated: " if len(raw) < expected else ""
         raise DataError(f"{where}: {what}{len(raw)} bytes do not hold a {dtype_name} tensor of shape {shape} "
@@ -245,7 +245,9 @@ class ParquetLatentDataset(Dataset[LatentSample]):
         # Per process: file handles and cached row groups are never shared with forked loader workers.
         self._pid = os.getpid()
         self._handles: OrderedDict[Path, pq.ParquetFile] = OrderedDict()
-        self._cache: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
+        # Cached row groups as column lists: picking one row out of Python lists costs ~0.5 µs, slicing an
+        # arrow table and converting the slice ~18 µs (per row of every batch).
+        self._cache: OrderedDict[tuple[Path, int], tuple[dict[str, list[Any]], int]] = OrderedDict()
         self._cached_bytes = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -282,19 +284,19 @@ class ParquetLatentDataset(Dataset[LatentSample]):
         offset = index - group.start
         key = (group.file, group.row_group)
         try:
-            table = self._cache.get(key)
-            if table is not None:
-                self._cache.move_to_end(key)
-                return table.slice(offset, 1).to_pylist()[0]
-            pf = self._file(group.file)
-            if group.nbytes <= self.cache_bytes:
-                table = pf.read_row_group(group.row_group, columns=self._columns)
-                self._cache[key] = table
+            cached = self._cache.get(key)
+            if cached is None and group.nbytes <= self.cache_bytes:
+                table = self._file(group.file).read_row_group(group.row_group, columns=self._columns)
+                cached = self._cache[key] = (table.to_pydict(), table.nbytes)
                 self._cached_bytes += table.nbytes
                 while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                    _, old = self._cache.popitem(last=False)
-                    self._cached_bytes -= old.nbytes
-                return table.slice(offset, 1).to_pylist()[0]
+                    _, (_, old_bytes) = self._cache.popitem(last=False)
+                    self._cached_bytes -= old_bytes
+            if cached is not None:
+                self._cache.move_to_end(key)
+                columns = cached[0]
+                return {name: values[offset] for name, values in columns.items()}
+            pf = self._file(group.file)
             # Too large to cache: stream the group a few rows at a time and keep only the wanted row.
             step = max(1, int(group.num_rows * (self.cache_bytes / 4) / max(group.nbytes, 1)))
             seen = 0
