@@ -283,6 +283,12 @@ _YamlLoader.add_implicit_resolver(
                  |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),
 )
+# YAML 1.2 booleans: only true/false. PyYAML (YAML 1.1) also reads yes/no/on/off as booleans, which would turn
+# ``compile: off`` or ``--models.student.compile=off`` into False.
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+for _first, _resolvers in list(_YamlLoader.yaml_implicit_resolvers.items()):
+    _YamlLoader.yaml_implicit_resolvers[_first] = [r for r in _resolvers if r[0] != _YAML_BOOL]
+_YamlLoader.add_implicit_resolver(_YAML_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _yaml_load(text: str) -> Any:

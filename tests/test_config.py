@@ -171,6 +171,20 @@ def test_override_forms_lists_bools_strings(model_dir: Path) -> None:
     assert cfg.training.loop.max_grad_norm == RunConfig.model_fields["training"].default_factory().loop.max_grad_norm
 
 
+def test_off_and_on_are_strings_yes_is_not_a_bool(model_dir: Path, tmp_path: Path) -> None:
+    """YAML 1.2 booleans: `compile: off` is the string "off" (PyYAML's YAML 1.1 would read False)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_base(model_dir)) + "")
+    text = recipe.read_text().replace("init_from:", "activation_checkpointing: off\n    compile: off\n    init_from:")
+    recipe.write_text(text)
+    cfg = load_config(str(recipe), ["--models.student.compile=off"])
+    assert cfg.models["student"].compile == "off" and cfg.models["student"].activation_checkpointing == "off"
+    cfg = load_config(str(recipe), ["--models.student.compile", "regional", "--models.student.trainable=True"])
+    assert cfg.models["student"].compile == "regional" and cfg.models["student"].trainable is True
+    message = _error(_base(model_dir), ["--models.student.trainable=yes"])
+    assert "models.student.trainable" in message and "'yes'" in message
+
+
 def test_override_switches_method_and_sets_a_list(model_dir: Path) -> None:
     roles = [f"--models.teacher.init_from={model_dir}", "--models.teacher.trainable=false",
              f"--models.critic.init_from={model_dir}"]
