@@ -106,3 +106,21 @@ def single_process_dist():
     reset_accelerate_state()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
+
+
+@pytest.fixture
+def fresh_world(monkeypatch: pytest.MonkeyPatch):
+    """A clean in-process world of one (``build_accelerator`` creates the gloo group), torn down afterwards."""
+    from fv_accel.runtime import reset_accelerate_state
+
+    for key in (*_DIST_ENV, "FSDP_RESHARD_AFTER_FORWARD", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(key, raising=False)
+    reset_accelerate_state()
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    reset_accelerate_state()
+    for key in _DIST_ENV:
+        os.environ.pop(key, None)

@@ -2,29 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from fv_accel.runtime import assert_fsdp2_sharded, build_accelerator, reset_accelerate_state
-
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture
-def fresh_world(monkeypatch: pytest.MonkeyPatch):
-    for key in (*_DIST_ENV, "FSDP_RESHARD_AFTER_FORWARD", "ACCELERATE_MIXED_PRECISION"):
-        monkeypatch.delenv(key, raising=False)
-    reset_accelerate_state()
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    reset_accelerate_state()
-    for key in _DIST_ENV:
-        os.environ.pop(key, None)
+from fv_accel.runtime import assert_fsdp2_sharded, build_accelerator
 
 
 def _prepared_tiny_wan(accelerator):
