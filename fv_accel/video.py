@@ -1,8 +1,8 @@
 """Video frames out of latents, and mp4 files out of frames.
 
 Two ways to frames:
-- :func:`decode_with_vae`: a model with a VAE (``model.vae``, a diffusers ``AutoencoderKLWan``) decodes
-  denormalised latents to RGB;
+- :func:`decode_with_vae`: a model whose ``init_from`` is a pipeline has a VAE (``ModelBase.load_vae``, a
+  diffusers ``AutoencoderKLWan``) that decodes denormalised latents to RGB, one sample at a time;
 - :func:`render_latents`: the toy world has no VAE, so its latents are drawn directly. Each latent frame
   ``[C, H, W]`` is projected onto three fixed directions of channel space (a seeded random orthonormal
   3×C matrix, identical in every run) that become R, G and B; a value v maps to ``0.5 + 0.25·v`` clipped to
@@ -50,10 +50,13 @@ def render_latents(latents_bcthw: torch.Tensor, *, upscale: int = 16, frames_per
 @torch.no_grad()
 def decode_with_vae(vae: Any, latents_bcthw: torch.Tensor) -> np.ndarray:
     """Denormalised latents → ``uint8 [B, F, H, W, 3]`` through a diffusers video VAE (output in [-1, 1])."""
-    dtype = next(vae.parameters()).dtype
-    video = vae.decode(latents_bcthw.to(dtype), return_dict=False)[0]  # [B, 3, F, H, W]
-    video = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
-    return (video * 255).round().to(torch.uint8).cpu().numpy()
+    param = next(vae.parameters())
+    out = []
+    for sample in latents_bcthw:  # one at a time: decoder activations of a full-size video are large
+        video = vae.decode(sample[None].to(param.device, param.dtype), return_dict=False)[0]  # [1, 3, F, H, W]
+        video = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1)
+        out.append((video * 255).round().to(torch.uint8).cpu().numpy())
+    return np.concatenate(out)
 
 
 def write_mp4(frames_fhwc: np.ndarray, path: str | os.PathLike[str], *, fps: int = 16) -> Path:

@@ -50,7 +50,9 @@ def pipeline_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     args = ["recipes/finetune.py", f"--models.student.init_from={pipe_dir}",
             f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
             "--training.loop.max_train_steps=1", "--training.data.train_batch_size=4",
-            "--training.optimizer.lr_warmup_steps=0"]
+            "--training.optimizer.lr_warmup_steps=0",
+            "--callbacks.validation.every_steps=1", "--callbacks.validation.num_samples=2",
+            "--callbacks.validation.num_inference_steps=2"]
     proc = run_python(args, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The export reads the denoising schedule from the run's method section. Present this finetune
@@ -124,3 +126,19 @@ def test_undistilled_export_keeps_base_scheduler(pipeline_run: tuple[Path, Path]
     assert index["scheduler"] == ["diffusers", "UniPCMultistepScheduler"]
     assert (json.loads((tmp_path / "ft-export" / "scheduler" / "scheduler_config.json").read_text())
             == json.loads((pipe_dir / "scheduler" / "scheduler_config.json").read_text()))
+
+
+def test_validation_videos_are_decoded_by_the_pipelines_vae(pipeline_run: tuple[Path, Path]) -> None:
+    """init_from is a pipeline: validation decodes with its VAE (not the toy's latent drawing)."""
+    import av
+
+    _, run = pipeline_run
+    step = run / "validation" / "step-1"
+    index = json.loads((step / "index.json").read_text())
+    # toy latents [16, 2, 8, 8] through the tiny VAE (8x spatial, 4x temporal): 1 + (2 - 1) * 4 = 5 frames of
+    # 64 x 64. Drawing the latents directly would give 2 * 4 = 8 frames of 128 x 128.
+    assert index["frames"] == {"student": [5, 64, 64]}
+    for name in index["files"]["student"]:
+        with av.open(str(step / name)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == 5 and frames[0].shape == (64, 64, 3)

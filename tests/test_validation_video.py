@@ -75,8 +75,15 @@ def test_vae_decoding_is_used_when_the_student_has_one():
     expected = vae.decode(latents, return_dict=False)[0]
     expected = ((expected.clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
     assert np.array_equal(frames, expected)
-    trainer = SimpleNamespace(method=SimpleNamespace(student=SimpleNamespace(vae=vae)))
+    loads: list[int] = []
+    trainer = SimpleNamespace(method=SimpleNamespace(student=SimpleNamespace(
+        load_vae=lambda: loads.append(1) or vae)))
     callback = ValidationCallback.__new__(ValidationCallback)
+    callback._vae, callback._vae_loaded = None, False
     assert np.array_equal(callback.to_frames(trainer, latents), frames)
-    trainer.method.student = SimpleNamespace()  # no VAE: the toy rendering
+    assert np.array_equal(callback.to_frames(trainer, latents), frames)
+    assert loads == [1]  # loaded once, at the first validation
+    callback = ValidationCallback.__new__(ValidationCallback)
+    callback._vae, callback._vae_loaded = None, False
+    trainer.method.student = SimpleNamespace(load_vae=lambda: None)  # no VAE: the toy rendering
     assert callback.to_frames(trainer, latents).shape == (2, 12, 64, 64, 3)

@@ -8,7 +8,7 @@ training data), whose precomputed text embeddings are read once. The noise comes
 never touched, so validation does not change the run.
 
 Every rank runs the forwards (the weights are FSDP-sharded: each forward is a collective); the main process
-turns the latents into frames (the model's VAE when it has one, else :func:`fv_accel.video.render_latents`),
+turns the latents into frames (the VAE of the student's pipeline when ``init_from`` is one, else :func:`fv_accel.video.render_latents`),
 writes ``<output_dir>/validation/step-<step>/{student,ema}-<i>.mp4`` plus ``index.json``, and logs the videos
 to the trackers. Nothing outlives the call but the prompt embeddings (a few KiB): no model copy is made; EMA
 weights are swapped in place by the EMA callback and swapped back.
@@ -55,6 +55,8 @@ class ValidationCallback(Callback):
         self.rows: list[int] = []
         self.where: list[str] = []
         self._prompts: LatentBatch | None = None
+        self._vae: torch.nn.Module | None = None
+        self._vae_loaded = False
 
     # -- prompts --------------------------------------------------------------------------------------------
     def load_prompts(self) -> LatentBatch:
@@ -122,9 +124,12 @@ class ValidationCallback(Callback):
         return out
 
     def to_frames(self, trainer: Trainer, latents_bcthw: torch.Tensor) -> np.ndarray:
-        vae = getattr(trainer.method.student, "vae", None)
+        if not self._vae_loaded:  # main process only, at its first validation; kept for the later ones
+            self._vae = trainer.method.student.load_vae()
+            self._vae_loaded = True
+        vae = self._vae
         if vae is not None:
-            return decode_with_vae(vae, latents_bcthw.to(next(vae.parameters()).device))
+            return decode_with_vae(vae, latents_bcthw)
         return render_latents(latents_bcthw)
 
     def run(self, trainer: Trainer, step: int) -> list[Path]:

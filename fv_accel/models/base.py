@@ -52,6 +52,11 @@ class ModelBase(ABC):
     def init_preprocessors(self, training_config: object) -> None:  # noqa: B027 - optional hook
         """Student only: attach heavy shared handles (VAE, text encoder). Default: nothing to attach."""
 
+    def load_vae(self) -> torch.nn.Module | None:
+        """The family's VAE, on this model's device, for decoding validation videos; None when the model has
+        none (validation then draws the latents directly). Called on the main process only, once."""
+        return None
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device

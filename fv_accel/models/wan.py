@@ -49,8 +49,8 @@ WAN_1_3B_CONFIG: dict[str, Any] = {
 }
 
 
-def _read_vae_stats(model_cfg: ModelConfig) -> tuple[list[float], list[float]] | None:
-    """Per-channel latent mean/std from the pipeline's VAE config, if ``init_from`` is a pipeline."""
+def _read_vae_config(model_cfg: ModelConfig) -> dict[str, Any] | None:
+    """The pipeline's ``vae/config.json`` when ``init_from`` is a pipeline (local directory or Hub id)."""
     local = Path(model_cfg.init_from).expanduser()
     if local.exists():
         vae_cfg = local / "vae" / "config.json"
@@ -65,10 +65,8 @@ def _read_vae_stats(model_cfg: ModelConfig) -> tuple[list[float], list[float]] |
             path = hf_hub_download(model_cfg.init_from, "vae/config.json")
         except EntryNotFoundError:
             return None
-    data = json.loads(Path(path).read_text())
-    if "latents_mean" in data and "latents_std" in data:
-        return list(data["latents_mean"]), list(data["latents_std"])
-    return None
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    return data
 
 
 class WanModel(ModelBase):
@@ -82,8 +80,11 @@ class WanModel(ModelBase):
         config: ModelConfig,
         latents_mean: list[float] | None = None,
         latents_std: list[float] | None = None,
+        vae_source: str | None = None,
     ) -> None:
         super().__init__(role=role, transformer=transformer, config=config)
+        self.vae_source = vae_source
+        """Pipeline (directory or Hub id) whose ``vae`` subfolder decodes this model's latents; None: no VAE."""
         channels = transformer.config.in_channels
         mean = torch.tensor(latents_mean or [0.0] * channels, dtype=torch.float32)
         std = torch.tensor(latents_std or [1.0] * channels, dtype=torch.float32)
@@ -99,11 +100,15 @@ class WanModel(ModelBase):
         transformer = WanTransformer3DModel.from_pretrained(
             model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
         )
-        stats = _read_vae_stats(model_cfg)
-        if stats is None:
+        vae_cfg = _read_vae_config(model_cfg)
+        stats = None
+        if vae_cfg is not None and "latents_mean" in vae_cfg and "latents_std" in vae_cfg:
+            stats = (list(vae_cfg["latents_mean"]), list(vae_cfg["latents_std"]))
+        else:
             logger.info("%s: no VAE latent statistics under %s; latents are used as stored", role,
                         model_cfg.init_from)
-        return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats)
+        return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats,
+                                    vae_source=model_cfg.init_from if vae_cfg is not None else None)
 
     @classmethod
     def from_transformer(
@@ -113,6 +118,7 @@ class WanModel(ModelBase):
         model_cfg: ModelConfig,
         *,
         latent_stats: tuple[list[float], list[float]] | None = None,
+        vae_source: str | None = None,
     ) -> WanModel:
         """Wrap an already built transformer, applying the role's attention backend, activation checkpointing
         and compilation (benchmarks build random-weight transformers this way)."""
@@ -125,7 +131,18 @@ class WanModel(ModelBase):
             for block in transformer.blocks:
                 block.compile()
         mean, std = latent_stats if latent_stats is not None else (None, None)
-        return cls(role=role, transformer=transformer, config=model_cfg, latents_mean=mean, latents_std=std)
+        return cls(role=role, transformer=transformer, config=model_cfg, latents_mean=mean, latents_std=std,
+                   vae_source=vae_source)
+
+    def load_vae(self) -> torch.nn.Module | None:
+        if self.vae_source is None:
+            return None
+        from diffusers import AutoencoderKLWan
+
+        # fp32: Wan's VAE is decoded in fp32 by diffusers' own pipelines too (bf16 decoding bands colours).
+        vae = AutoencoderKLWan.from_pretrained(self.vae_source, subfolder="vae", torch_dtype=torch.float32)
+        logger.info("%s: decoding validation videos with the VAE of %s", self.role, self.vae_source)
+        return vae.to(self.device).eval().requires_grad_(False)
 
     def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         return (latents_bcthw - self._mean.to(latents_bcthw.device)) / self._std.to(latents_bcthw.device)
