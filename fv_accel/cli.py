@@ -128,10 +128,13 @@ def run_main(body: Callable[[], int], *, rank: int = 0) -> int:
 def run_recipe(
     prog: str,
     argv: list[str] | None,
-    default_config: Callable[[], dict[str, Any]],
+    default_config: Callable[[bool], dict[str, Any]],
     after_training: Callable[[RunConfig, Any, Any], None] | None = None,
 ) -> int:
-    """Parse arguments, build the Accelerator, train, and map failures to the contract's exit codes."""
+    """Parse arguments, build the Accelerator, train, and map failures to the contract's exit codes.
+
+    ``default_config(dry_run)`` gives the run without ``--config`` (the toy world); on a dry run it must not
+    train anything either."""
     import os
 
     rank = int(os.environ.get("RANK", "0"))
@@ -142,7 +145,7 @@ def run_recipe(
         from fv_accel.runtime import build_accelerator
 
         args, rest = parse_recipe_args(prog, argv)
-        base = load_yaml(args.config) if args.config else default_config()
+        base = load_yaml(args.config) if args.config else default_config(args.dry_run)
         cfg = resolve_config(base, parse_overrides(rest))
         check_tracker_backends(cfg)
         accelerator = build_accelerator(log_with=cfg.training.tracker.backends,

@@ -23,23 +23,34 @@ from fv_accel.config import RunConfig
 logger = logging.getLogger("fv_accel")
 
 
-def toy_default_config() -> dict[str, Any]:
-    """Data and teacher of the toy world (made on first use, collectively), then the toy DMD2 config."""
+def toy_default_config(dry_run: bool) -> dict[str, Any]:
+    """Data and teacher of the toy world (made on first use, collectively), then the toy DMD2 config.
+
+    A dry run trains nothing: without a trained toy teacher it summarises the run with the teacher's untrained
+    initialisation in its place (the same architecture, so the same numbers)."""
     from fv_accel.toy import (
         TOY_ROOT,
+        TOY_TEACHER_WAN_OVERRIDES,
         distill_default_config,
+        ensure_init_transformer,
         ensure_toy_data,
         ensure_toy_teacher,
         toy_teacher_dir,
     )
 
     ensure_toy_data(TOY_ROOT)
-    if not (toy_teacher_dir(TOY_ROOT) / "transformer" / "config.json").is_file():
-        from fv_accel.runtime import build_accelerator
+    teacher = toy_teacher_dir(TOY_ROOT)
+    if not (teacher / "transformer" / "config.json").is_file():
+        if dry_run:
+            teacher = ensure_init_transformer(TOY_ROOT, name="init-toy", overrides=TOY_TEACHER_WAN_OVERRIDES)
+            logger.info("dry run: the toy teacher is not trained yet (the first real run trains it); the summary "
+                        "uses its untrained initialisation %s, same architecture", teacher)
+        else:
+            from fv_accel.runtime import build_accelerator
 
-        # The same process group and Accelerate state that the distillation then uses.
-        ensure_toy_teacher(build_accelerator(), TOY_ROOT)
-    return distill_default_config(TOY_ROOT)
+            # The same process group and Accelerate state that the distillation then uses.
+            ensure_toy_teacher(build_accelerator(), TOY_ROOT)
+    return distill_default_config(TOY_ROOT, teacher_dir=teacher)
 
 
 def _toy_data_dir(cfg: RunConfig) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from conftest import REPO, run_2proc, run_python
 
 from fv_accel.flops import format_flops, wan_forward_flops
@@ -106,3 +107,20 @@ def test_dry_run_dmd2_prints_every_role(toy_root, tmp_path):
     assert mem["grads+AdamW"] == pytest.approx(6 * w, abs=0.005)  # student and critic, not the teacher
     assert mem["EMA"] == 0
     assert not out.exists()
+
+
+def test_dry_run_of_the_toy_default_trains_nothing(tmp_path):
+    """On a fresh checkout the toy distillation's teacher does not exist yet: a dry run must not train it."""
+    from diffusers import WanTransformer3DModel
+
+    from fv_accel.toy import TOY_TEACHER_WAN_OVERRIDES
+
+    proc = run_python([str(REPO / "recipes" / "distill.py"), "--dry-run"], cwd=tmp_path)  # toy world in tmp_path
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    toy = tmp_path / "outputs" / "toy"
+    assert not (toy / "teacher").exists() and not (toy / "teacher-train").exists() and not (toy / "distill").exists()
+    assert "the toy teacher is not trained yet" in proc.stderr
+    with torch.device("meta"):
+        numel = WanTransformer3DModel(**{**TINY_WAN_CONFIG, **TOY_TEACHER_WAN_OVERRIDES}).num_parameters()
+    for role in ("student", "teacher", "critic"):
+        assert _role_line(proc.stdout, role)[1] == f"{numel:,}"
