@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--cycles", type=int, default=2, help="measured cycles (1 generator + interval-1 critic its)")
     p.add_argument("--warmup-cycles", type=int, default=1)
-    p.add_argument("--ac", choices=["full", "off"], default="full", help="activation checkpointing, trainable roles")
+    p.add_argument("--ac", choices=["full", "selective", "off"], default="full",
+                   help="activation checkpointing, trainable roles")
     p.add_argument("--attn", default=None, help="diffusers attention backend for all roles (e.g. _native_cudnn)")
     p.add_argument("--attn-teacher", default=None, help="override --attn for the teacher")
     p.add_argument("--compile", choices=["off", "regional"], default="off")
@@ -238,9 +239,10 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     for m in (student, critic, teacher):
         if args.attn:
             m.set_attention_backend(args.attn_teacher if (m is teacher and args.attn_teacher) else args.attn)
-    if args.ac == "full":
-        student.enable_gradient_checkpointing()
-        critic.enable_gradient_checkpointing()
+    from fv_accel.models.checkpointing import apply_activation_checkpointing
+
+    for m in (student, critic):  # the same checkpointing functions as the fv_accel side
+        apply_activation_checkpointing(m, args.ac)
     if args.compile == "regional":
         for m in (student, critic, teacher):
             for block in m.blocks:

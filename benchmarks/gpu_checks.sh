@@ -30,12 +30,18 @@ run baseline 260 --cycles 1 --warmup-cycles 1
 run cudnn 150 --cycles 1 --warmup-cycles 1 --attn _native_cudnn --only fv
 # 3. reuse the generator rollout for the critic (algorithm change; FLOP saving reported separately)
 run reuse 120 --cycles 1 --warmup-cycles 1 --attn _native_cudnn --reuse-rollout --only fv
+# 4. selective activation checkpointing (matmul and attention outputs kept), only if time is left
+if (( SECONDS < 330 )); then
+  run selective 110 --cycles 1 --warmup-cycles 1 --attn _native_cudnn --ac selective --only fv
+else
+  echo "selective skipped (elapsed ${SECONDS}s)" >> "$OUT/summary.txt"
+fi
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 print(open(out / "gpu.txt").read().strip(), "|", open(out / "versions.txt").read().strip())
 print(f"{'run':<10}{'side':<10}{'gen s':>8}{'critic s':>10}{'cycle s':>9}{'MFU':>8}{'GiB':>7}")
-for name in ("baseline", "cudnn", "reuse"):
+for name in ("baseline", "cudnn", "reuse", "selective"):
     p = out / f"{name}.json"
     if not p.exists():
         print(f"{name:<10}(no result; see {name}.log)"); continue

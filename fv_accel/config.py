@@ -44,8 +44,9 @@ class ModelConfig(_Strict):
     """Timestep shift ``s·u / (1 + (s − 1)·u)`` used when this role samples training timesteps."""
     frozen_dtype: Literal["bf16", "fp32"] = "bf16"
     """Storage dtype of a frozen role under bf16 mixed precision (ignored in fp32 runs and for trainable roles)."""
-    activation_checkpointing: Literal["off", "full"] = "off"
-    """Recompute each transformer block in backward (trainable roles only)."""
+    activation_checkpointing: Literal["off", "full", "selective"] = "off"
+    """Trainable roles only. ``full``: recompute each transformer block in backward; ``selective``: keep the
+    outputs of matmuls and attention, recompute the rest (norms, activations, rotary, modulation)."""
     attention_backend: str | None = None
     """diffusers attention backend for this role (e.g. ``flash``, ``_native_cudnn``); None keeps the default."""
     compile: Literal["off", "regional"] = "off"

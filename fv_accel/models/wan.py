@@ -11,6 +11,7 @@ import torch
 
 from fv_accel.config import ModelConfig
 from fv_accel.models.base import ModelBase
+from fv_accel.models.checkpointing import apply_activation_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ class WanModel(ModelBase):
         and compilation (benchmarks build random-weight transformers this way)."""
         if model_cfg.attention_backend:
             transformer.set_attention_backend(model_cfg.attention_backend)
-        if model_cfg.activation_checkpointing == "full" and model_cfg.trainable:
-            transformer.enable_gradient_checkpointing()
+        if model_cfg.trainable:
+            apply_activation_checkpointing(transformer, model_cfg.activation_checkpointing)
         if model_cfg.compile == "regional":
             # Per block, before fully_shard: FSDP2's hooks stay outside the compiled regions.
             for block in transformer.blocks:
