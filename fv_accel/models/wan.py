@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,10 @@ from fv_accel.models.base import ModelBase
 from fv_accel.models.checkpointing import apply_activation_checkpointing
 
 logger = logging.getLogger(__name__)
+
+# Only WanModel.predict_noise calls the transformer, and it never hands out the output view (see there).
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWanTransformer3DModel\) returned a view",
+                        category=UserWarning)
 
 #: A ~41k-parameter Wan transformer for tests and the toy world (text embeddings of width 32).
 TINY_WAN_CONFIG: dict[str, Any] = {
@@ -158,4 +163,6 @@ class WanModel(ModelBase):
             encoder_hidden_states=text_embeds_bld,
             return_dict=False,
         )[0]
-        return out.float()
+        # The transformer's output is a view (its final reshape), which FSDP2 warns about: an in-place op on
+        # it would drop the pre-backward hook. Callers get a tensor of their own, so it never happens.
+        return out.float() if out.dtype != torch.float32 else out.clone()
