@@ -9,37 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_python
+from conftest import REPO, build_tiny_wan_pipeline, run_python
 from safetensors.torch import load_file
 
 from fv_accel.export import export_checkpoint
 
 DMD_STEPS = [1000, 750, 500, 250]
-
-
-def build_tiny_wan_pipeline(out: Path, transformer_dir: Path) -> Path:
-    """A complete WanPipeline directory, everything tiny and made locally (no download)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    words = ["a", "cat", "dog", "walks", "runs", "on", "the", "grass", "toy", "condition", "video"]
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>")
-    torch.manual_seed(0)
-    # d_model 32 = the tiny transformer's text_dim; z_dim 16 = its in_channels.
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=32, num_layers=1,
-                                               num_heads=2, relative_attention_num_buckets=8))
-    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    transformer = WanTransformer3DModel.from_pretrained(transformer_dir)
-    WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                transformer=transformer).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
