@@ -215,6 +215,44 @@ def test_two_rank_sharding_covers_every_row_once_per_epoch(tmp_path, num_rows):
     assert per_epoch[0] != per_epoch[1]
 
 
+@pytest.mark.parametrize(("world_after", "batch_after"), [(3, 2), (1, 2), (2, 5)])
+def test_resume_on_another_world_size_or_batch_size_continues_the_epoch(tmp_path, world_after, batch_after):
+    """2 ranks x batch 2 consume part of epoch 1, then the run resumes with another layout (every new rank
+    loads rank 0's position, as the checkpoint manager does): the rest of epoch 1 holds exactly the rows not
+    seen yet, each once, and epoch 2 is a full epoch again."""
+    latents, texts = make_arrays(37)
+    write_rows(tmp_path / "d" / "p.parquet", t2v_rows(latents, texts))
+    path = str(tmp_path / "d")
+    before = [_stream(path, rank=r, world_size=2, train_batch_size=2, seed=5) for r in range(2)]
+    for stream in before:
+        _take(stream, 9 + 3)  # epoch 0 has 9 batches per rank (37 rows → 18 per rank); then 3 of epoch 1
+    assert before[0].epoch == 1 and before[0].rows_consumed == 3 * 2 * 2
+    state = pickle.loads(pickle.dumps(before[0].state_dict()))
+    seen = []
+    for stream in before:  # what the first run saw of epoch 1: replay it from a fresh stream
+        replay = _stream(path, rank=stream.sampler.rank, world_size=2, train_batch_size=2, seed=5)
+        seen += [i for b in _take(replay, 12)[9:] for i in b.index.tolist()]
+    order = np.random.default_rng([5, 1]).permutation(37).tolist()
+    assert sorted(seen) == sorted(order[:12])  # the first 12 rows of epoch 1's order
+
+    after = [_stream(path, rank=r, world_size=world_after, train_batch_size=batch_after, seed=5)
+             for r in range(world_after)]
+    rest = []
+    for stream in after:
+        stream.load_state_dict(state)
+        while True:
+            batch = next(stream)
+            if stream.epoch != 1:
+                break
+            rest += batch.index.tolist()
+        assert stream.epoch == 2 and stream.rows_consumed == batch_after * world_after
+    remaining = order[12:]
+    per_rank = (len(remaining) // world_after) // batch_after * batch_after
+    assert len(rest) == len(set(rest)) == per_rank * world_after
+    assert set(rest) <= set(remaining) and not set(rest) & set(seen)  # nothing repeated, only unseen rows
+    assert len(remaining) - len(rest) < world_after * batch_after  # at most one global batch sits out
+
+
 def test_resume_and_worker_count_give_identical_batches_and_cfg_dropout(fp32_fp16_dirs):
     f32, f16, _, _ = fp32_fp16_dirs
     path = {str(f32): 1, str(f16): 1}

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -233,6 +234,12 @@ def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Pat
     assert ema_cb is not None
     ema_cb.on_train_start(None)  # type: ignore[arg-type]
     assert manager.load(ckpt) == MAX_STEPS
+    # The data position carries over to the new world size: epoch 1, after the 2 x 64 x 2 rows the two ranks
+    # consumed of its order; the one process continues with the next 64 rows of that order.
+    data = built.data
+    assert data is not None and (data.epoch, data.rows_consumed) == (1, 2 * 64 * 2)
+    order = np.random.default_rng([0, 1]).permutation(768).tolist()
+    assert next(data).index.tolist() == order[256:320]
     weights = built.method.student.transformer.state_dict()
     for k, v in student.items():
         assert torch.equal(weights[k].full_tensor(), v), k

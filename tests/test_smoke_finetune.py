@@ -41,3 +41,26 @@ def test_finetune_two_processes_fsdp2(toy_root, tmp_path):
     meta = json.loads((ckpt / "metadata.json").read_text())
     assert meta["step"] == 4 and meta["config"]["training"]["loop"]["max_train_steps"] == 4
     assert not list(out.glob("*.partial"))
+
+
+def test_resume_a_one_process_checkpoint_on_two_processes(toy_root, tmp_path):
+    """1 process writes checkpoint-3; 2 processes resume it: rank 1 has no data position of its own and reads
+    rank 0's, and the epoch continues after the 3 x 32 rows already seen."""
+    out = tmp_path / "run"
+    args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
+            f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}"]
+    proc = run_python([*args, "--training.loop.max_train_steps=3"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_2proc([*args, "--training.loop.max_train_steps=5",
+                      "--training.checkpoint.resume_from_checkpoint=latest"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved by 1 rank(s) x batch 32, the run now has 2 x 32: epoch 0 continues after the 96 rows" in proc.stderr
+    assert [r["step"] for r in _rows(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    meta = json.loads((out / "checkpoint-5" / "metadata.json").read_text())
+    assert meta["step"] == 5 and meta["world_size"] == 2
+    import torch.distributed.checkpoint as dcp
+
+    keys = [f"dataloader.rank{r}.rows_consumed" for r in range(2)]
+    state: dict = dict.fromkeys(keys)
+    dcp.load(state, checkpoint_id=str(out / "checkpoint-5"), no_dist=True)
+    assert [state[k] for k in keys] == [96 + 2 * 2 * 32] * 2  # both ranks went on from the same position

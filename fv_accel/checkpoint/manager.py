@@ -319,11 +319,10 @@ class CheckpointManager:
         states = self._states()
         loaded_roles = self._prepare_optimizers_for_load(path, meta, saved_keys, states)
         key = f"dataloader.rank{_rank()}"
-        saved_world = meta.get("world_size")
-        if key in states and saved_world != (dist.get_world_size() if dist.is_initialized() else 1):
-            logger.warning("checkpoint was written by %s ranks; the data position restarts at epoch 0",
-                           saved_world)
-            states.pop(key)
+        if key in states and meta.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
+            # The ranks consume in lockstep, so every rank saved the same position (rows consumed of the
+            # epoch's order); a rank of the new world may have no key of its own: each reads rank 0's.
+            states["dataloader.rank0"] = states.pop(key)
         for name in [n for n in states if n.startswith("callbacks.")]:
             # A stateless callback saves nothing (nothing to say); EMA switched on for the resumed run starts
             # from the current weights.

@@ -1,14 +1,16 @@
 """Distributed, resumable loading: each rank its own shard, reshuffled every epoch from (seed, epoch).
 
-Each epoch one permutation of all rows is drawn from ``(seed, epoch)`` (identical on every rank), trimmed to a
-multiple of ``world_size`` and dealt round-robin, so the ranks' shards are disjoint and together cover every
-kept row exactly once. Each rank then drops its last partial batch, so fewer than ``world_size ×
-train_batch_size`` rows sit out an epoch (different ones every epoch).
+Each epoch has one order of all rows, a permutation drawn from ``(seed, epoch)`` (identical on every rank). The
+ranks take it in turns, ``world_size`` rows at a time (rank r the r-th of each group), so after every rank has
+consumed k batches of B rows, exactly the first ``k·B·world_size`` rows of the epoch's order have been seen.
+The position is therefore one number shared by all ranks, ``rows_consumed`` in ``epoch``; the rest of the epoch
+(trimmed to a multiple of ``world_size``) is dealt the same way, and each rank drops its last partial batch, so
+fewer than ``world_size × train_batch_size`` rows sit out an epoch (different ones every epoch).
 
-Because the order is a pure function of (seed, epoch, rank, world size), the position is just (epoch, batches
-consumed in it). That is what ``state_dict`` holds: it does not depend on the number of loader worker
-processes (a run may resume with a different ``num_workers``) and batches prefetched by workers but not yet
-consumed are simply produced again after a resume.
+That is what ``state_dict`` holds. It does not depend on the number of loader worker processes (a run may
+resume with a different ``num_workers``; batches prefetched by workers but not consumed are produced again),
+and it survives a change of world size or batch size: the resumed run continues the same epoch's order after
+the rows already seen, so no row of the epoch is repeated or skipped (the exact batches differ, of course).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 class EpochShardSampler(Sampler[int]):
-    """This rank's share of a permutation drawn from ``(seed, epoch)``, starting at position ``start``.
+    """This rank's share of the rest of the permutation drawn from ``(seed, epoch)`` after its first
+    ``consumed`` rows (all ranks together).
 
     torch's ``DistributedSampler`` seeds with ``seed + epoch`` (seed 0 epoch 1 equals seed 1 epoch 0); a numpy
     generator seeded with the pair keeps runs with different seeds apart in every epoch.
@@ -44,19 +47,20 @@ class EpochShardSampler(Sampler[int]):
         self.seed = seed
         self.num_samples = num_rows // world_size
         self.epoch = 0
-        self.start = 0
+        self.consumed = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
         self.epoch = epoch
-        self.start = start
+        self.consumed = consumed
 
-    def epoch_indices(self, epoch: int) -> list[int]:
+    def epoch_indices(self, epoch: int, consumed: int = 0) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        kept = self.num_samples * self.world_size
-        return perm[self.rank:kept:self.world_size].tolist()
+        rest = perm[consumed:]
+        kept = len(rest) // self.world_size * self.world_size
+        return rest[self.rank:kept:self.world_size].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices(self.epoch)[self.start:])
+        return iter(self.epoch_indices(self.epoch, self.consumed))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -77,6 +81,7 @@ class DataStream:
                 f"training.data.train_batch_size={cfg.train_batch_size}"
             )
         self.batch_size = cfg.train_batch_size
+        self.world_size = world_size
         self.loader = DataLoader(
             dataset,
             batch_size=cfg.train_batch_size,
@@ -95,7 +100,7 @@ class DataStream:
         self.uncond_ld = load_negative_prompt(cfg.negative_prompt_path, cfg.text_len) if cfg.negative_prompt_path \
             else None
         self.epoch = 0
-        self.batches_in_epoch = 0  # consumed from the current epoch
+        self.rows_consumed = 0  # of the current epoch's order, by all ranks together
         self.num_bad_rows_skipped = 0
         self._iter: Iterator[LatentBatch] | None = None
 
@@ -105,20 +110,20 @@ class DataStream:
     def __next__(self) -> LatentBatch:
         while True:
             if self._iter is None:
-                self.sampler.set_epoch(self.epoch, start=self.batches_in_epoch * self.batch_size)
+                self.sampler.set_epoch(self.epoch, consumed=self.rows_consumed)
                 self._iter = iter(self.loader)
             try:
                 batch = next(self._iter)
             except StopIteration:
                 self._iter = None
                 self.epoch += 1
-                self.batches_in_epoch = 0
+                self.rows_consumed = 0
                 continue
             except DataError as exc:
                 # A worker's DataError arrives wrapped in its traceback text; keep the one-line message.
                 match = _WORKER_ERROR.search(str(exc))
                 raise DataError(match.group(1).strip() if match else str(exc)) from None
-            self.batches_in_epoch += 1
+            self.rows_consumed += self.batch_size * self.world_size
             if self.uncond_ld is not None:
                 batch.uncond_embeds_bld = self.uncond_ld.expand(len(batch.index), -1, -1)
             if batch.num_bad_rows_skipped:
@@ -131,22 +136,32 @@ class DataStream:
     def batches_per_epoch(self) -> int:
         return len(self.loader)
 
+    @property
+    def batches_in_epoch(self) -> int:
+        """Batches of the current epoch consumed per rank (at this world size and batch size)."""
+        return self.rows_consumed // (self.batch_size * self.world_size)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "num_bad_rows_skipped": self.num_bad_rows_skipped,
+        return {"epoch": self.epoch, "rows_consumed": self.rows_consumed,
+                "batches_in_epoch": self.batches_in_epoch, "num_bad_rows_skipped": self.num_bad_rows_skipped,
                 # what the position means: checked on load
-                "num_rows": len(self.dataset), "batch_size": self.batch_size, "seed": self.sampler.seed}
+                "num_rows": len(self.dataset), "seed": self.sampler.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
+        self.rows_consumed = int(state["rows_consumed"])
         self.num_bad_rows_skipped = int(state.get("num_bad_rows_skipped", 0))
-        saved = (int(state["num_rows"]), int(state["batch_size"]), int(state["seed"]))
-        now = (len(self.dataset), self.batch_size, self.sampler.seed)
-        if saved != now:
-            logger.warning("data position was saved for (rows, batch size, seed) = %s, the run now has %s; "
-                           "restarting epoch %d from its first batch", saved, now, self.epoch)
-            self.batches_in_epoch = 0
+        saved_order, order = (int(state["num_rows"]), int(state["seed"])), (len(self.dataset), self.sampler.seed)
+        saved_layout = (int(state["world_size"]), int(state["batch_size"]))
+        if saved_order != order:
+            logger.warning("data position was saved for (rows, seed) = %s, the run now has %s: the epoch order "
+                           "differs; restarting epoch %d from its first batch", saved_order, order, self.epoch)
+            self.rows_consumed = 0
+        elif saved_layout != (self.world_size, self.batch_size):
+            logger.info("data position was saved by %d rank(s) x batch %d, the run now has %d x %d: epoch %d "
+                        "continues after the %d rows already seen", *saved_layout, self.world_size,
+                        self.batch_size, self.epoch, self.rows_consumed)
         self._iter = None
 
 
