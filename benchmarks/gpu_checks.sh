@@ -4,7 +4,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl diffusers==0.42.1 torchdata==0.11.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+#       -d .whl diffusers==0.42.1 pydantic==2.14.4 pydantic_core==2.50.5 \
 #       typing_inspection==0.4.2 annotated_types==0.7.0
 # (the device image already has torch, accelerate, transformers, pyarrow, tqdm, tensorboard, safetensors)
 # Run (device tool): carry [".whl"], command: bash benchmarks/gpu_checks.sh
