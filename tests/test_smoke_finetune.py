@@ -64,3 +64,23 @@ def test_resume_a_one_process_checkpoint_on_two_processes(toy_root, tmp_path):
     state: dict = dict.fromkeys(keys)
     dcp.load(state, checkpoint_id=str(out / "checkpoint-5"), no_dist=True)
     assert [state[k] for k in keys] == [96 + 2 * 2 * 32] * 2  # both ranks went on from the same position
+
+
+def test_unloadable_weights_give_one_clear_line(toy_root, tmp_path):
+    """A truncated safetensors file under init_from: exit 1, one message naming the role and the directory."""
+    import shutil
+
+    bad = tmp_path / "bad-init"
+    shutil.copytree(toy_root / "init", bad)
+    weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = run_python(["recipes/finetune.py", f"--models.student.init_from={bad}",
+                       f"--training.data.data_path={toy_root / 'data'}",
+                       f"--training.checkpoint.output_dir={tmp_path / 'run'}", "--training.loop.max_train_steps=1"],
+                      cwd=REPO)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fv_accel: error:")]
+    assert len(errors) == 1 and f"models.student.init_from '{bad}': cannot load the transformer" in errors[0]
+    assert "diffusion_pytorch_model.safetensors" in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
