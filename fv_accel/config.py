@@ -209,12 +209,24 @@ class ValidationConfig(_Strict):
     data_path: str = ""
     """Parquet file or directory (T2V or text-only schema) holding the validation prompts' precomputed text
     embeddings; "" = use rows of ``training.data.data_path``."""
+    prompts: list[str] = Field(default_factory=list)
+    """Captions, encoded once by the student pipeline's text encoder (``models.student.init_from`` must be a
+    pipeline with ``tokenizer/`` and ``text_encoder/``) into ``<output_dir>/validation/prompts.parquet``;
+    used instead of data rows (all of them; ``num_samples`` does not apply)."""
     num_inference_steps: int = Field(8, ge=1)
     """Euler steps for methods that sample with the flow ODE (finetune); DMD2 uses method.dmd_denoising_steps."""
     guidance_scale: float = Field(1.0, ge=0)
     """CFG scale (uncond + w·(cond − uncond)) of the flow-ODE sampler; 1 = no guidance."""
     fps: int = Field(16, ge=1)
     """Frame rate of the written mp4 files."""
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> ValidationConfig:
+        if self.prompts and self.data_path:
+            raise ValueError("set prompts or data_path, not both")
+        if any(not p.strip() for p in self.prompts):
+            raise ValueError("prompts must not be empty strings")
+        return self
 
 
 class CallbacksConfig(_Strict):
@@ -382,7 +394,23 @@ def resolve_config(base: dict[str, Any], overrides: list[tuple[str, Any]] = ()) 
         raise ConfigError(_format_validation_error(exc)) from None
     for role, model_cfg in cfg.models.items():
         check_model_source(f"models.{role}", model_cfg)
+    check_validation_prompts(cfg)
     return cfg
+
+
+def check_validation_prompts(cfg: RunConfig) -> None:
+    """Validation captions need the student's pipeline to have a tokenizer and a text encoder (checked here for
+    a local ``init_from``; a Hub id is checked when the callback loads them)."""
+    validation = cfg.callbacks.validation
+    if validation is None or not validation.prompts or "student" not in cfg.models:
+        return
+    source = cfg.models["student"].init_from
+    local = Path(source).expanduser()
+    for sub in ("tokenizer", "text_encoder"):
+        if local.exists() and not (local / sub).is_dir():
+            raise ConfigError(f"callbacks.validation.prompts: models.student.init_from {source!r} has no {sub}/ "
+                              "(captions are encoded with the student pipeline's text encoder); give "
+                              "callbacks.validation.data_path with precomputed embeddings instead")
 
 
 def load_config(path: str | None, argv: list[str], default: dict[str, Any] | None = None) -> RunConfig:

@@ -30,6 +30,7 @@ import torch
 
 from fv_accel.callbacks.base import Callback
 from fv_accel.config import RunConfig, ValidationConfig
+from fv_accel.errors import ConfigError
 from fv_accel.video import decode_with_vae, frame_grid, render_latents, write_mp4
 
 if TYPE_CHECKING:
@@ -37,6 +38,20 @@ if TYPE_CHECKING:
     from fv_accel.trainer import Trainer
 
 logger = logging.getLogger(__name__)
+
+
+PROMPTS_FILE = "prompts.parquet"
+
+
+def _file_metadata(path: Path) -> dict[str, str] | None:
+    """The ``fv_accel.*`` schema metadata of a parquet file, or None when it does not exist or is unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # missing, partial or foreign: encode again
+        return None
+    return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"fv_accel.")}
 
 
 def evenly_spaced_rows(num_rows: int, num_samples: int) -> list[int]:
@@ -59,20 +74,66 @@ class ValidationCallback(Callback):
         self._vae_loaded = False
 
     # -- prompts --------------------------------------------------------------------------------------------
-    def load_prompts(self) -> LatentBatch:
+    def load_prompts(self, trainer: Trainer | None = None) -> LatentBatch:
         """Read the validation rows' text embeddings once (host memory; a few KiB for toy-sized runs)."""
         from fv_accel.data.dataset import ParquetLatentDataset, collate_latents
 
         data_cfg = self.run_config.training.data
-        path = self.config.data_path or data_cfg.data_path
-        dataset = ParquetLatentDataset(path, text_len=data_cfg.text_len, latent_shape=data_cfg.latent_shape)
-        self.rows = evenly_spaced_rows(len(dataset), self.config.num_samples)
-        self.where = [dataset.where(i) for i in self.rows]
+        if self.config.prompts:
+            path = self.encode_captions(trainer)
+            latent_shape = data_cfg.latent_shape
+            if latent_shape is None and trainer is not None and trainer.data is not None:
+                latent_shape = list(trainer.data.dataset.latent_shape)
+            dataset = ParquetLatentDataset(str(path), text_len=data_cfg.text_len, latent_shape=latent_shape)
+            self.rows = list(range(len(dataset)))
+            self.where = [f"prompt {i}: {p}" for i, p in enumerate(self.config.prompts)]
+        else:
+            path = self.config.data_path or data_cfg.data_path
+            dataset = ParquetLatentDataset(path, text_len=data_cfg.text_len, latent_shape=data_cfg.latent_shape)
+            self.rows = evenly_spaced_rows(len(dataset), self.config.num_samples)
+            self.where = [dataset.where(i) for i in self.rows]
         samples = [dataset[i] for i in self.rows]
         return collate_latents(samples, tuple(dataset.latent_shape))
 
+    def encode_captions(self, trainer: Trainer | None) -> Path:
+        """``callbacks.validation.prompts`` → ``<output_dir>/validation/prompts.parquet`` (text-only schema).
+
+        The main process encodes them with the student pipeline's tokenizer and text encoder (loaded for this
+        and freed right after), writes the file, and every rank then reads it, so all ranks sample from
+        identical embeddings. A later run into the same output dir (a resume) reuses the file when it was
+        made from the same captions, text encoder and ``text_len``. Collective when ``trainer`` is given."""
+        from fv_accel.data.preprocess import Encoders, write_text_rows
+
+        out = Path(self.run_config.training.checkpoint.output_dir) / "validation" / PROMPTS_FILE
+        source = self.run_config.models["student"].init_from
+        text_len = self.run_config.training.data.text_len
+        stamp = {"fv_accel.prompts": json.dumps(self.config.prompts), "fv_accel.text_encoder": source,
+                 "fv_accel.text_len": str(text_len)}
+        if (trainer is None or trainer.is_main) and _file_metadata(out) != stamp:
+            device = trainer.accelerator.device if trainer is not None else torch.device("cpu")
+            text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            t0 = time.perf_counter()
+            try:
+                encoders = Encoders.load(source, device=device, text_len=text_len, with_vae=False,
+                                         vae_dtype=torch.float32, text_dtype=text_dtype)
+            except Exception as exc:
+                raise ConfigError(f"callbacks.validation.prompts: cannot load the tokenizer and text encoder of "
+                                  f"models.student.init_from {source!r} ({type(exc).__name__}: "
+                                  f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+            embeddings = encoders.encode_text(list(self.config.prompts))
+            del encoders
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            write_text_rows(out, [f"prompt-{i}" for i in range(len(embeddings))], list(self.config.prompts),
+                            embeddings, metadata=stamp)
+            logger.info("validation: encoded %d prompt(s) with the text encoder of %s into %s (%.1f s)",
+                        len(embeddings), source, out, time.perf_counter() - t0)
+        if trainer is not None:
+            trainer.accelerator.wait_for_everyone()
+        return out
+
     def on_train_start(self, trainer: Trainer) -> None:
-        self._prompts = self.load_prompts()
+        self._prompts = self.load_prompts(trainer)
 
     def should_run(self, step: int) -> bool:
         if step == 0:
@@ -97,7 +158,7 @@ class ValidationCallback(Callback):
         """Latents in the dataset's stored (unnormalised) space, ``[N, C, T, H, W]`` float32, per variant.
         Collective: every rank must call it."""
         if self._prompts is None:
-            self._prompts = self.load_prompts()
+            self._prompts = self.load_prompts(trainer)
         method = trainer.method
         student = method.student
         sampler = method.validation_sampler()

@@ -344,10 +344,21 @@ NEGATIVE_PROMPT_FILE = "_negative_prompt.parquet"  # leading "_": never listed a
 
 def write_negative_prompt(path: Path, encoders: Encoders, prompt: str, save_dtype: str) -> None:
     """One text-only row with the negative prompt's embedding (for ``training.data.negative_prompt_path``)."""
-    text = encoders.encode_text([prompt])[0]
-    row = {"id": "negative_prompt", "caption": prompt, **tensor_columns("text_embedding", text, save_dtype)}
+    write_text_rows(path, ["negative_prompt"], [prompt], encoders.encode_text([prompt]), save_dtype)
+
+
+def write_text_rows(path: Path, ids: list[str], captions: list[str], embeddings: list[torch.Tensor],
+                    save_dtype: str = "float32", metadata: dict[str, str] | None = None) -> None:
+    """Text-only rows (caption + ``[L, D]`` embedding each) as one parquet file, written atomically."""
+    rows = [{"id": i, "caption": c, **tensor_columns("text_embedding", e, save_dtype)}
+            for i, c, e in zip(ids, captions, embeddings, strict=True)]
+    table = pa.Table.from_pylist(rows, schema=TEXT_ONLY_SCHEMA)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               **{k.encode(): v.encode() for k, v in metadata.items()}})
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist([row], schema=TEXT_ONLY_SCHEMA), tmp)
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
