@@ -207,6 +207,13 @@ def test_overrides_do_not_mutate_the_base(model_dir: Path) -> None:
 # -- resolved config ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_match_the_schema(recipe: Path) -> None:
+    """The YAML recipes we ship validate (schema only: their Hub ids are not fetched here)."""
+    cfg = RunConfig.model_validate(load_yaml(recipe))
+    assert cfg.method.name == "dmd2" and {"student", "teacher"} <= set(cfg.models)
+
+
 def test_resolved_config_roundtrip(model_dir: Path, tmp_path: Path) -> None:
     argv = ["--training.loop.max_train_steps=11", "--training.optimizer.betas=[0.0, 0.99]",
             "--callbacks.ema.decay=0.9", "--method.weighting_scheme=logit_normal"]
