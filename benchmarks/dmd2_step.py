@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-cycles", type=int, default=1)
     p.add_argument("--ac", choices=["full", "selective", "off"], default="full",
                    help="activation checkpointing, trainable roles")
+    p.add_argument("--ac-every", type=int, default=1, help="checkpoint every N-th block only (1 = all)")
     p.add_argument("--attn", default=None, help="diffusers attention backend for all roles (e.g. _native_cudnn)")
     p.add_argument("--attn-teacher", default=None, help="override --attn for the teacher")
     p.add_argument("--compile", choices=["off", "regional"], default="off")
@@ -169,8 +170,10 @@ def run_fv(args: argparse.Namespace) -> dict[str, Any]:
     role = {"family": "wan", "init_from": "random-weights", "attention_backend": args.attn, "compile": args.compile}
     cfg = RunConfig.model_validate({
         "models": {
-            "student": {**role, "trainable": True, "activation_checkpointing": args.ac},
-            "critic": {**role, "trainable": True, "activation_checkpointing": args.ac},
+            "student": {**role, "trainable": True, "activation_checkpointing": args.ac,
+                        "activation_checkpointing_every": args.ac_every},
+            "critic": {**role, "trainable": True, "activation_checkpointing": args.ac,
+                       "activation_checkpointing_every": args.ac_every},
             "teacher": {**role, "trainable": False, "attention_backend": args.attn_teacher or args.attn},
         },
         "method": {
@@ -242,7 +245,7 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     from fv_accel.models.checkpointing import apply_activation_checkpointing
 
     for m in (student, critic):  # the same checkpointing functions as the fv_accel side
-        apply_activation_checkpointing(m, args.ac)
+        apply_activation_checkpointing(m, args.ac, args.ac_every)
     if args.compile == "regional":
         for m in (student, critic, teacher):
             for block in m.blocks:
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         results["bare"] = run_bare(args)
     rows = [k for k in ("fv_accel", "bare") if k in results]
     print(f"\nDMD2 on {results['device']} | latent {list(shape)} | interval {args.interval} | "
-          f"steps {args.denoising_steps} | AC {args.ac} | attn {args.attn or 'default'} | compile {args.compile}")
+          f"steps {args.denoising_steps} | AC {args.ac}/{args.ac_every} | attn {args.attn or 'default'} | compile {args.compile}")
     print(f"{'':10}{'gen it s':>10}{'critic it s':>12}{'cycle s':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}")
     for k in rows:
         r = results[k]

@@ -47,6 +47,9 @@ class ModelConfig(_Strict):
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     """Trainable roles only. ``full``: recompute each transformer block in backward; ``selective``: keep the
     outputs of matmuls and attention, recompute the rest (norms, activations, rotary, modulation)."""
+    activation_checkpointing_every: int = Field(1, ge=1)
+    """With ``full`` or ``selective``: checkpoint blocks 0, N, 2N, ... only (1 = every block); the other blocks
+    keep all their activations (faster, more memory)."""
     attention_backend: str | None = None
     """diffusers attention backend for this role (e.g. ``flash``, ``_native_cudnn``); None keeps the default."""
     compile: Literal["off", "regional"] = "off"

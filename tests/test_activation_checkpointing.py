@@ -26,9 +26,10 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _run(accelerator, mode: str) -> tuple[dict[str, torch.Tensor], Counter[str]]:
+def _run(accelerator, mode: str, every: int = 1) -> tuple[dict[str, torch.Tensor], Counter[str]]:
     torch.manual_seed(0)
-    cfg = ModelConfig(family="wan", init_from="unused", activation_checkpointing=mode)
+    cfg = ModelConfig(family="wan", init_from="unused", activation_checkpointing=mode,
+                      activation_checkpointing_every=every)
     model = WanModel.from_transformer("student", WanTransformer3DModel(**TINY_WAN_CONFIG), cfg)
     transformer = fsdp2_prepare_model(accelerator, model.transformer)
     transformer.train()
@@ -49,8 +50,10 @@ def _run(accelerator, mode: str) -> tuple[dict[str, torch.Tensor], Counter[str]]
 def test_policies_agree_on_gradients_and_recompute_what_they_say(fresh_world) -> None:
     accelerator = build_accelerator()
     runs = {mode: _run(accelerator, mode) for mode in ("off", "full", "selective")}
+    runs["full/2"] = _run(accelerator, "full", every=2)
+    runs["selective/2"] = _run(accelerator, "selective", every=2)
     grads_off, ops_off = runs["off"]
-    for mode in ("full", "selective"):
+    for mode in ("full", "selective", "full/2", "selective/2"):
         grads, _ = runs[mode]
         assert grads.keys() == grads_off.keys()
         for name, grad in grads_off.items():
@@ -71,3 +74,7 @@ def test_policies_agree_on_gradients_and_recompute_what_they_say(fresh_world) ->
     assert ops_full[attention] == 2 * num_layers  # self- and cross-attention of each block, recomputed
     assert [ops_sel[m] for m in matmuls] == [ops_off[m] for m in matmuls]
     assert ops_sel[attention] == ops_off[attention] == 0
+    # Every 2nd block: only block 0 of the 2 is checkpointed, so backward recomputes half of it.
+    assert num_layers == 2
+    assert runs["full/2"][1]["native_layer_norm"] == runs["selective/2"][1]["native_layer_norm"] == 3
+    assert runs["full/2"][1][attention] == 2

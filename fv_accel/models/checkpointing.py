@@ -54,13 +54,25 @@ def selective_checkpoint(module: Callable[..., Any], *args: Any) -> Any:
     return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=_selective_context)
 
 
-def apply_activation_checkpointing(transformer: torch.nn.Module, mode: str) -> None:
-    """Set a diffusers transformer's block checkpointing: ``off``, ``full`` or ``selective``."""
+def full_checkpoint(module: Callable[..., Any], *args: Any) -> Any:
+    """diffusers' ``gradient_checkpointing_func`` signature: run ``module(*args)`` keeping only its inputs."""
+    return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def apply_activation_checkpointing(transformer: torch.nn.Module, mode: str, every: int = 1) -> None:
+    """Set a diffusers transformer's block checkpointing: ``off``, ``full`` or ``selective``, applied to blocks
+    0, ``every``, 2·``every``, ... of ``transformer.blocks`` (the others run as usual)."""
     if mode == "off":
         return
-    if mode == "full":
-        transformer.enable_gradient_checkpointing()  # type: ignore[operator]
-    elif mode == "selective":
-        transformer.enable_gradient_checkpointing(selective_checkpoint)  # type: ignore[operator]
-    else:
+    if mode not in ("full", "selective"):
         raise ValueError(f"activation checkpointing mode {mode!r}: expected off, full or selective")
+    if every < 1:
+        raise ValueError(f"activation checkpointing every {every} blocks: expected >= 1")
+    policy = full_checkpoint if mode == "full" else selective_checkpoint
+    # Blocks keep their identity through FSDP2's fully_shard and Module.compile (both act in place).
+    chosen = {id(block) for i, block in enumerate(transformer.blocks) if i % every == 0}  # type: ignore[arg-type]
+
+    def checkpoint_some(module: Any, *args: Any) -> Any:
+        return policy(module, *args) if id(module) in chosen else module(*args)
+
+    transformer.enable_gradient_checkpointing(checkpoint_some if every > 1 else policy)  # type: ignore[operator]

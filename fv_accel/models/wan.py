@@ -131,7 +131,8 @@ class WanModel(ModelBase):
         if model_cfg.attention_backend:
             transformer.set_attention_backend(model_cfg.attention_backend)
         if model_cfg.trainable:
-            apply_activation_checkpointing(transformer, model_cfg.activation_checkpointing)
+            apply_activation_checkpointing(transformer, model_cfg.activation_checkpointing,
+                                           model_cfg.activation_checkpointing_every)
         if model_cfg.compile == "regional":
             # Per block, before fully_shard: FSDP2's hooks stay outside the compiled regions.
             for block in transformer.blocks:
