@@ -408,12 +408,21 @@ def check_validation_prompts(cfg: RunConfig) -> None:
     if validation is None or not validation.prompts or "student" not in cfg.models:
         return
     source = cfg.models["student"].init_from
+    check_pipeline_components(source, ["tokenizer", "text_encoder"],
+                              what=f"callbacks.validation.prompts: models.student.init_from {source!r}",
+                              why="captions are encoded with the student pipeline's text encoder; give "
+                                  "callbacks.validation.data_path with precomputed embeddings instead")
+
+
+def check_pipeline_components(source: str, subfolders: list[str], *, what: str, why: str) -> None:
+    """Fail (exit 2) before loading anything when a local pipeline directory lacks a component folder (a Hub
+    id is checked when the component is loaded)."""
     local = Path(source).expanduser()
-    for sub in ("tokenizer", "text_encoder"):
-        if local.exists() and not (local / sub).is_dir():
-            raise ConfigError(f"callbacks.validation.prompts: models.student.init_from {source!r} has no {sub}/ "
-                              "(captions are encoded with the student pipeline's text encoder); give "
-                              "callbacks.validation.data_path with precomputed embeddings instead")
+    if not local.exists():
+        return
+    for sub in subfolders:
+        if not (local / sub).is_dir():
+            raise ConfigError(f"{what} has no {sub}/ ({why})")
 
 
 def load_config(path: str | None, argv: list[str], default: dict[str, Any] | None = None) -> RunConfig:

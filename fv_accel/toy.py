@@ -206,10 +206,15 @@ def distance_to_data(latents: torch.Tensor, data_index: torch.Tensor, data_dir: 
     return out
 
 
+def ensure_teacher_init(root: Path = TOY_ROOT) -> Path:
+    """The random initialisation the toy teacher is trained from (``<root>/init-toy``; the teacher's architecture)."""
+    return ensure_init_transformer(root, name="init-toy", overrides=TOY_TEACHER_WAN_OVERRIDES)
+
+
 def finetune_default_config(root: Path = TOY_ROOT, output_dir: str | None = None) -> dict[str, Any]:
     """The toy fine-tuning run: a tiny Wan learns the toy world from random init by flow matching."""
     data = ensure_toy_data(root)
-    init = ensure_init_transformer(root, name="init-toy", overrides=TOY_TEACHER_WAN_OVERRIDES)
+    init = ensure_teacher_init(root)
     return {
         "models": {"student": {"family": "wan", "init_from": str(init), "trainable": True, "flow_shift": 3.0}},
         "method": {"name": "finetune", "weighting_scheme": "uniform"},

@@ -137,12 +137,10 @@ class Trainer:
         max_norm = self.loop_cfg.max_grad_norm
         norms = {}
         for role, module in self.method.get_grad_clip_targets(step).items():
-            params = [p for p in module.parameters() if p.grad is not None]
-            if not params:
-                continue
-            # DTensor-aware global norm over all ranks, computed on local shards (fv_accel/grad_clip.py). Not
-            # accelerator.clip_grad_norm_, which confuses two prepared models of the same architecture.
-            norm = clip_grad_norm_(params, max_norm)
+            # DTensor-aware global norm over all ranks, computed on local shards (fv_accel/grad_clip.py); never
+            # Accelerate's clipping helper, which confuses two prepared models of the same architecture
+            # (DESIGN.md §5). None when no parameter of the role has a gradient.
+            norm = clip_grad_norm_(module.parameters(), max_norm)
             if norm is not None:
                 norms[role] = norm
         return norms

@@ -30,9 +30,8 @@ def toy_default_config(dry_run: bool) -> dict[str, Any]:
     initialisation in its place (the same architecture, so the same numbers)."""
     from fv_accel.toy import (
         TOY_ROOT,
-        TOY_TEACHER_WAN_OVERRIDES,
         distill_default_config,
-        ensure_init_transformer,
+        ensure_teacher_init,
         ensure_toy_data,
         ensure_toy_teacher,
         toy_teacher_dir,
@@ -42,7 +41,7 @@ def toy_default_config(dry_run: bool) -> dict[str, Any]:
     teacher = toy_teacher_dir(TOY_ROOT)
     if not (teacher / "transformer" / "config.json").is_file():
         if dry_run:
-            teacher = ensure_init_transformer(TOY_ROOT, name="init-toy", overrides=TOY_TEACHER_WAN_OVERRIDES)
+            teacher = ensure_teacher_init(TOY_ROOT)
             logger.info("dry run: the toy teacher is not trained yet (the first real run trains it); the summary "
                         "uses its untrained initialisation %s, same architecture", teacher)
         else:

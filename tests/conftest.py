@@ -90,22 +90,11 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def single_process_dist():
+def single_process_dist(fresh_world):
     """An in-process world-size-1 gloo group with a fresh Accelerate state (torn down afterwards)."""
-    import torch.distributed as dist
+    from fv_accel.runtime import build_accelerator
 
-    from fv_accel.runtime import build_accelerator, reset_accelerate_state
-
-    reset_accelerate_state()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    accelerator = build_accelerator()
-    yield accelerator
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    reset_accelerate_state()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
+    return build_accelerator()
 
 
 @pytest.fixture

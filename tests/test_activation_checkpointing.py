@@ -13,7 +13,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fv_accel.config import ModelConfig
 from fv_accel.models.wan import TINY_WAN_CONFIG, WanModel
-from fv_accel.runtime import build_accelerator
 
 
 class OpCounter(TorchDispatchMode):
@@ -47,8 +46,8 @@ def _run(accelerator, mode: str, every: int = 1) -> tuple[dict[str, torch.Tensor
     return grads, counter.counts
 
 
-def test_policies_agree_on_gradients_and_recompute_what_they_say(fresh_world) -> None:
-    accelerator = build_accelerator()
+def test_policies_agree_on_gradients_and_recompute_what_they_say(single_process_dist) -> None:
+    accelerator = single_process_dist
     runs = {mode: _run(accelerator, mode) for mode in ("off", "full", "selective")}
     runs["full/2"] = _run(accelerator, "full", every=2)
     runs["selective/2"] = _run(accelerator, "selective", every=2)

@@ -11,7 +11,7 @@ from torch.distributed.tensor import DTensor
 
 from fv_accel.config import ModelConfig
 from fv_accel.models.wan import TINY_WAN_CONFIG, WanModel
-from fv_accel.runtime import assert_fsdp2_sharded, build_accelerator
+from fv_accel.runtime import assert_fsdp2_sharded
 
 
 def _sharded(accelerator, compile_mode: str) -> torch.nn.Module:
@@ -27,8 +27,8 @@ def _sharded(accelerator, compile_mode: str) -> torch.nn.Module:
 
 
 @pytest.mark.timeout(600)
-def test_regional_compile_matches_eager_under_fsdp2(fresh_world) -> None:
-    accelerator = build_accelerator()
+def test_regional_compile_matches_eager_under_fsdp2(single_process_dist) -> None:
+    accelerator = single_process_dist
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 2, 8, 8, generator=gen)
     t = torch.tensor([250.0, 750.0])

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from fv_accel.config import check_pipeline_components
 from fv_accel.data.dataset import T2V_COLUMNS, TEXT_ONLY_COLUMNS
 from fv_accel.errors import ConfigError, DataError
 
@@ -228,11 +229,9 @@ def _clean_prompt(text: str) -> str:
 
 def check_model_source(model: str, subfolders: list[str]) -> None:
     """Fail (exit 2) before loading anything when ``--model`` lacks a needed component."""
-    local = Path(model).expanduser()
-    if local.exists():
-        for sub in subfolders:
-            if not (local / sub).is_dir():
-                raise ConfigError(f"--model: {model} has no {sub}/ folder (a diffusers pipeline directory is needed)")
+    check_pipeline_components(model, subfolders, what=f"--model: {model!r}",
+                              why="a diffusers pipeline directory is needed")
+    if Path(model).expanduser().exists():
         return
     if model.startswith((".", "/", "~")) or not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", model):
         raise ConfigError(f"--model: local path {model!r} does not exist")
