@@ -8,16 +8,25 @@ import torch
 from fv_accel.runtime import assert_fsdp2_sharded, build_accelerator
 
 
-def _prepared_tiny_wan(accelerator):
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+def _plain_tiny_wan() -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     from fv_accel.models.wan import TINY_WAN_CONFIG
 
-    torch.manual_seed(0)
-    model = fsdp2_prepare_model(accelerator, WanTransformer3DModel(**TINY_WAN_CONFIG))
+    return WanTransformer3DModel(**TINY_WAN_CONFIG)
+
+
+def _prepare(accelerator, transformer: torch.nn.Module) -> torch.nn.Module:
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    model = fsdp2_prepare_model(accelerator, transformer)
     assert_fsdp2_sharded("student", model)
     return model
+
+
+def _prepared_tiny_wan(accelerator):
+    torch.manual_seed(0)
+    return _prepare(accelerator, _plain_tiny_wan())
 
 
 def _reshards_after_forward(module: torch.nn.Module) -> bool:
@@ -40,3 +49,27 @@ def test_unsupported_mixed_precision_is_refused(fresh_world, monkeypatch) -> Non
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     with pytest.raises(ValueError, match="'fp16' is not supported"):
         build_accelerator()
+
+
+def test_predict_noise_returns_a_tensor_of_its_own(single_process_dist) -> None:
+    """FSDP2 warns when a wrapped module returns a view (an in-place op on it would drop the pre-backward hook).
+    WanModel.predict_noise hands out its own tensor, so an in-place op there keeps the gradients right."""
+    from fv_accel.config import ModelConfig
+    from fv_accel.models.wan import WanModel
+
+    def grads(in_place: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = WanModel.from_transformer("student", _plain_tiny_wan(), ModelConfig(init_from="unused"))
+        model.transformer = _prepare(single_process_dist, model.transformer)
+        x = torch.randn(2, 16, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+        v = model.predict_noise(x, torch.tensor([100.0, 900.0]), torch.ones(2, 8, 32))
+        assert not v._is_view()
+        if in_place:
+            v.mul_(2.0)
+        else:
+            v = v * 2.0
+        v.square().mean().backward()
+        return [p.grad.full_tensor() for p in model.transformer.parameters()]
+
+    for a, b in zip(grads(in_place=True), grads(in_place=False), strict=True):
+        torch.testing.assert_close(a, b)
