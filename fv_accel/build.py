@@ -16,6 +16,7 @@ from diffusers.optimization import get_scheduler
 
 from fv_accel.config import OptimizerConfig, RunConfig
 from fv_accel.data import DataStream, build_data_stream
+from fv_accel.errors import ConfigError, DataError
 from fv_accel.methods import TrainingMethod, method_class
 from fv_accel.models import ModelBase, load_role_model
 from fv_accel.runtime import assert_fsdp2_sharded
@@ -84,4 +85,22 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = Tru
     if with_data:
         data = build_data_stream(cfg.training.data, rank=accelerator.process_index,
                                  world_size=accelerator.num_processes)
+        check_latent_patching(method.role_models, data)
     return BuiltRun(method=method, data=data)
+
+
+def check_latent_patching(role_models: dict[str, ModelBase], data: DataStream) -> None:
+    """Fail before step 1 when the data's latents do not split into whole transformer patches: the patch
+    embedding would silently drop the last latent row/column and the loss would die on a shape mismatch."""
+    dataset = data.dataset
+    c, *thw = dataset.latent_shape
+    for role, model in role_models.items():
+        patch = model.latent_patch_size
+        if all(size % p == 0 for size, p in zip(thw, patch, strict=True)):
+            continue
+        problem = (f"latents [C, T, H, W] = {[c, *thw]} do not divide into models.{role}'s patches (T, H, W) = "
+                   f"{list(patch)}")
+        if dataset.kind == "text_only":
+            raise ConfigError(f"training.data.latent_shape: {problem}")
+        raise DataError(f"{dataset.files[0]}: {problem}; preprocess with --height/--width (and --num-frames) "
+                        "that give whole patches")

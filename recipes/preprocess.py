@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None):
                    help="videos2caption.json ([{\"path\", \"cap\"}]), CSV (path,caption) or, text-only, a .txt")
     p.add_argument("--output", type=Path, required=True, help="output folder for the parquet shards")
     p.add_argument("--text-only", action="store_true", help="captions only → text-only schema (data-free DMD2)")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=480, help="frame height in pixels (Wan: a multiple of 16)")
+    p.add_argument("--width", type=int, default=832, help="frame width in pixels (Wan: a multiple of 16)")
     p.add_argument("--num-frames", type=int, default=81, help="frames per clip (4k+1)")
     p.add_argument("--fps", type=float, default=16.0, help="frames are resampled to this rate")
     p.add_argument("--text-len", type=int, default=512, help="tokenizer max length (UMT5: 512)")
@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None):
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--rows-per-shard", type=int, default=64)
     p.add_argument("--row-group-size", type=int, default=4)
-    p.add_argument("--text-batch-size", type=int, default=32, help="captions encoded per text-encoder call")
+    p.add_argument("--text-batch-size", type=int, default=32,
+                   help="captions encoded per text-encoder call (clips are encoded one at a time)")
     p.add_argument("--negative-prompt", default=None,
                    help="also encode this prompt into OUTPUT/_negative_prompt.parquet "
                         "(for training.data.negative_prompt_path)")

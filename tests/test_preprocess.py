@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, run_2proc, run_recipe_main
 
 from fv_accel.data import ParquetLatentDataset
-from fv_accel.data.preprocess import load_clip
+from fv_accel.data.preprocess import load_clip, write_text_rows
 
 WORDS = ["a", "red", "blue", "cat", "dog", "runs", "jumps", "over", "the", "hill", "slowly"]
 SRC_FPS = 16
@@ -38,13 +38,13 @@ def make_tiny_pipeline(root: Path) -> Path:
     return pipe
 
 
-def write_video(path: Path, levels: list[int], *, width: int = 48, height: int = 32) -> None:
-    """A video whose frame i is uniformly grey at ``levels[i]`` (left half) and black (right half)."""
+def write_video(path: Path, levels: list[int], *, width: int = 48, height: int = 32, fps: int = SRC_FPS) -> None:
+    """A ``fps`` video whose frame i is uniformly grey at ``levels[i]`` (left half) and black (right half)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=SRC_FPS)
+        stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "0"}
         for level in levels:
@@ -190,3 +190,109 @@ def test_preprocess_two_processes_each_write_their_share(world, tmp_path):
     assert ids == {"rank000-00000.parquet": ["a.mp4"], "rank001-00000.parquet": ["sub/b.mp4"]}
     summary = json.loads((out / "_preprocess_summary.json").read_text())
     assert summary["written"] == 2 and sum(summary["skipped"].values()) == 3
+
+
+def _grey_levels(clip: torch.Tensor) -> list[float]:
+    """Per-frame brightness of the grey half of a 16×16 crop of a ``write_video`` clip."""
+    return ((clip[:, :, 4:12, 1:7].mean(dim=(0, 2, 3)) + 1) * 127.5).tolist()
+
+
+def test_load_clip_picks_the_nearest_source_frame(tmp_path):
+    # 25 fps → 16 fps: target j (time j/16) lies between source frames, and the nearest one is sometimes
+    # the frame before (j=2: 25·2/16 = 3.125 → frame 3, not 4), unlike 16 → 8 fps where every target is exact.
+    src_fps, fps, num_frames = 25, 16, 5
+    levels = [10 + 20 * i for i in range(10)]  # frame i is grey at 10 + 20 i: the level gives back the index
+    write_video(tmp_path / "v.mp4", levels, fps=src_fps)
+    nearest = [min(range(len(levels)), key=lambda i: (abs(i / src_fps - j / fps), -i)) for j in range(num_frames)]
+    first_after = [min(i for i in range(len(levels)) if i / src_fps >= j / fps) for j in range(num_frames)]
+    assert nearest == [0, 2, 3, 5, 6] and nearest != first_after  # the two rules differ here: [0, 2, 4, 5, 7]
+    clip = load_clip(tmp_path / "v.mp4", height=16, width=16, num_frames=num_frames, fps=fps)
+    picked = [round((g - 10) / 20) for g in _grey_levels(clip)]
+    assert picked == nearest
+
+
+def test_preprocess_refuses_height_width_that_do_not_patch(world, tmp_path, capsys):
+    from fv_accel.models.wan import WanModel
+
+    # 8× VAE downsampling then 2×2 patches: frames must be multiples of 16 (8 would leave an odd latent side).
+    assert WanModel.pixel_multiple() == 16 and WanModel.pixel_multiple((1, 1, 1)) == 8
+    root, pipe, videos = world
+    out = tmp_path / "out"
+    args = [a for a in ARGS if a not in ("--height", "--width", "16")]
+    code = _preprocess_main(["--model", str(pipe), "--videos", str(videos), "--captions",
+                             str(root / "videos2caption.json"), "--output", str(out), *args,
+                             "--height", "24", "--width", "16"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--height/--width must be multiples of 16" in err and "got 24x16" in err
+    assert not out.exists()  # refused before anything was encoded or written
+
+
+def test_preprocess_holds_one_decoded_clip_at_a_time(world, tmp_path, monkeypatch):
+    import weakref
+
+    import fv_accel.data.preprocess as pre
+
+    root, pipe, videos = world
+    captions = [{"path": p, "cap": c} for p in ("a.mp4", "sub/b.mp4") for c in ("a red cat", "a blue dog")]
+    (tmp_path / "caps.json").write_text(json.dumps(captions))
+    alive: list[weakref.ref[torch.Tensor]] = []
+    peak = 0
+
+    def counting_load_clip(*args, **kwargs):
+        nonlocal peak
+        clip = load_clip(*args, **kwargs)
+        alive.append(weakref.ref(clip))
+        peak = max(peak, sum(r() is not None for r in alive))
+        return clip
+
+    monkeypatch.setattr(pre, "load_clip", counting_load_clip)
+    out = tmp_path / "out"
+    assert _preprocess_main(["--model", str(pipe), "--videos", str(videos), "--captions", str(tmp_path / "caps.json"),
+                             "--output", str(out), "--text-batch-size", "8", *ARGS]) == 0
+    summary = json.loads((out / "_preprocess_summary.json").read_text())
+    assert summary["written"] == 4 and len(alive) == 4
+    assert peak == 1  # all 4 clips share one caption batch; holding them for it would make this 4
+
+
+def _text_rows(out: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out, columns=["id", "caption"]).to_pylist()
+
+
+def test_text_only_rerun_after_inserting_a_prompt_encodes_each_caption_once(world, tmp_path):
+    import hashlib
+    from collections import Counter
+
+    _, pipe, _ = world
+    prompts = tmp_path / "prompts.txt"
+    out = tmp_path / "text"
+    argv = ["--model", str(pipe), "--text-only", "--captions", str(prompts), "--output", str(out), *ARGS]
+    lines = ["a red cat", "the dog jumps", "a red cat"]
+    prompts.write_text("\n".join(lines) + "\n")
+    assert _preprocess_main(argv) == 0
+    lines.insert(1, "a blue dog runs")
+    prompts.write_text("\n".join(lines) + "\n")
+    assert _preprocess_main(argv) == 0
+    summary = json.loads((out / "_preprocess_summary.json").read_text())
+    assert (summary["written"], summary["already_done"]) == (1, 3)
+    rows = _text_rows(out)
+    assert Counter(r["caption"] for r in rows) == Counter(lines)  # each line once: the new one in, none twice
+
+    def key(text: str) -> str:
+        return "prompt-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert sorted(r["id"] for r in rows) == sorted([key("a red cat"), key("a red cat") + "#2",
+                                                    key("the dog jumps"), key("a blue dog runs")])
+
+
+def test_text_only_refuses_an_output_keyed_by_line(world, tmp_path, capsys):
+    _, pipe, _ = world
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "old"
+    write_text_rows(out / "rank000-00000.parquet", ["prompt-00000000"], ["a red cat"], [torch.zeros(2, 32)])
+    code = _preprocess_main(["--model", str(pipe), "--text-only", "--captions", str(prompts), "--output", str(out),
+                             *ARGS])
+    assert code == 2 and "keyed by line number" in capsys.readouterr().err
+    assert len(_text_rows(out)) == 1

@@ -14,6 +14,7 @@ at most the shard being written.
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import logging
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from fv_accel.config import check_pipeline_components
 from fv_accel.data.dataset import T2V_COLUMNS, TEXT_ONLY_COLUMNS
 from fv_accel.errors import ConfigError, DataError
+from fv_accel.models.wan import WanModel
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +123,15 @@ def read_captions(path: str | os.PathLike[str], *, need_paths: bool) -> list[Cap
         raise ConfigError(f"--captions: {p} must be .json, .csv or .txt")
     entries: list[CaptionEntry] = []
     seen: Counter[str] = Counter()
-    for i, (video, cap, where) in enumerate(raw):
+    for video, cap, where in raw:
         caption = _caption_text(cap, where)
         if need_paths and not video:
             raise DataError(f"{where}: no video \"path\"")
-        base = str(video) if video else f"prompt-{i:08d}"
+        # Captions without a video are keyed by their text, not their line: a rerun after lines were inserted
+        # or removed then encodes exactly the new captions (sha256: the same in every Python process).
+        base = str(video) if video else f"prompt-{hashlib.sha256(caption.encode()).hexdigest()[:16]}"
         seen[base] += 1
-        # The same clip with a second caption is a second sample with its own id.
+        # The same clip with a second caption (or the same caption twice) is a second sample with its own id.
         ident = base if seen[base] == 1 else f"{base}#{seen[base]}"
         entries.append(CaptionEntry(id=ident, caption=caption, path=str(video) if video else None))
     if not entries:
@@ -167,8 +171,9 @@ def resize_center_crop(frames_thwc: np.ndarray, height: int, width: int) -> torc
 
 def load_clip(path: str | os.PathLike[str], *, height: int, width: int, num_frames: int,
               fps: float) -> torch.Tensor:
-    """The first ``num_frames`` frames of the video resampled to ``fps`` (nearest source frame in time), resized
-    and centre-cropped: float32 ``[3, num_frames, height, width]`` in [-1, 1]. Raises :class:`SkipClip`."""
+    """The first ``num_frames`` frames of the video resampled to ``fps`` (target frame j at time j/fps takes the
+    source frame nearest in time; of two equally near, the later), resized and centre-cropped: float32
+    ``[3, num_frames, height, width]`` in [-1, 1]. Raises :class:`SkipClip`."""
     import av
 
     p = Path(path)
@@ -424,19 +429,32 @@ _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, device: torch.device,
                    show_progress: bool = True) -> Summary:
-    """This rank's share of the caption file → its shards. Returns this rank's summary."""
+    """This rank's share of the caption file → its shards. Returns this rank's summary.
+
+    Host memory: each clip is VAE-encoded as soon as it is decoded, so one decoded clip is alive at a time
+    (float32 [3, 81, 480, 832] = 388 MB per rank at 480p; a caption batch of 32 clips would take 11.6 GiB).
+    What waits for the batched text encoder is latents, 48× smaller (float32 [16, 21, 60, 104] = 8.4 MB each).
+    """
     from tqdm.auto import tqdm
 
     text_only = opts.videos is None
     if not text_only and not opts.videos.is_dir():  # type: ignore[union-attr]
         raise ConfigError(f"--videos: {opts.videos} is not a directory")
-    if not text_only and opts.num_frames % 4 != 1:
-        raise ConfigError(f"--num-frames must be 4k+1 for the Wan VAE (e.g. 77 or 81), got {opts.num_frames}")
-    if not text_only and (opts.height % 8 or opts.width % 8):
-        raise ConfigError(f"--height/--width must be multiples of 8, got {opts.height}x{opts.width}")
+    # Checked before anything is loaded or written: a wrong size would otherwise surface at training step 1.
+    frames_step, multiple = WanModel.vae_temporal_factor, WanModel.pixel_multiple()
+    if not text_only and opts.num_frames % frames_step != 1:
+        raise ConfigError(f"--num-frames must be {frames_step}k+1 for the Wan VAE (e.g. 77 or 81), "
+                          f"got {opts.num_frames}")
+    if not text_only and (opts.height % multiple or opts.width % multiple):
+        factor = WanModel.vae_spatial_factor
+        raise ConfigError(f"--height/--width must be multiples of {multiple} for Wan ({factor}× VAE downsampling, "
+                          f"then {multiple // factor}×{multiple // factor} patches), got {opts.height}x{opts.width}")
     entries = read_captions(opts.captions, need_paths=not text_only)
     opts.output.mkdir(parents=True, exist_ok=True)
     done = done_ids(opts.output)
+    if text_only and any(re.fullmatch(r"prompt-\d{8}(#\d+)?", i) for i in done):
+        raise ConfigError(f"--output: {opts.output} holds text-only rows keyed by line number (an older "
+                          "preprocess); rows are now keyed by caption, so write to a new --output")
     mine = entries[rank::world_size]
     summary = Summary(already_done=sum(e.id in done for e in mine))
     todo = [e for e in mine if e.id not in done]
@@ -456,17 +474,19 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
     try:
         for start in range(0, len(todo), opts.text_batch_size):
             chunk = todo[start:start + opts.text_batch_size]
-            clips: dict[str, torch.Tensor] = {}
+            latents: dict[str, torch.Tensor] = {}
             if not text_only:
                 for entry in chunk:
                     try:
-                        clips[entry.id] = load_clip(opts.videos / entry.path, height=opts.height,  # type: ignore[operator]
-                                                    width=opts.width, num_frames=opts.num_frames, fps=opts.fps)
+                        # Encoded as soon as decoded, never bound to a name: one decoded clip alive at a time.
+                        latents[entry.id] = encoders.encode_video(load_clip(
+                            opts.videos / entry.path, height=opts.height,  # type: ignore[operator]
+                            width=opts.width, num_frames=opts.num_frames, fps=opts.fps))
                     except SkipClip as exc:
                         summary.skip(exc)
                         logger.warning("skipping %s (%s)", entry.id, exc)
                         bar.update(1)
-                chunk = [e for e in chunk if e.id in clips]
+                chunk = [e for e in chunk if e.id in latents]
             if not chunk:
                 continue
             texts = encoders.encode_text([e.caption for e in chunk])
@@ -474,8 +494,7 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
                 row: dict[str, Any] = {"id": entry.id, "caption": entry.caption,
                                        **tensor_columns("text_embedding", text, opts.save_dtype)}
                 if not text_only:
-                    latents = encoders.encode_video(clips.pop(entry.id))
-                    row.update(tensor_columns("vae_latent", latents, opts.save_dtype))
+                    row.update(tensor_columns("vae_latent", latents.pop(entry.id), opts.save_dtype))
                     row.update(file_name=entry.path, media_type="video", width=opts.width, height=opts.height,
                                num_frames=opts.num_frames, duration_sec=opts.num_frames / opts.fps,
                                fps=float(opts.fps))

@@ -62,6 +62,11 @@ class ModelBase(ABC):
         return next(self.transformer.parameters()).device
 
     # -- latent space -------------------------------------------------------------------------------------
+    @property
+    def latent_patch_size(self) -> tuple[int, int, int]:
+        """(T, H, W) latent cells the transformer folds into one token; data latents must divide by it."""
+        return 1, 1, 1
+
     @abstractmethod
     def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         """Dataset latents (as stored by preprocessing) → the space the transformer is trained in."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,24 @@ def _read_vae_config(model_cfg: ModelConfig) -> dict[str, Any] | None:
 
 class WanModel(ModelBase):
     block_class_names = ("WanTransformerBlock",)
+    #: Wan's VAE (``AutoencoderKLWan``) maps 8×8 pixels to one latent cell and 4 frames to one latent frame
+    #: (the first frame alone: clips have 4k+1 frames).
+    vae_spatial_factor = 8
+    vae_temporal_factor = 4
+    #: ``patch_size`` (t, h, w) of every published Wan 2.1 / 2.2 transformer.
+    default_patch_size = (1, 2, 2)
+
+    @classmethod
+    def pixel_multiple(cls, patch_size: tuple[int, ...] | None = None) -> int:
+        """Frame height and width must be multiples of this (16 for Wan): the VAE's spatial factor times the
+        transformer's spatial patch, or the patching drops the last row/column of an odd latent side."""
+        _, patch_h, patch_w = patch_size or cls.default_patch_size
+        return cls.vae_spatial_factor * math.lcm(patch_h, patch_w)
+
+    @property
+    def latent_patch_size(self) -> tuple[int, int, int]:
+        t, h, w = (int(p) for p in self.transformer.config.patch_size)
+        return t, h, w
 
     def __init__(
         self,
