@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import REPO, run_python
+from conftest import REPO, run_python, run_torchrun
 from torch import nn
 
 from fv_accel.build import build_lr_scheduler, build_optimizer
@@ -434,3 +434,25 @@ def test_recipe_exits_3_on_divergence(toy_root: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]
     assert not list(out.glob("checkpoint-*")), "a diverged run must not save a checkpoint of NaN weights"
+
+
+@pytest.mark.distributed
+def test_nonfinite_on_one_rank_is_decided_on_the_reduced_losses(tmp_path: Path) -> None:
+    """2 ranks (gloo), identical data; at step 2 only rank 0's loss is NaN (its gradient finite). skip: both
+    ranks skip step 2 (weights unchanged, still equal across ranks, one skip each); stop: both ranks stop at
+    step 2 with the non-finite error. A rank deciding on its own losses would step (skip) or run on into the
+    next collective alone (stop)."""
+    proc = run_torchrun("tests/dist_scripts/nonfinite_one_rank.py", str(tmp_path), cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        skip = r["skip"]
+        weights = [torch.tensor(w) for w in skip["weights"]]  # before step 1, after steps 1, 2, 3
+        assert skip["no_row"] == [2] and skip["num_skipped"] == 1, r["rank"]
+        assert torch.equal(weights[2], weights[1]), f"rank {r['rank']} updated at the skipped step"
+        assert not torch.equal(weights[1], weights[0]) and not torch.equal(weights[3], weights[2])
+    assert ranks[0]["skip"]["weights"] == ranks[1]["skip"]["weights"]
+    for r in ranks:
+        stop = r["stop"]
+        assert stop["outcome"] == "nonfinite" and stop["step"] == 2, (r["rank"], stop)
+        assert "non-finite value at step 2: loss (role student)" in stop["message"]
