@@ -196,6 +196,26 @@ def test_epoch_reshuffle_from_seed_and_epoch():
     assert c.epoch_indices(0) != e1
 
 
+@pytest.mark.parametrize(("consumed", "per_rank"), [(0, 12), (4, 10), (7, 9)])
+def test_two_ranks_get_equal_disjoint_shares_of_the_trimmed_order(consumed, per_rank):
+    """25 rows, 2 ranks: after ``consumed`` rows of the epoch, the rest (25 - consumed) is trimmed to an even
+    count and dealt alternately, so both ranks yield the same number of rows (hand counts: 24/2, 20/2, 18/2)."""
+    seed, epoch = 3, 2
+    order = np.random.default_rng([seed, epoch]).permutation(25).tolist()  # the epoch's order, by the docs
+    shares = []
+    for rank in (0, 1):
+        sampler = EpochShardSampler(25, rank=rank, world_size=2, seed=seed)
+        sampler.set_epoch(epoch, consumed=consumed)
+        share = list(sampler)
+        assert len(share) == per_rank, rank
+        assert len(sampler) == per_rank, rank  # what iteration yields, as the Sampler contract asks
+        shares.append(share)
+    assert not set(shares[0]) & set(shares[1])
+    # rank r takes the r-th row of each pair of the remaining order; the odd row left over sits out
+    assert shares[0] == order[consumed::2][:per_rank] and shares[1] == order[consumed + 1::2][:per_rank]
+    assert sorted(shares[0] + shares[1]) == sorted(order[consumed:consumed + 2 * per_rank])
+
+
 @pytest.mark.parametrize("num_rows", [24, 25])
 def test_two_rank_sharding_covers_every_row_once_per_epoch(tmp_path, num_rows):
     latents, texts = make_arrays(num_rows)

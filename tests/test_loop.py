@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import REPO, run_python
+from conftest import REPO, run_python, run_torchrun
 from torch import nn
 
 from fv_accel.build import build_lr_scheduler, build_optimizer
@@ -247,6 +247,93 @@ def test_clip_only_the_targets(harness: Any) -> None:
     assert "grad_norm/critic" not in row
 
 
+def test_every_clip_target_is_clipped_to_its_own_norm(harness: Any) -> None:
+    """Both trainable roles are clip targets and both gradients are far above max_grad_norm: each role's SGD
+    update must be -lr · min(1, max_norm / (norm + 1e-6)) · grad, from plain autograd on a copy."""
+    max_norm, lr = 0.05, 1.0
+    h = harness(max_grad_norm=max_norm)
+    assert h.method.clip_roles == ["student", "critic"]
+    # SGD: the update is the clipped gradient itself (AdamW's first update is ~lr·sign(grad), blind to scale).
+    for role in ("student", "critic"):
+        module = h.method.role_models[role].transformer
+        sgd = torch.optim.SGD(module.parameters(), lr=lr)
+        h.method.attach_prepared(role, module, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0))
+    ref = {r: copy.deepcopy(h.method.role_models[r].transformer) for r in ("student", "critic", "teacher")}
+    x, y = h.batches[0]
+    raw = {"student": torch.autograd.grad(student_loss(ref["student"], x, y), list(ref["student"].parameters())),
+           "critic": torch.autograd.grad(critic_loss(ref["critic"], ref["teacher"], x),
+                                         list(ref["critic"].parameters()))}
+
+    row = h.trainer.train_step(1)
+    assert row is not None
+    for role, grads in raw.items():
+        norm = torch.cat([g.flatten() for g in grads]).double().norm().item()
+        assert norm > 20 * max_norm, role  # so an unclipped update would be far off
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        assert row[f"grad_norm/{role}"] == pytest.approx(norm, rel=1e-5)  # logged before clipping
+        for after, before, g in zip(h.method.role_models[role].transformer.parameters(), ref[role].parameters(),
+                                    grads, strict=True):
+            torch.testing.assert_close(after.detach() - before.detach(), -lr * coef * g, rtol=1e-4, atol=1e-7,
+                                       msg=lambda m, role=role: f"{role}: {m}")
+        torch.testing.assert_close(h.recorder.grads[0][role], grads[0] * coef, rtol=1e-5, atol=1e-8)
+
+
+def test_dmd2_clips_the_critic_at_critic_and_generator_steps(toy_root: Path, tmp_path: Path,
+                                                              single_process_dist: Any) -> None:
+    """Real DMD2 on the tiny Wan (FSDP2, one rank), generator_update_interval 2: step 1 steps only the critic,
+    step 2 both. Every stepping role's gradients, read right before the optimizer step, must have the global
+    norm min(norm, max_norm · norm / (norm + 1e-6)), computed here from the full tensors."""
+    from fv_accel.build import build_run
+    from fv_accel.config import resolve_config
+
+    max_norm = 1e-6  # far below any gradient norm of the random tiny Wan (the student's is ~5e-4)
+    init = str(toy_root / "init")
+    cfg = resolve_config({
+        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "method": {"name": "dmd2", "generator_update_interval": 2, "dmd_denoising_steps": [1000, 500],
+                   "real_score_guidance_scale": 1.0},
+        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 2, "text_len": 8},
+                     "loop": {"max_train_steps": 2, "max_grad_norm": max_norm},
+                     "tracker": {"backends": []}, "checkpoint": {"output_dir": str(tmp_path / "out")}},
+    })
+    built = build_run(cfg, single_process_dist)
+    method = built.method
+    assert set(method.get_grad_clip_targets(1)) == {"critic"}
+    assert set(method.get_grad_clip_targets(2)) == {"student", "critic"}
+
+    clipped: list[dict[str, float]] = []
+
+    class ClippedNorms(Callback):
+        name = "clipped_norms"
+
+        def on_before_optimizer_step(self, trainer: Trainer, step: int) -> None:
+            norms = {}
+            for role in ("student", "critic"):
+                grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                         for p in method.role_models[role].transformer.parameters() if p.grad is not None]
+                if grads:
+                    norms[role] = torch.cat([g.double().flatten() for g in grads]).norm().item()
+            clipped.append(norms)
+
+    rows: list[dict[str, float]] = []
+
+    class Rows(Callback):
+        name = "rows"
+
+        def on_step_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+            rows.append(metrics)
+
+    trainer = Trainer(accelerator=single_process_dist, method=method, data=built.data, cfg=cfg,
+                      callbacks=CallbackList([ClippedNorms(), Rows()]), show_progress=False)
+    trainer.fit()
+    assert [set(c) for c in clipped] == [{"critic"}, {"student", "critic"}]  # the student has no grad at step 1
+    for step, (norms, row) in enumerate(zip(clipped, rows, strict=True), start=1):
+        for role, after in norms.items():
+            before = row[f"grad_norm/{role}"]
+            assert before > 100 * max_norm, (step, role)
+            assert after == pytest.approx(before * max_norm / (before + 1e-6), rel=1e-4), (step, role)
+
+
 def test_step_only_the_returned_optimizers_and_schedulers(harness: Any) -> None:
     h = harness(max_train_steps=4)
     h.method.step_roles = {1: ["critic"], 2: ["critic", "student"], 3: ["critic"]}
@@ -347,3 +434,25 @@ def test_recipe_exits_3_on_divergence(toy_root: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]
     assert not list(out.glob("checkpoint-*")), "a diverged run must not save a checkpoint of NaN weights"
+
+
+@pytest.mark.distributed
+def test_nonfinite_on_one_rank_is_decided_on_the_reduced_losses(tmp_path: Path) -> None:
+    """2 ranks (gloo), identical data; at step 2 only rank 0's loss is NaN (its gradient finite). skip: both
+    ranks skip step 2 (weights unchanged, still equal across ranks, one skip each); stop: both ranks stop at
+    step 2 with the non-finite error. A rank deciding on its own losses would step (skip) or run on into the
+    next collective alone (stop)."""
+    proc = run_torchrun("tests/dist_scripts/nonfinite_one_rank.py", str(tmp_path), cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        skip = r["skip"]
+        weights = [torch.tensor(w) for w in skip["weights"]]  # before step 1, after steps 1, 2, 3
+        assert skip["no_row"] == [2] and skip["num_skipped"] == 1, r["rank"]
+        assert torch.equal(weights[2], weights[1]), f"rank {r['rank']} updated at the skipped step"
+        assert not torch.equal(weights[1], weights[0]) and not torch.equal(weights[3], weights[2])
+    assert ranks[0]["skip"]["weights"] == ranks[1]["skip"]["weights"]
+    for r in ranks:
+        stop = r["stop"]
+        assert stop["outcome"] == "nonfinite" and stop["step"] == 2, (r["rank"], stop)
+        assert "non-finite value at step 2: loss (role student)" in stop["message"]

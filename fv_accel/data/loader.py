@@ -63,7 +63,8 @@ class EpochShardSampler(Sampler[int]):
         return iter(self.epoch_indices(self.epoch, self.consumed))
 
     def __len__(self) -> int:
-        return self.num_samples
+        # What __iter__ yields: the rest of the epoch after ``consumed``, trimmed, dealt over the ranks.
+        return max(self.num_rows - self.consumed, 0) // self.world_size
 
 
 _WORKER_ERROR = re.compile(r"DataError: (.*)\s*$", re.S)
@@ -134,7 +135,8 @@ class DataStream:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.loader)
+        """Of a whole epoch (``len(self.loader)`` counts only what is left of the current one)."""
+        return self.sampler.num_samples // self.batch_size
 
     @property
     def batches_in_epoch(self) -> int:
