@@ -64,7 +64,10 @@ class FinetuneMethodConfig(_Strict):
     weighting_scheme: Literal["uniform", "logit_normal"] = "uniform"
     """How training timesteps u ∈ (0, 1) are drawn before the student's flow shift is applied."""
     logit_mean: float = 0.0
+    """logit_normal only: mean of z ~ N(mean, std); σ = shift(1 − sigmoid(z)) as in diffusers' and FastVideo's
+    training scripts, so a positive mean favours *low* noise (mean 1, shift 3: median t ≈ 525)."""
     logit_std: float = Field(1.0, gt=0)
+    """logit_normal only: standard deviation of z."""
 
 
 class OptimizerConfig(_Strict):
