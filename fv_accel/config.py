@@ -4,8 +4,9 @@ Every default lives in exactly one place: the field declarations below. Unknown 
 out-of-range values fail at load time with the full key path (``training.loop.max_train_steps``) and exit
 code 2, before any weight file is read.
 
-Recipe files and command-line values are parsed with the YAML 1.2 core schema (``true`` → bool, ``3`` → int, ``[1, 2]`` → list)
-and then validated by pydantic in strict-ish mode: a string is never silently coerced into a number.
+Recipe files and command-line values are parsed with the YAML 1.2 core schema (``true`` → bool, ``3`` → int,
+``[1, 2]`` → list) and then validated by pydantic in strict-ish mode: a string is never silently coerced into
+a number.
 """
 
 from __future__ import annotations
