@@ -338,10 +338,14 @@ _YamlLoader.add_constructor(_INT, _construct_core_int)
 
 
 class _YamlDumper(yaml.SafeDumper):
-    """Quotes every string that ``_YamlLoader`` would read as another type (SafeDumper asks YAML 1.1, which
-    would write the string "1e-4" or "0o10" plain, and the resolved config would not load back as itself)."""
+    """Quotes every string that YAML 1.2 *or* 1.1 would read as another type. SafeDumper asks only YAML 1.1,
+    which would write the string "1e-4" or "0o10" plain, and the resolved config would not load back as
+    itself; keeping the 1.1 rules too keeps "1:30" or "off" quoted for readers that still use YAML 1.1."""
 
-    yaml_implicit_resolvers = _YamlLoader.yaml_implicit_resolvers
+    yaml_implicit_resolvers = {
+        first: _YamlLoader.yaml_implicit_resolvers.get(first, []) + yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])
+        for first in {*_YamlLoader.yaml_implicit_resolvers, *yaml.SafeDumper.yaml_implicit_resolvers}
+    }
 
 
 def _yaml_load(text: str) -> Any:

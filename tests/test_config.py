@@ -270,11 +270,13 @@ def test_resolved_config_roundtrip(model_dir: Path, tmp_path: Path) -> None:
     assert raw["callbacks"]["validation"] is None
     again = load_config(str(path), [])
     assert again == cfg
-    # Strings that YAML 1.2 would read as numbers are quoted in the file, so they load back as strings.
-    for text in ("1e-4", "0o10", "010", "1:30"):
+    # Strings that YAML 1.2 (or 1.1) would read as another type are quoted in the file, so they load back as
+    # strings, in fv_accel and in a YAML 1.1 reader alike.
+    for text in ("1e-4", "0o10", "010", "1:30", "off"):
         quoted = resolve_config(_base(model_dir), parse_overrides([f"--training.checkpoint.output_dir='{text}'"]))
         quoted_path = write_resolved_config(quoted, tmp_path / "q")
         assert load_config(str(quoted_path), []).training.checkpoint.output_dir == text
+        assert yaml.safe_load(quoted_path.read_text())["training"]["checkpoint"]["output_dir"] == text
     # And it is a valid recipe: re-loading with an override changes just that key.
     again = load_config(str(path), ["--training.loop.max_train_steps=12"])
     assert again.training.loop.max_train_steps == 12
