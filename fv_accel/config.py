@@ -343,7 +343,8 @@ class _YamlDumper(yaml.SafeDumper):
     itself; keeping the 1.1 rules too keeps "1:30" or "off" quoted for readers that still use YAML 1.1."""
 
     yaml_implicit_resolvers = {
-        first: _YamlLoader.yaml_implicit_resolvers.get(first, []) + yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])
+        first: [*_YamlLoader.yaml_implicit_resolvers.get(first, []),
+                *yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])]
         for first in {*_YamlLoader.yaml_implicit_resolvers, *yaml.SafeDumper.yaml_implicit_resolvers}
     }
 

@@ -28,11 +28,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: Dense (no sparsity) peak TFLOP/s per device in bf16, keyed by a substring of ``torch.cuda.get_device_name()``;
-#: ``peak_bf16_tflops`` picks the longest key that matches, so "H100 NVL" beats "H100" and "GB200" beats "B200".
-#: Sources: NVIDIA's datasheets, whose bf16 figures are "with sparsity", halved here. H100 (SXM 1,979 → 989;
-#: PCIe 1,513 → 756; NVL 1,671 per GPU → 835); H800 product brief (SXM 989, PCIe 756, as H100); H200 (SXM 989,
-#: NVL 1,671 → 835); HGX B200 (36 PF for 8 GPUs → 2250 each); GB200 NVL72 (10 PF per superchip of 2 GPUs → 2500).
+#: Dense (no sparsity) peak TFLOP/s per device in bf16, keyed by a substring of
+#: ``torch.cuda.get_device_name()``; ``peak_bf16_tflops`` picks the longest key that matches, so "H100 NVL"
+#: beats "H100" and "GB200" beats "B200". Sources: NVIDIA's datasheets, whose bf16 figures are "with
+#: sparsity", halved here. H100 (SXM 1,979 → 989; PCIe 1,513 → 756; NVL 1,671 per GPU → 835); H800 product
+#: brief (SXM 989, PCIe 756, as H100); H200 (SXM 989, NVL 1,671 → 835); HGX B200 (36 PF for 8 GPUs → 2250
+#: each); GB200 NVL72 (10 PF per superchip of 2 GPUs → 2500 each).
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989.0),
     ("H200 NVL", 835.0),
