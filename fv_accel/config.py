@@ -4,14 +4,17 @@ Every default lives in exactly one place: the field declarations below. Unknown 
 out-of-range values fail at load time with the full key path (``training.loop.max_train_steps``) and exit
 code 2, before any weight file is read.
 
-Command-line values are parsed with YAML's scalar rules (``true`` → bool, ``3`` → int, ``[1, 2]`` → list)
-and then validated by pydantic in strict-ish mode: a string is never silently coerced into a number.
+Recipe files and command-line values are parsed with the YAML 1.2 core schema (``true`` → bool, ``3`` → int,
+``[1, 2]`` → list) and then validated by pydantic in strict-ish mode: a string is never silently coerced into
+a number.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -64,7 +67,10 @@ class FinetuneMethodConfig(_Strict):
     weighting_scheme: Literal["uniform", "logit_normal"] = "uniform"
     """How training timesteps u ∈ (0, 1) are drawn before the student's flow shift is applied."""
     logit_mean: float = 0.0
+    """logit_normal only: mean of z ~ N(mean, std); σ = shift(1 − sigmoid(z)) as in diffusers' and FastVideo's
+    training scripts, so a positive mean favours *low* noise (mean 1, shift 3: median t ≈ 525)."""
     logit_std: float = Field(1.0, gt=0)
+    """logit_normal only: standard deviation of z."""
 
 
 class OptimizerConfig(_Strict):
@@ -286,33 +292,84 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-4`` as the *string* "1e-4", which the
-    strict schema would then reject as a learning rate."""
+    """SafeLoader with the YAML 1.2 core schema's implicit types, for recipe files and overrides alike.
+
+    PyYAML implements YAML 1.1, where ``1e-4`` is the *string* "1e-4" (the strict schema would reject it as a
+    learning rate), ``010`` is 8 (octal), ``1:30`` is 90 (base 60), ``off`` is False and ``2024-01-01`` a date.
+    Here ints are ``[-+]?[0-9]+`` (decimal, leading zeros allowed), ``0o17`` or ``0x1f``; floats need a point
+    or an exponent; booleans are only true/false; everything else plain is a string.
+    """
 
 
+_INT, _FLOAT, _BOOL = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+_YAML11_ONLY = {_INT, _FLOAT, _BOOL, "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"}
+# A fresh table (never the inherited SafeLoader one) without the YAML 1.1 resolvers; null and merge stay.
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [r for r in resolvers if r[0] not in _YAML11_ONLY]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                 |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                 |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+_YamlLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?
+                 |[-+]?[0-9]+[eE][-+]?[0-9]+
                  |[-+]?\.(?:inf|Inf|INF)
                  |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."),
 )
-# YAML 1.2 booleans: only true/false. PyYAML (YAML 1.1) also reads yes/no/on/off as booleans, which would turn
-# ``compile: off`` or ``--models.student.compile=off`` into False.
-_YAML_BOOL = "tag:yaml.org,2002:bool"
-for _first, _resolvers in list(_YamlLoader.yaml_implicit_resolvers.items()):
-    _YamlLoader.yaml_implicit_resolvers[_first] = [r for r in _resolvers if r[0] != _YAML_BOOL]
-_YamlLoader.add_implicit_resolver(_YAML_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    # PyYAML's constructor would read "010" as octal and "1:30" as base 60 (YAML 1.1).
+    text = loader.construct_scalar(node)
+    try:
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a YAML 1.2 integer",
+                                                node.start_mark) from None
+
+
+_YamlLoader.add_constructor(_INT, _construct_core_int)
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.2 *or* 1.1 would read as another type. SafeDumper asks only YAML 1.1,
+    which would write the string "1e-4" or "0o10" plain, and the resolved config would not load back as
+    itself; keeping the 1.1 rules too keeps "1:30" or "off" quoted for readers that still use YAML 1.1."""
+
+    yaml_implicit_resolvers = {
+        first: [*_YamlLoader.yaml_implicit_resolvers.get(first, []),
+                *yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])]
+        for first in {*_YamlLoader.yaml_implicit_resolvers, *yaml.SafeDumper.yaml_implicit_resolvers}
+    }
 
 
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def _comment_start(text: str) -> int | None:
+    """Index of the first ``#`` that YAML reads as a comment (one outside every token), or None."""
+    spans = [(tok.start_mark.index, tok.end_mark.index) for tok in yaml.scan(text, Loader=_YamlLoader)]
+    for i, char in enumerate(text):
+        if char == "#" and not any(a <= i < b for a, b in spans):
+            return i
+    return None
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
-    """``--a.b=v`` or ``--a.b v`` → [("a.b", parsed v)]. Values use YAML scalar/list syntax."""
+    """``--a.b=v`` or ``--a.b v`` → [("a.b", parsed v)]. Values use YAML scalar/list syntax (``_YamlLoader``).
+
+    A value in which YAML would see a comment (``--a.b='run #3'`` → "run", ``--a.b='#ff'`` → null) is an
+    error rather than kept literally: the shell already dropped unquoted ``#…``, so a ``#`` that arrives was
+    quoted on purpose, and neither truncating it nor guessing a string type for ``5 # steps`` is safe.
+    Quoted as a YAML string (``--a.b='"run #3"'``) it is kept.
+    """
     overrides: list[tuple[str, Any]] = []
     i = 0
     while i < len(argv):
@@ -327,8 +384,14 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             i += 1
         try:
             value = _yaml_load(raw) if raw != "" else ""
+            comment = _comment_start(raw) if "#" in raw else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override --{key}: cannot parse value {raw!r}: {exc}") from None
+        if comment is not None:
+            raise ConfigError(
+                f"override --{key}: YAML would drop {raw[comment:]!r} from {raw!r} as a comment; to keep the "
+                f"text, quote it as a YAML string: --{key}={shlex.quote(json.dumps(raw))}"
+            )
         overrides.append((key, value))
         i += 1
     return overrides
@@ -455,7 +518,7 @@ def check_model_source(key: str, model_cfg: ModelConfig) -> None:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_YamlDumper, sort_keys=False)
 
 
 def write_resolved_config(cfg: RunConfig, output_dir: str | os.PathLike[str]) -> Path:

@@ -28,21 +28,36 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: Dense (no sparsity) peak TFLOP/s per device in bf16, matched against ``torch.cuda.get_device_name()``
-#: (first substring that matches wins, so the more specific names come first).
+#: Dense (no sparsity) peak TFLOP/s per device in bf16, keyed by a substring of
+#: ``torch.cuda.get_device_name()``; ``peak_bf16_tflops`` picks the longest key that matches, so "H100 NVL"
+#: beats "H100" and "GB200" beats "B200". Sources: NVIDIA's datasheets, whose bf16 figures are "with
+#: sparsity", halved here. H100 (SXM 1,979 → 989; PCIe 1,513 → 756; NVL 1,671 per GPU → 835); H800 product
+#: brief (SXM 989, PCIe 756, as H100); H200 (SXM 989, NVL 1,671 → 835); HGX B200 (36 PF for 8 GPUs → 2250
+#: each); GB200 NVL72 (10 PF per superchip of 2 GPUs → 2500 each).
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200", 989.0),
-    ("H100 PCIe", 756.0),
+    ("H200 NVL", 835.0),
     ("H100", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H800", 989.0),
+    ("H800 PCIe", 756.0),
     ("GH200", 989.0),
     ("B200", 2250.0),
+    ("GB200", 2500.0),
     ("A100", 312.0),
     ("A800", 312.0),
     ("L40S", 362.0),
     ("A10G", 70.0),
     ("RTX 4090", 165.0),
 )
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of the GPU called ``device_name``: the most specific (longest) matching table key, so a
+    variant with its own figure is never read as its family's first entry; None for an unknown GPU."""
+    matches = [(len(key), value) for key, value in PEAK_BF16_TFLOPS if key in device_name]
+    return max(matches)[1] if matches else None
 
 
 @dataclass(frozen=True)
@@ -132,11 +147,7 @@ def peak_tflops_per_device(device: Any, mixed_precision: str, configured: float 
         return None
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BF16_TFLOPS:
-        if key in name:
-            return value
-    return None
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))
 
 
 def format_flops(value: float) -> str:

@@ -58,12 +58,18 @@ def sample_training_timesteps(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
 ) -> torch.Tensor:
-    """Draw t ∈ (0, 1000) for flow-matching training: u ~ scheme, then the role's shift."""
+    """Draw t ∈ (0, 1000) for flow-matching training: u ~ scheme, then the role's shift.
+
+    ``logit_normal`` follows diffusers' and FastVideo's training scripts: there ``sigmoid(N(mean, std))`` is a
+    position along the scheduler's *descending* timesteps (position 0 = pure noise), so σ = shift(1 − sigmoid(z)).
+    A positive ``logit_mean`` therefore moves mass toward *low* noise (median t = 1000·shift(1 − sigmoid(mean))),
+    and recipes tuned there mean the same here. Unlike those scripts, t is not rounded to a 1000-step grid.
+    """
     if scheme == "uniform":
         u = torch.rand(batch_size, generator=generator, device=device)
     elif scheme == "logit_normal":
         z = torch.randn(batch_size, generator=generator, device=device) * logit_std + logit_mean
-        u = torch.sigmoid(z)
+        u = torch.sigmoid(-z)  # = 1 − sigmoid(z): the diffusers position counted from the low-noise end
     else:
         raise ValueError(f"unknown timestep weighting scheme {scheme!r}")
     u = u.clamp(1e-4, 1 - 1e-4)

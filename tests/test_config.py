@@ -185,6 +185,50 @@ def test_off_and_on_are_strings_yes_is_not_a_bool(model_dir: Path, tmp_path: Pat
     assert "models.student.trainable" in message and "'yes'" in message
 
 
+def test_yaml_12_integers_in_overrides(model_dir: Path) -> None:
+    """YAML 1.2 core ints: leading zeros are decimal, octal needs 0o, no base 60 (PyYAML: 8, 8, 31, 90)."""
+    values = dict(parse_overrides(["--a=010", "--b=0o10", "--c=0x1f", "--d=-07", "--e=1:30", "--f=[010, 0x10]",
+                                   "--g=1_000", "--h=2024-01-01"]))
+    assert values == {"a": 10, "b": 8, "c": 31, "d": -7, "e": "1:30", "f": [10, 16], "g": "1_000",
+                      "h": "2024-01-01"}
+    assert all(type(values[k]) is int for k in "abcd")
+    cfg = resolve_config(_base(model_dir), parse_overrides(["--training.loop.max_train_steps=010"]))
+    assert cfg.training.loop.max_train_steps == 10
+    # "1:30" stays a string, which the strict schema rejects where a number is expected.
+    message = _error(_base(model_dir), ["--training.loop.max_train_steps=1:30"])
+    assert "training.loop.max_train_steps" in message and "'1:30'" in message
+
+
+def test_yaml_12_integers_in_config_files(model_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_base(model_dir)) + "training:\n  loop:\n    max_train_steps: 010\n"
+                      "    gradient_accumulation_steps: 0x1f\n  checkpoint:\n    save_steps: 0o10\n")
+    cfg = load_config(str(recipe), [])
+    assert (cfg.training.loop.max_train_steps, cfg.training.loop.gradient_accumulation_steps) == (10, 31)
+    assert cfg.training.checkpoint.save_steps == 8
+    recipe.write_text(recipe.read_text().replace("max_train_steps: 010", "max_train_steps: 1:30"))
+    with pytest.raises(ConfigError, match=r"training\.loop\.max_train_steps.*'1:30'"):
+        load_config(str(recipe), [])
+
+
+@pytest.mark.parametrize(("raw", "dropped"), [("run #3", "#3"), ("#ff0000", "#ff0000"), ("5 # steps", "# steps")])
+def test_override_comment_is_an_error_naming_the_key(raw: str, dropped: str) -> None:
+    # PyYAML would read these as "run", None and 5.
+    with pytest.raises(ConfigError) as info:
+        parse_overrides([f"--training.checkpoint.output_dir={raw}"])
+    message = str(info.value)
+    assert message.startswith("override --training.checkpoint.output_dir:")
+    assert repr(dropped) in message and "quote" in message
+    # The same through the two-argument form; and the quoted form the message suggests keeps the text.
+    with pytest.raises(ConfigError, match="training.checkpoint.output_dir"):
+        parse_overrides(["--training.checkpoint.output_dir", raw])
+    assert parse_overrides([f"--k={json.dumps(raw)}", "--j", f"'{raw}'"]) == [("k", raw), ("j", raw)]
+
+
+def test_hash_without_a_space_is_plain_text() -> None:
+    assert parse_overrides(["--a=run#3", "--b", "[x#1, y]"]) == [("a", "run#3"), ("b", ["x#1", "y"])]
+
+
 def test_override_switches_method_and_sets_a_list(model_dir: Path) -> None:
     roles = [f"--models.teacher.init_from={model_dir}", "--models.teacher.trainable=false",
              f"--models.critic.init_from={model_dir}"]
@@ -226,6 +270,13 @@ def test_resolved_config_roundtrip(model_dir: Path, tmp_path: Path) -> None:
     assert raw["callbacks"]["validation"] is None
     again = load_config(str(path), [])
     assert again == cfg
+    # Strings that YAML 1.2 (or 1.1) would read as another type are quoted in the file, so they load back as
+    # strings, in fv_accel and in a YAML 1.1 reader alike.
+    for text in ("1e-4", "0o10", "010", "1:30", "off"):
+        quoted = resolve_config(_base(model_dir), parse_overrides([f"--training.checkpoint.output_dir='{text}'"]))
+        quoted_path = write_resolved_config(quoted, tmp_path / "q")
+        assert load_config(str(quoted_path), []).training.checkpoint.output_dir == text
+        assert yaml.safe_load(quoted_path.read_text())["training"]["checkpoint"]["output_dir"] == text
     # And it is a valid recipe: re-loading with an override changes just that key.
     again = load_config(str(path), ["--training.loop.max_train_steps=12"])
     assert again.training.loop.max_train_steps == 12

@@ -9,6 +9,7 @@ from fv_accel.flops import (
     PassCount,
     StepFlops,
     format_flops,
+    peak_bf16_tflops,
     peak_tflops_per_device,
     training_flops,
     wan_forward_flops,
@@ -91,6 +92,26 @@ def test_pass_counts_to_step_flops():
     assert step({"student": PassCount(2, 1)}, (16, 2, 8, 8), 8) == 4 * per
     assert step({}, (16, 2, 8, 8), 8) is None  # the method reported nothing: no MFU
     assert step({"other": PassCount(1, 0)}, (16, 2, 8, 8), 8) is None  # a family without a FLOP model
+
+
+@pytest.mark.parametrize(("device_name", "expected"), [
+    # Dense bf16 per GPU from NVIDIA's datasheets (their "with sparsity" figures halved).
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H800 PCIe", 756.0),
+    ("NVIDIA GB200", 2500.0),
+    ("NVIDIA B200", 2250.0),
+    ("NVIDIA H100 80GB HBM3", 989.0),  # the SXM part's device name
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA H800", 989.0),
+    ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA GeForce GTX 1080", None),
+    ("", None),
+])
+def test_peak_bf16_tflops_picks_the_most_specific_name(device_name: str, expected: float | None) -> None:
+    assert peak_bf16_tflops(device_name) == expected
 
 
 def test_peak_table_and_format():

@@ -108,13 +108,41 @@ def test_logit_normal_timesteps_range_and_quantiles() -> None:
     assert (t <= 500.0).float().mean().item() == pytest.approx(0.5, abs=0.015)
     assert (t <= 1000 * torch.sigmoid(torch.tensor(1.0)).item()).float().mean().item() == pytest.approx(
         0.8413, abs=0.015)
-    # logit_mean shifts the median: sigmoid(1.5) with mean 1.5.
+    # logit_mean moves the median to 1000·(1 − sigmoid(1.5)) = 1000 / (1 + e^1.5) ≈ 182: a positive mean means
+    # *less* noise (diffusers' direction; this line used to expect sigmoid(1.5) ≈ 818, the reversed convention).
     tm = _sample("logit_normal", 1.0, logit_mean=1.5)
-    assert tm.median().item() == pytest.approx(1000 / (1 + math.exp(-1.5)), rel=0.02)
+    assert tm.median().item() == pytest.approx(1000 / (1 + math.exp(1.5)), rel=0.02)
     # A huge std piles samples onto the clamp boundaries, which keep t inside (0, 1000).
     wide = _sample("logit_normal", 1.0, logit_std=50.0)
     assert wide.min().item() == pytest.approx(0.1, abs=1e-3)
     assert wide.max().item() == pytest.approx(999.9, abs=1e-2)
+
+
+def test_logit_normal_median_follows_diffusers_direction_by_hand() -> None:
+    # diffusers/FastVideo: u = sigmoid(N(1, 1)) indexes the descending schedule, so σ = shift(1 − u) and the
+    # median is 1000·shift(1 − sigmoid(1)) with shift 3: 1 − sigmoid(1) = 0.268941,
+    # 3·0.268941 / (1 + 2·0.268941) = 0.524633 → t ≈ 524.6 (the reversed convention gives ≈ 890.7).
+    t = _sample("logit_normal", 3.0, n=40000, logit_mean=1.0)
+    assert t.median().item() == pytest.approx(524.6, abs=6.0)
+    # Quartiles by hand too: z = 1 ± 0.674490 → u = sigmoid(z); t = 1000·shift(1 − u).
+    for q, z in ((0.25, 1.0 + 0.674490), (0.75, 1.0 - 0.674490)):
+        v = 1 - 1 / (1 + math.exp(-z))
+        assert t.quantile(q).item() == pytest.approx(1000 * 3 * v / (1 + 2 * v), abs=8.0)
+
+
+def test_logit_normal_matches_the_diffusers_training_recipe() -> None:
+    # The recipe of diffusers' flow-matching training scripts, run with diffusers' own code: u from
+    # compute_density_for_timestep_sampling indexes FlowMatchEulerDiscreteScheduler(shift).timesteps.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    u = compute_density_for_timestep_sampling("logit_normal", 40000, logit_mean=1.0, logit_std=0.7,
+                                              generator=torch.Generator().manual_seed(1))
+    ref = scheduler.timesteps[(u * 1000).long()]
+    ours = _sample("logit_normal", 3.0, n=40000, logit_mean=1.0, logit_std=0.7)
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert ours.quantile(q).item() == pytest.approx(ref.quantile(q).item(), abs=8.0), q
 
 
 def test_timestep_sampling_is_deterministic_per_generator() -> None:

@@ -11,7 +11,6 @@ and step counts, both LR schedulers, EMA shards, data positions, per-rank RNG.
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,8 @@ import yaml
 from conftest import REPO, run_2proc
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from fv_accel.checkpoint.manager import load_rng_file
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -84,7 +85,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def rng_states(path: Path) -> list[dict[str, Any]]:
-    return [pickle.loads((path / f"random_state.rank{r}.pt").read_bytes()) for r in range(2)]  # noqa: S301
+    return [load_rng_file(path / f"random_state.rank{r}.pt") for r in range(2)]
 
 
 def assert_same_rng(a: Any, b: Any, where: str) -> None:

@@ -157,10 +157,24 @@ class _CallbackState(Stateful):
         self.callback.load_state_dict(state_dict)
 
 
+#: Opt-in for reading random-state files written before RNG_FORMAT (plain pickles, which can run code).
+ALLOW_PICKLE_RNG_ENV = "FV_ACCEL_ALLOW_PICKLE_RNG"
+#: Version of the random-state file: tensors and plain data written by torch.save, read with weights_only.
+RNG_FORMAT = 1
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) container; the old files were bare pickles
+
+
 def capture_rng_state(method: TrainingMethod) -> dict[str, Any]:
+    """This rank's RNG states as tensors and plain data only, so the file loads with ``weights_only=True``."""
+    py_version, py_words, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "format": RNG_FORMAT,
+        # Mersenne Twister words are < 2**32: int64 holds them exactly.
+        "python": {"version": py_version, "words": torch.tensor(py_words, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
         "torch": torch.get_rng_state(),
         "method": method.random_state(),
     }
@@ -170,12 +184,56 @@ def capture_rng_state(method: TrainingMethod) -> dict[str, Any]:
 
 
 def restore_rng_state(method: TrainingMethod, state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Inverse of ``capture_rng_state``; also takes the pre-format dict of an opted-in old pickle file."""
+    if "format" in state:
+        py, nps = state["python"], state["numpy"]
+        random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss_next"]))
+        np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                             nps["cached_gaussian"]))
+    else:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     method.load_random_state(state["method"])
+
+
+def save_rng_file(state: dict[str, Any], path: Path) -> None:
+    """Write ``capture_rng_state``'s dict atomically (tmp, fsync, rename)."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_rng_file(path: Path) -> dict[str, Any]:
+    """Read a random-state file without running code from it.
+
+    Current files go through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+    data. Files from before RNG_FORMAT are bare pickles: a checkpoint from elsewhere could run arbitrary code
+    when unpickled, so they are read only when ``FV_ACCEL_ALLOW_PICKLE_RNG=1`` says this checkpoint is trusted.
+    """
+    with open(path, "rb") as fh:
+        is_zip = fh.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    if not is_zip:
+        if os.environ.get(ALLOW_PICKLE_RNG_ENV) != "1":
+            raise CheckpointError(
+                f"{path}: random state in the old pickle format, which can run arbitrary code when read; "
+                f"if you trust this checkpoint, rerun with {ALLOW_PICKLE_RNG_ENV}=1 to read it")
+        logger.warning("%s: reading an old pickled random-state file (%s=1)", path, ALLOW_PICKLE_RNG_ENV)
+        with open(path, "rb") as fh:
+            return pickle.load(fh)  # noqa: S301 - the user opted in for this checkpoint
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refusals are UnpicklingError; a damaged zip is RuntimeError
+        raise CheckpointError(f"{path}: not a readable random-state file (only tensors and plain data are "
+                              f"loaded): {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
+        raise CheckpointError(f"{path}: not a random-state file of format {RNG_FORMAT}")
+    return state
 
 
 class CheckpointManager:
@@ -243,13 +301,7 @@ class CheckpointManager:
             states.pop(f"optimizers.{role}", None)
         dcp.save(states, checkpoint_id=str(partial))
         # After the collective save: collectives (and DCP's planning) may advance RNG on some backends.
-        rng = capture_rng_state(self.method)
-        rng_file = partial / f"random_state.rank{_rank()}.pt"
-        with open(rng_file.with_suffix(".tmp"), "wb") as fh:
-            pickle.dump(rng, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(rng_file.with_suffix(".tmp"), rng_file)
+        save_rng_file(capture_rng_state(self.method), partial / f"random_state.rank{_rank()}.pt")
         _barrier()
         if _rank() == 0:
             meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
@@ -378,5 +430,4 @@ class CheckpointManager:
         if not rng_file.is_file():
             logger.warning("%s has no random state for rank %d; continuing with fresh RNG", path, _rank())
             return
-        with open(rng_file, "rb") as fh:
-            restore_rng_state(self.method, pickle.load(fh))  # noqa: S301 - our own file
+        restore_rng_state(self.method, load_rng_file(rng_file))
