@@ -156,7 +156,7 @@ class DataConfig(_Strict):
     negative_prompt_path: str = ""
     """Parquet (text-only schema, first row used) with the negative-prompt embedding, e.g. the
     ``_negative_prompt.parquet`` written by ``recipes/preprocess.py --negative-prompt``; every batch then carries
-    it as the unconditional embedding. "" = none (zeros)."""
+    it as the unconditional embedding, and validation's CFG uses the same one. "" = none (zeros)."""
 
     @field_validator("data_path")
     @classmethod
