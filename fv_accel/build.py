@@ -18,7 +18,7 @@ from fv_accel.config import OptimizerConfig, RunConfig
 from fv_accel.data import DataStream, build_data_stream
 from fv_accel.errors import ConfigError, DataError
 from fv_accel.methods import TrainingMethod, method_class
-from fv_accel.models import ModelBase, load_role_model
+from fv_accel.models import ModelBase, load_role_model, resolve_latent_stats
 from fv_accel.runtime import assert_fsdp2_sharded
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, n
 
 
 def load_roles(cfg: RunConfig, mixed_precision: str) -> dict[str, ModelBase]:
-    return {role: load_role_model(role, mcfg, mixed_precision=mixed_precision)
+    # Statistics of every role first (Hub ones included): a missing or mismatched latent space stops the run
+    # (exit 2) before any weights are read.
+    stats = resolve_latent_stats(cfg.models)
+    return {role: load_role_model(role, mcfg, mixed_precision=mixed_precision, latent_stats=stats[role])
             for role, mcfg in cfg.models.items()}
 
 

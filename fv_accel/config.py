@@ -58,6 +58,13 @@ class ModelConfig(_Strict):
     compile: Literal["off", "regional"] = "off"
     """``regional``: ``torch.compile`` each transformer block before sharding (torchtitan-style); compiles
     once per block shape, so the first steps are slow."""
+    latent_stats: str = Field("auto", min_length=1)
+    """Where the statistics that normalise this role's latents, (x − mean) / std, come from. ``auto``: the
+    ``vae/config.json`` of ``init_from`` (a pipeline; exit 2 when it has none, e.g. a transformer-only
+    download); ``identity``: the data is already in the transformer's space (mean 0, std 1; validation then
+    draws latents without a VAE); anything else: a pipeline or VAE directory, or Hub id, whose ``vae/config.json``
+    (or ``config.json``) holds ``latents_mean`` and ``latents_std`` (its VAE decodes validation videos). All
+    roles share one latent space: different statistics between roles are an error."""
 
 
 class FinetuneMethodConfig(_Strict):
@@ -155,7 +162,7 @@ class DataConfig(_Strict):
     negative_prompt_path: str = ""
     """Parquet (text-only schema, first row used) with the negative-prompt embedding, e.g. the
     ``_negative_prompt.parquet`` written by ``recipes/preprocess.py --negative-prompt``; every batch then carries
-    it as the unconditional embedding. "" = none (zeros)."""
+    it as the unconditional embedding, and validation's CFG uses the same one. "" = none (zeros)."""
 
     @field_validator("data_path")
     @classmethod
@@ -460,6 +467,7 @@ def resolve_config(base: dict[str, Any], overrides: list[tuple[str, Any]] = ()) 
         raise ConfigError(_format_validation_error(exc)) from None
     for role, model_cfg in cfg.models.items():
         check_model_source(f"models.{role}", model_cfg)
+    check_latent_stats(cfg)
     check_validation_prompts(cfg)
     return cfg
 
@@ -515,6 +523,20 @@ def check_model_source(key: str, model_cfg: ModelConfig) -> None:
                 f"{key}.init_from: {source!r} is not a local directory and is not in the Hub cache "
                 "(HF_HUB_OFFLINE=1 forbids downloading it)"
             )
+
+
+def check_latent_stats(cfg: RunConfig) -> None:
+    """Every role's latent statistics must be found, and be the same for all roles (exit 2); reads JSON files
+    only. Local sources are checked here, a Hub id when the roles load (``fv_accel.build.load_roles``)."""
+    from fv_accel.models import resolve_latent_stats  # lazy: fv_accel.models imports this module
+
+    resolve_latent_stats(cfg.models, include_hub=False)
+
+
+def is_hub_id(source: str) -> bool:
+    """``owner/name`` with nothing of that name on disk (a model source to fetch from the Hub)."""
+    return (not Path(source).expanduser().exists() and not source.startswith((".", "/", "~"))
+            and bool(_HUB_ID.match(source)))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -216,7 +216,9 @@ def finetune_default_config(root: Path = TOY_ROOT, output_dir: str | None = None
     data = ensure_toy_data(root)
     init = ensure_teacher_init(root)
     return {
-        "models": {"student": {"family": "wan", "init_from": str(init), "trainable": True, "flow_shift": 3.0}},
+        # The toy world has no VAE: its latents are generated with RMS 1 and used as they are.
+        "models": {"student": {"family": "wan", "init_from": str(init), "trainable": True, "flow_shift": 3.0,
+                               "latent_stats": "identity"}},
         "method": {"name": "finetune", "weighting_scheme": "uniform"},
         "training": {
             "data": {"data_path": str(data), "seed": 0, "train_batch_size": 32, "text_len": 8},
@@ -284,9 +286,10 @@ def distill_default_config(root: Path = TOY_ROOT, output_dir: str | None = None,
     teacher = str(teacher_dir or toy_teacher_dir(root))
     return {
         "models": {
-            "student": {"family": "wan", "init_from": teacher, "trainable": True, "flow_shift": 3.0},
+            "student": {"family": "wan", "init_from": teacher, "trainable": True, "flow_shift": 3.0,
+                        "latent_stats": "identity"},
             "teacher": {"family": "wan", "init_from": teacher, "trainable": False, "flow_shift": 3.0,
-                        "frozen_dtype": "fp32"},
+                        "frozen_dtype": "fp32", "latent_stats": "identity"},
         },
         "method": {
             "name": "dmd2",

@@ -34,7 +34,7 @@ def model_dir(tmp_path: Path) -> Path:
 
 def _base(model_dir: Path, **training: Any) -> dict[str, Any]:
     return {
-        "models": {"student": {"family": "wan", "init_from": str(model_dir)}},
+        "models": {"student": {"family": "wan", "init_from": str(model_dir), "latent_stats": "identity"}},
         "method": {"name": "finetune"},
         "training": training,
     }
@@ -231,7 +231,8 @@ def test_hash_without_a_space_is_plain_text() -> None:
 
 def test_override_switches_method_and_sets_a_list(model_dir: Path) -> None:
     roles = [f"--models.teacher.init_from={model_dir}", "--models.teacher.trainable=false",
-             f"--models.critic.init_from={model_dir}"]
+             "--models.teacher.latent_stats=identity", f"--models.critic.init_from={model_dir}",
+             "--models.critic.latent_stats=identity"]
     argv = [*roles, "--method.name=dmd2", "--method.dmd_denoising_steps=[1000, 500]", "--method.rollout_mode",
             "data_latent"]
     cfg = resolve_config(_base(model_dir), parse_overrides(argv))

@@ -441,8 +441,9 @@ def test_text_only_data_drives_dmd2_simulate(toy_root, tmp_path):
     init = str(toy_root / "init")
     out = tmp_path / "dmd2"
     cfg = {
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False},
-                   "critic": {"init_from": init}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"},
+                   "critic": {"init_from": init, "latent_stats": "identity"}},
         "method": {"name": "dmd2", "rollout_mode": "simulate", "dmd_denoising_steps": [1000, 500],
                    "generator_update_interval": 2, "uncond": "negative_prompt"},
         "training": {

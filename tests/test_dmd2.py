@@ -72,7 +72,8 @@ def test_gating_over_seven_steps() -> None:
 def _config(toy_root: Path, out: Path, **method: Any) -> RunConfig:
     init = str(toy_root / "init")
     return resolve_config({
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"}},
         "method": {"name": "dmd2", "generator_update_interval": 3, "dmd_denoising_steps": [1000, 500], **method},
         "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 2, "text_len": 8},
                      "loop": {"max_train_steps": 7},

@@ -14,7 +14,8 @@ def write_recipe(path: Path, toy_root: Path, out: Path, **extra_method: object) 
     """A tiny dmd2 recipe over the toy data with the random tiny Wan as teacher (fast; quality irrelevant)."""
     init = str(toy_root / "init")
     recipe = {
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"}},
         "method": {"name": "dmd2", "dmd_denoising_steps": [1000, 750, 500, 250], **extra_method},
         "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 2, "text_len": 8},
                      "loop": {"max_train_steps": 7}, "tracker": {"backends": []},

@@ -85,7 +85,8 @@ def test_dry_run_dmd2_prints_every_role(toy_root, tmp_path):
     out = tmp_path / "run"
     init = str(toy_root / "init")
     config = {
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"}},
         "method": {"name": "dmd2", "generator_update_interval": 5},
         "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 4, "text_len": 8},
                      "loop": {"max_train_steps": 10}, "checkpoint": {"output_dir": str(out)}},

@@ -22,7 +22,8 @@ def pipeline_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     root = tmp_path_factory.mktemp("pipe")
     pipe_dir = build_tiny_wan_pipeline(root / "tiny-wan", toy_root / "init" / "transformer")
     out = root / "run"
-    args = ["recipes/finetune.py", f"--models.student.init_from={pipe_dir}",
+    # A pipeline: its VAE normalises the toy latents and decodes the validation videos (the toy recipe says identity).
+    args = ["recipes/finetune.py", f"--models.student.init_from={pipe_dir}", "--models.student.latent_stats=auto",
             f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
             "--training.loop.max_train_steps=1", "--training.data.train_batch_size=4",
             "--training.optimizer.lr_warmup_steps=0",

@@ -30,7 +30,7 @@ def test_hub_id_from_the_offline_cache_trains_validates_and_exports(toy_root: Pa
     snapshot = populate_hf_cache(hf_home, pipeline)
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     run = tmp_path / "run"
-    proc = run_python(["recipes/finetune.py", f"--models.student.init_from={REPO_ID}",
+    proc = run_python(["recipes/finetune.py", f"--models.student.init_from={REPO_ID}", "--models.student.latent_stats=auto",
                        f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={run}",
                        "--training.loop.max_train_steps=1", "--training.data.train_batch_size=4",
                        "--callbacks.validation.every_steps=1", "--callbacks.validation.num_samples=1",

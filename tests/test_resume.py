@@ -39,8 +39,10 @@ def dmd2_config(toy_root: Path, out: Path) -> dict[str, Any]:
     768 rows, 64 per batch and rank → 6 batches per epoch: epoch 1 starts at step 7."""
     init = str(toy_root / "init")
     return {
-        "models": {"student": {"family": "wan", "init_from": init, "trainable": True, "flow_shift": 3.0},
-                   "teacher": {"family": "wan", "init_from": init, "trainable": False, "flow_shift": 3.0}},
+        "models": {"student": {"family": "wan", "init_from": init, "trainable": True, "flow_shift": 3.0,
+                               "latent_stats": "identity"},
+                   "teacher": {"family": "wan", "init_from": init, "trainable": False, "flow_shift": 3.0,
+                               "latent_stats": "identity"}},
         "method": {"name": "dmd2", "rollout_mode": "simulate", "dmd_denoising_steps": [1000, 500],
                    "generator_update_interval": 3, "real_score_guidance_scale": 1.0,
                    "critic_optimizer": {"learning_rate": 8e-4, "betas": [0.0, 0.999]}},

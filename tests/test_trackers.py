@@ -70,7 +70,7 @@ def test_missing_tracker_package_is_a_config_error(toy_root, backend):
 
     if importlib.util.find_spec(backend) is not None:
         pytest.skip(f"{backend} is installed")
-    cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init")}},
+    cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
                           "method": {"name": "finetune"},
                           "training": {"tracker": {"backends": ["tensorboard", backend]}}})
     with pytest.raises(ConfigError) as err:
@@ -78,7 +78,7 @@ def test_missing_tracker_package_is_a_config_error(toy_root, backend):
     assert err.value.exit_code == EXIT_CONFIG
     assert f"training.tracker.backends: '{backend}' needs the '{backend}' package" in str(err.value)
     assert f"fv_accel[{backend}]" in str(err.value)
-    check_tracker_backends(resolve_config({"models": {"student": {"init_from": str(toy_root / "init")}},
+    check_tracker_backends(resolve_config({"models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
                                            "method": {"name": "finetune"}}))  # tensorboard alone is fine
 
 

@@ -146,7 +146,7 @@ def test_sampling_is_fixed_seed_and_leaves_training_rng_alone(toy_root, tmp_path
     from fv_accel.trainer import Trainer
 
     cfg = resolve_config({
-        "models": {"student": {"init_from": str(toy_root / "init")}},
+        "models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
         "method": {"name": "finetune"},
         "training": {"data": {"data_path": str(toy_root / "data"), "text_len": 8, "train_batch_size": 2},
                      "checkpoint": {"output_dir": str(tmp_path / "out")}, "tracker": {"backends": []}},
@@ -200,7 +200,7 @@ def test_should_run_schedule(toy_root):
     from fv_accel.callbacks.validation import ValidationCallback, evenly_spaced_rows
     from fv_accel.config import ValidationConfig, resolve_config
 
-    cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init")}},
+    cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
                           "method": {"name": "finetune"}})
     cb = ValidationCallback(ValidationConfig(every_steps=3, at_start=False), cfg)
     assert [s for s in range(10) if cb.should_run(s)] == [3, 6, 9]
@@ -223,7 +223,8 @@ def test_toy_distillation_validation_and_critic_curves(toy_root, tmp_path):
     out = tmp_path / "run"
     init = str(toy_root / "init")
     config = {
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"}},
         "method": {"name": "dmd2", "dmd_denoising_steps": [1000, 500], "generator_update_interval": 2,
                    "real_score_guidance_scale": 1.0},
         "training": {"data": {"data_path": str(data), "train_batch_size": 2, "text_len": 8},

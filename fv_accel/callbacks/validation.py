@@ -75,8 +75,9 @@ class ValidationCallback(Callback):
 
     # -- prompts --------------------------------------------------------------------------------------------
     def load_prompts(self, trainer: Trainer | None = None) -> LatentBatch:
-        """Read the validation rows' text embeddings once (host memory; a few KiB for toy-sized runs)."""
-        from fv_accel.data.dataset import ParquetLatentDataset, collate_latents
+        """Read the validation rows' text embeddings once (host memory; a few KiB for toy-sized runs), with the
+        unconditional embedding training batches carry (the negative prompt when configured, else zeros)."""
+        from fv_accel.data.dataset import ParquetLatentDataset, collate_latents, load_negative_prompt
 
         data_cfg = self.run_config.training.data
         if self.config.prompts:
@@ -93,7 +94,13 @@ class ValidationCallback(Callback):
             self.rows = evenly_spaced_rows(len(dataset), self.config.num_samples)
             self.where = [dataset.where(i) for i in self.rows]
         samples = [dataset[i] for i in self.rows]
-        return collate_latents(samples, tuple(dataset.latent_shape))
+        batch = collate_latents(samples, tuple(dataset.latent_shape))
+        if data_cfg.negative_prompt_path:
+            # As fv_accel.data.DataStream does for training batches: CFG at validation pushes away from the same
+            # unconditional embedding the model was trained against.
+            uncond_ld = load_negative_prompt(data_cfg.negative_prompt_path, data_cfg.text_len)
+            batch.uncond_embeds_bld = uncond_ld.expand(len(batch.index), -1, -1)
+        return batch
 
     def encode_captions(self, trainer: Trainer | None) -> Path:
         """``callbacks.validation.prompts`` → ``<output_dir>/validation/prompts.parquet`` (text-only schema).

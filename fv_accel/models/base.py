@@ -7,12 +7,49 @@ normalised; it never knows which method uses it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from fv_accel import flow
 from fv_accel.config import ModelConfig
+from fv_accel.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel statistics mapping stored latents into the transformer's space: ``(x − mean) / std``."""
+
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    """None for both: identity (mean 0, std 1 on every channel; ``models.<role>.latent_stats: identity``)."""
+    origin: str
+    """Where they were read (a file, a Hub file, or "identity"); named in error messages."""
+    vae_source: str | None = None
+    """The pipeline / VAE these statistics belong to, which decodes validation videos; None: no VAE."""
+    vae_subfolder: str = ""
+
+    def values(self, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.mean is None or self.std is None:
+            return (0.0,) * channels, (1.0,) * channels
+        return self.mean, self.std
+
+    def same_space(self, other: LatentStats) -> bool:
+        channels = len(self.mean or other.mean or ())
+        return self.values(channels) == other.values(channels)
+
+
+def check_shared_latent_space(stats: Mapping[str, LatentStats]) -> None:
+    """Every role works on the same latents (a method hands one role's samples to another, and the batch is
+    normalised once): statistics that differ between roles would silently mix two spaces (exit 2)."""
+    roles = list(stats)
+    for role in roles[1:]:
+        if not stats[role].same_space(stats[roles[0]]):
+            raise ConfigError(
+                f"models.{roles[0]} and models.{role} have different latent statistics ({stats[roles[0]].origin} "
+                f"vs {stats[role].origin}); all roles share one latent space: set models.<role>.latent_stats so "
+                "they agree")
 
 
 @dataclass
@@ -67,6 +104,14 @@ class ModelBase(ABC):
         """(T, H, W) latent cells the transformer folds into one token; data latents must divide by it."""
         return 1, 1, 1
 
+    @classmethod
+    def resolve_latent_stats(cls, role: str, model_cfg: ModelConfig, *, include_hub: bool = True
+                             ) -> LatentStats | None:
+        """The statistics ``models.<role>.latent_stats`` names, read without touching weights; ConfigError
+        (exit 2) when they cannot be found. None when they live on the Hub and ``include_hub`` is false.
+        Every family that loads from ``init_from`` implements it."""
+        raise NotImplementedError(f"{cls.__name__} does not resolve latent statistics")
+
     @abstractmethod
     def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         """Dataset latents (as stored by preprocessing) → the space the transformer is trained in."""
@@ -76,7 +121,8 @@ class ModelBase(ABC):
         """Inverse of :meth:`normalize_latents`."""
 
     def prepare_batch(self, raw: object, device: torch.device) -> ConditionBatch:
-        """Move a collated :class:`fv_accel.data.LatentBatch` to ``device`` and normalise its latents."""
+        """Move a collated :class:`fv_accel.data.LatentBatch` to ``device`` and normalise its latents. Methods
+        call it on one role for all: every role has the same statistics (:func:`check_shared_latent_space`)."""
         latents = raw.latents_bcthw  # type: ignore[attr-defined]
         if latents is not None:
             latents = self.normalize_latents(latents.to(device, torch.float32, non_blocking=True))

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from fv_accel.config import ModelConfig
-from fv_accel.models.base import ModelBase
+from fv_accel.config import ModelConfig, is_hub_id
+from fv_accel.errors import CheckpointError, ConfigError
+from fv_accel.models.base import LatentStats, ModelBase
 from fv_accel.models.checkpointing import apply_activation_checkpointing
 
 logger = logging.getLogger(__name__)
@@ -56,24 +57,69 @@ WAN_1_3B_CONFIG: dict[str, Any] = {
 }
 
 
-def _read_vae_config(model_cfg: ModelConfig) -> dict[str, Any] | None:
-    """The pipeline's ``vae/config.json`` when ``init_from`` is a pipeline (local directory or Hub id)."""
-    local = Path(model_cfg.init_from).expanduser()
+def _read_json(path: Path, key: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({type(exc).__name__}: {exc})") from None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("diffusion_pytorch_model*"))
+
+
+def read_latent_stats(role: str, model_cfg: ModelConfig, *, include_hub: bool = True) -> LatentStats | None:
+    """``models.<role>.latent_stats`` → the statistics (see ``ModelConfig.latent_stats``). Reads JSON only."""
+    key = f"models.{role}.latent_stats"
+    choice = model_cfg.latent_stats
+    if choice == "identity":
+        return LatentStats(mean=None, std=None, origin="identity")
+    if choice == "auto":
+        source, names = model_cfg.init_from, ("vae/config.json",)
+        missing = (f"'auto' needs vae/config.json with latents_mean/latents_std in models.{role}.init_from "
+                   f"{source!r}, which has none (a transformer-only model?)")
+    else:
+        source, names = choice, ("vae/config.json", "config.json")
+        missing = f"{source!r} has no vae/config.json or config.json with latents_mean/latents_std"
+    fix = (f"set {key} to a pipeline or VAE directory (or Hub id) that has them, or to 'identity' if the data "
+           "is already normalised")
+    local = Path(source).expanduser()
+    found: tuple[str, dict[str, Any]] | None = None
     if local.exists():
-        vae_cfg = local / "vae" / "config.json"
-        if not vae_cfg.is_file():
-            return None
-        path = str(vae_cfg)
+        for name in names:
+            if (local / name).is_file():
+                found = (name, _read_json(local / name, key))
+                break
+    elif not is_hub_id(source):
+        raise ConfigError(f"{key}: local path {source!r} does not exist")
+    elif not include_hub:
+        return None
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-        try:
-            path = hf_hub_download(model_cfg.init_from, "vae/config.json")
-        except EntryNotFoundError:
-            return None
-    data: dict[str, Any] = json.loads(Path(path).read_text())
-    return data
+        for name in names:
+            try:
+                path = hf_hub_download(source, name)
+            except EntryNotFoundError:  # also: not in the cache under HF_HUB_OFFLINE=1
+                continue
+            except RepositoryNotFoundError:
+                raise ConfigError(f"{key}: Hub repository {source!r} not found") from None
+            except Exception as exc:  # network, HTTP: not a configuration problem
+                raise CheckpointError(f"{key}: cannot read {name} of {source!r} ({type(exc).__name__}: "
+                                      f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+            found = (name, _read_json(Path(path), key))
+            break
+    if found is None:
+        raise ConfigError(f"{key}: {missing}; {fix}")
+    name, data = found
+    if not isinstance(data, dict) or "latents_mean" not in data or "latents_std" not in data:
+        raise ConfigError(f"{key}: {name} of {source!r} has no latents_mean/latents_std; {fix}")
+    subfolder = name.rpartition("/")[0]
+    has_vae = not local.exists() or _has_weights(local / subfolder)
+    return LatentStats(mean=tuple(float(v) for v in data["latents_mean"]),
+                       std=tuple(float(v) for v in data["latents_std"]), origin=f"{source}/{name}",
+                       vae_source=source if has_vae else None, vae_subfolder=subfolder)
 
 
 class WanModel(ModelBase):
@@ -103,37 +149,38 @@ class WanModel(ModelBase):
         role: str,
         transformer: torch.nn.Module,
         config: ModelConfig,
-        latents_mean: list[float] | None = None,
-        latents_std: list[float] | None = None,
-        vae_source: str | None = None,
+        latent_stats: LatentStats | None = None,
     ) -> None:
         super().__init__(role=role, transformer=transformer, config=config)
-        self.vae_source = vae_source
-        """Pipeline (directory or Hub id) whose ``vae`` subfolder decodes this model's latents; None: no VAE."""
+        self.latent_stats = latent_stats or LatentStats(mean=None, std=None, origin="identity")
+        """Statistics of this model's latent space (``models.<role>.latent_stats``); None given: identity."""
         channels = transformer.config.in_channels
-        mean = torch.tensor(latents_mean or [0.0] * channels, dtype=torch.float32)
-        std = torch.tensor(latents_std or [1.0] * channels, dtype=torch.float32)
+        mean_c, std_c = self.latent_stats.values(channels)
+        mean = torch.tensor(mean_c, dtype=torch.float32)
+        std = torch.tensor(std_c, dtype=torch.float32)
         if mean.numel() != channels or std.numel() != channels:
-            raise ValueError(f"latent statistics have {mean.numel()} channels, transformer expects {channels}")
+            raise ConfigError(f"models.{role}.latent_stats: {self.latent_stats.origin} has {mean.numel()} "
+                              f"channels, the transformer expects {channels}")
         self._mean = mean.view(1, channels, 1, 1, 1)
         self._std = std.view(1, channels, 1, 1, 1)
 
     @classmethod
-    def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype) -> WanModel:
+    def resolve_latent_stats(cls, role: str, model_cfg: ModelConfig, *, include_hub: bool = True
+                             ) -> LatentStats | None:
+        return read_latent_stats(role, model_cfg, include_hub=include_hub)
+
+    @classmethod
+    def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype,
+                    latent_stats: LatentStats | None = None) -> WanModel:
+        """Load ``init_from``; the statistics are resolved first (when not given), so a role without them stops
+        before its weights are read."""
         from diffusers import WanTransformer3DModel
 
+        stats = latent_stats or read_latent_stats(role, model_cfg)
         transformer = WanTransformer3DModel.from_pretrained(
             model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
         )
-        vae_cfg = _read_vae_config(model_cfg)
-        stats = None
-        if vae_cfg is not None and "latents_mean" in vae_cfg and "latents_std" in vae_cfg:
-            stats = (list(vae_cfg["latents_mean"]), list(vae_cfg["latents_std"]))
-        else:
-            logger.info("%s: no VAE latent statistics under %s; latents are used as stored", role,
-                        model_cfg.init_from)
-        return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats,
-                                    vae_source=model_cfg.init_from if vae_cfg is not None else None)
+        return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats)
 
     @classmethod
     def from_transformer(
@@ -142,11 +189,10 @@ class WanModel(ModelBase):
         transformer: torch.nn.Module,
         model_cfg: ModelConfig,
         *,
-        latent_stats: tuple[list[float], list[float]] | None = None,
-        vae_source: str | None = None,
+        latent_stats: LatentStats | None = None,
     ) -> WanModel:
         """Wrap an already built transformer, applying the role's attention backend, activation checkpointing
-        and compilation (benchmarks build random-weight transformers this way)."""
+        and compilation (benchmarks build random-weight transformers this way). No ``latent_stats``: identity."""
         if model_cfg.attention_backend:
             transformer.set_attention_backend(model_cfg.attention_backend)
         if model_cfg.trainable:
@@ -156,18 +202,19 @@ class WanModel(ModelBase):
             # Per block, before fully_shard: FSDP2's hooks stay outside the compiled regions.
             for block in transformer.blocks:
                 block.compile()
-        mean, std = latent_stats if latent_stats is not None else (None, None)
-        return cls(role=role, transformer=transformer, config=model_cfg, latents_mean=mean, latents_std=std,
-                   vae_source=vae_source)
+        return cls(role=role, transformer=transformer, config=model_cfg, latent_stats=latent_stats)
 
     def load_vae(self) -> torch.nn.Module | None:
-        if self.vae_source is None:
+        """The VAE the latent statistics came from (identity: none)."""
+        source = self.latent_stats.vae_source
+        if source is None:
             return None
         from diffusers import AutoencoderKLWan
 
         # fp32: Wan's VAE is decoded in fp32 by diffusers' own pipelines too (bf16 decoding bands colours).
-        vae = AutoencoderKLWan.from_pretrained(self.vae_source, subfolder="vae", torch_dtype=torch.float32)
-        logger.info("%s: decoding validation videos with the VAE of %s", self.role, self.vae_source)
+        vae = AutoencoderKLWan.from_pretrained(source, subfolder=self.latent_stats.vae_subfolder or None,
+                                               torch_dtype=torch.float32)
+        logger.info("%s: decoding validation videos with the VAE of %s", self.role, source)
         return vae.to(self.device).eval().requires_grad_(False)
 
     def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
