@@ -77,7 +77,8 @@ def _replay(batch: LatentBatch, *, shift: float, scheme: str) -> tuple[torch.Ten
     if scheme == "uniform":
         u = torch.rand(x0.shape[0], generator=gen)
     else:
-        u = torch.sigmoid(torch.randn(x0.shape[0], generator=gen) * 0.8 + 0.3)
+        # diffusers' direction: u = sigmoid(z) indexes the descending schedule, so the flow fraction is 1 − u
+        u = 1 - torch.sigmoid(torch.randn(x0.shape[0], generator=gen) * 0.8 + 0.3)
     u = u.clamp(1e-4, 1 - 1e-4)
     t = 1000 * shift * u / (1 + (shift - 1) * u)
     return noise, t

@@ -19,7 +19,7 @@ ODD_SHAPE = (16, 2, 6, 5)
 
 def _finetune(toy_root: Path, data: Path, out: Path) -> Any:
     return resolve_config({
-        "models": {"student": {"init_from": str(toy_root / "init")}},
+        "models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
         "method": {"name": "finetune"},
         "training": {"data": {"data_path": str(data), "text_len": 8, "train_batch_size": 2},
                      "checkpoint": {"output_dir": str(out)}, "tracker": {"backends": []}},
@@ -50,7 +50,8 @@ def test_build_run_checks_the_text_only_latent_shape(toy_root, tmp_path, single_
     write_text_rows(data, [f"p{i}" for i in range(4)], ["a cat"] * 4, [torch.randn(3, 32) for _ in range(4)])
     init = str(toy_root / "init")
     cfg = resolve_config({
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"}},
         "method": {"name": "dmd2", "rollout_mode": "simulate", "dmd_denoising_steps": [1000, 500]},
         "training": {"data": {"data_path": str(data.parent), "text_len": 8, "train_batch_size": 2,
                               "latent_shape": list(ODD_SHAPE)},

@@ -17,6 +17,7 @@ from fv_accel.callbacks.validation import ValidationCallback
 from fv_accel.config import RunConfig
 from fv_accel.data import LatentBatch
 from fv_accel.methods.finetune import FinetuneMethod
+from fv_accel.models.base import LatentStats
 from fv_accel.models.wan import TINY_WAN_CONFIG, WanModel
 from fv_accel.sampling import euler_sample
 
@@ -51,7 +52,8 @@ def test_validation_hands_denormalised_latents_to_the_vae(tmp_path: Path, monkey
     })
     torch.manual_seed(0)
     student = WanModel(role="student", transformer=WanTransformer3DModel(**TINY_WAN_CONFIG),
-                       config=cfg.models["student"], latents_mean=MEAN, latents_std=STD)
+                       config=cfg.models["student"],
+                       latent_stats=LatentStats(mean=tuple(MEAN), std=tuple(STD), origin="test"))
     method = FinetuneMethod(cfg=cfg, role_models={"student": student})
     vae = RecordingVAE()
     monkeypatch.setattr(student, "load_vae", lambda: vae)
