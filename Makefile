@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fv_accel_installed
 export HF_HUB_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-fast lint bench
+.PHONY: install demo test test-fast lint bench mutate
 
 install: $(STAMP)
 
@@ -33,3 +33,14 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check fv_accel recipes tests benchmarks
+
+# Mutation testing of the core modules against the fast tier (pyproject [tool.mutmut]); outside CI: tens of
+# minutes on 2 cores. Results: `$(BIN)/mutmut results`, one mutant: `$(BIN)/mutmut show NAME`; docs/testing.md.
+mutate: install
+	$(BIN)/python -m pip install --quiet 'mutmut==3.8.1'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(or $(MUTATE_JOBS),2)
+	$(BIN)/mutmut export-cicd-stats
+	$(BIN)/python -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
+	t = s['total'] - s['skipped']; print('mutation score: %d killed (+%d timeouts) of %d tested = %.1f%%' \
+	% (s['killed'], s['timeout'], t, 100 * (s['killed'] + s['timeout']) / max(t, 1)))"

@@ -35,6 +35,7 @@ import torch
 
 from fv_accel.checkpoint import read_metadata, resolve_checkpoint
 from fv_accel.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, CheckpointError, ConfigError, FvAccelError
+from fv_accel.sampling import distilled_scheduler_config, scheduler_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -203,35 +204,6 @@ def _link_tree(src: Path, dst: Path) -> None:
             os.link(real, target)
         except OSError:
             shutil.copy2(real, target)
-
-
-def distilled_scheduler_config(denoising_steps: list[int]) -> dict[str, Any]:
-    """A FlowMatchEulerDiscreteScheduler config whose default K-step schedule is the DMD schedule.
-
-    fv_accel's few-step sampler predicts x0 at each step t_k and re-noises it to t_{k+1} with fresh noise:
-    exactly FlowMatchEuler with ``stochastic_sampling=True``. With ``shift=1`` and K steps, diffusers spaces
-    σ evenly from 1 to 0.001; ``shift_terminal`` stretches that so the last σ is t_K/1000, which reproduces
-    an evenly spaced DMD schedule such as [1000, 750, 500, 250] exactly with ``num_inference_steps=K``.
-    """
-    cfg: dict[str, Any] = {
-        "_class_name": "FlowMatchEulerDiscreteScheduler",
-        "num_train_timesteps": 1000,
-        "shift": 1.0,
-        "use_dynamic_shifting": False,
-        "stochastic_sampling": True,
-    }
-    if len(denoising_steps) > 1:
-        cfg["shift_terminal"] = denoising_steps[-1] / 1000.0
-    return cfg
-
-
-def scheduler_timesteps(scheduler_cfg: dict[str, Any], num_steps: int) -> list[float]:
-    """The timesteps the exported scheduler runs for ``num_steps`` (what a pipeline call will use)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_cfg)
-    scheduler.set_timesteps(num_steps)
-    return [round(float(t), 3) for t in scheduler.timesteps]
 
 
 def _write_pipeline(src: Path, out: Path, *, subfolder: str, scheduler_cfg: dict[str, Any] | None) -> None:

@@ -5,11 +5,14 @@ Two samplers over the flow-matching conventions of :mod:`fv_accel.flow`:
 - ``dmd_sample``: the DMD student's sampler: at each step t_k predict x0, then re-noise it to t_{k+1} with fresh
   noise (the same operation as the training rollout).
 Both work in the model's normalised latent space and draw every random number from ``generator``.
+``distilled_scheduler_config`` is ``dmd_sample`` as a diffusers scheduler config: what an exported few-step
+pipeline runs (``fv_accel/export.py`` bundles it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -78,3 +81,33 @@ def dmd_sample(
             noise = torch.randn(x0.shape, generator=generator, device=device)
             x = flow.add_noise(x0, noise, torch.full((b,), float(denoising_steps[k + 1]), device=device))
     return x0
+
+
+# -- the same sampler as a diffusers scheduler (what an exported pipeline runs) ----------------------------
+def distilled_scheduler_config(denoising_steps: list[int]) -> dict[str, Any]:
+    """A FlowMatchEulerDiscreteScheduler config whose default K-step schedule is the DMD schedule.
+
+    fv_accel's few-step sampler predicts x0 at each step t_k and re-noises it to t_{k+1} with fresh noise:
+    exactly FlowMatchEuler with ``stochastic_sampling=True``. With ``shift=1`` and K steps, diffusers spaces
+    σ evenly from 1 to 0.001; ``shift_terminal`` stretches that so the last σ is t_K/1000, which reproduces
+    an evenly spaced DMD schedule such as [1000, 750, 500, 250] exactly with ``num_inference_steps=K``.
+    """
+    cfg: dict[str, Any] = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 1.0,
+        "use_dynamic_shifting": False,
+        "stochastic_sampling": True,
+    }
+    if len(denoising_steps) > 1:
+        cfg["shift_terminal"] = denoising_steps[-1] / 1000.0
+    return cfg
+
+
+def scheduler_timesteps(scheduler_cfg: dict[str, Any], num_steps: int) -> list[float]:
+    """The timesteps the exported scheduler runs for ``num_steps`` (what a pipeline call will use)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_cfg)
+    scheduler.set_timesteps(num_steps)
+    return [round(float(t), 3) for t in scheduler.timesteps]

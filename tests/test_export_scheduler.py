@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from fv_accel.config import ModelConfig
-from fv_accel.export import distilled_scheduler_config
 from fv_accel.models import ModelBase
-from fv_accel.sampling import dmd_sample
+from fv_accel.sampling import distilled_scheduler_config, dmd_sample
 
 STEPS = [1000, 750, 500, 250]
 SHAPE = (2, 1, 2, 3)  # [C, T, H, W]
