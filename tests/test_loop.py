@@ -289,7 +289,8 @@ def test_dmd2_clips_the_critic_at_critic_and_generator_steps(toy_root: Path, tmp
     max_norm = 1e-6  # far below any gradient norm of the random tiny Wan (the student's is ~5e-4)
     init = str(toy_root / "init")
     cfg = resolve_config({
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"}},
         "method": {"name": "dmd2", "generator_update_interval": 2, "dmd_denoising_steps": [1000, 500],
                    "real_score_guidance_scale": 1.0},
         "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 2, "text_len": 8},

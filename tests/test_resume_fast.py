@@ -24,7 +24,8 @@ CHECKPOINT_STEP = 3
 def _config(toy_root: Path, data: Path, out: Path) -> dict[str, Any]:
     init = str(toy_root / "init")
     return {
-        "models": {"student": {"init_from": init}, "teacher": {"init_from": init, "trainable": False}},
+        "models": {"student": {"init_from": init, "latent_stats": "identity"},
+                   "teacher": {"init_from": init, "trainable": False, "latent_stats": "identity"}},
         # Four rollout steps: a replayed choice stream picks other rollout lengths at the resumed steps.
         "method": {"name": "dmd2", "rollout_mode": "simulate", "dmd_denoising_steps": [1000, 750, 500, 250],
                    "generator_update_interval": 2, "real_score_guidance_scale": 1.0},
