@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageWriter
@@ -351,11 +352,15 @@ class CheckpointManager:
         error: BaseException | None = None
         try:
             pending.future.result()
-        except Exception as exc:  # the write's own error, re-raised below on every rank alike
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             error = exc
         if self._count_ranks(error is not None) > 0:
-            raise CheckpointError(f"async save of {pending.partial} failed on at least one rank"
-                                  + (f" ({type(error).__name__}: {error})" if error else "")
+            # DCP wraps a rank's error with its traceback: name only its last line (the original exception)
+            why = "" if error is None else (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            if error is not None and not isinstance(error, CheckpointException):
+                why = f"{type(error).__name__}: {why}"
+            raise CheckpointError(f"async save of {pending.partial} failed"
+                                  + (f" on this rank ({why})" if error else " on another rank")
                                   + "; it stays incomplete") from error
         self._finalize(pending.step, pending.partial, pending.stateless)
 
