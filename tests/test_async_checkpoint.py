@@ -295,3 +295,28 @@ def test_async_save_setting() -> None:
     assert resolve_async_save(True) is True and resolve_async_save(False) is False
     with pytest.raises(ValueError, match="async_save"):
         CheckpointConfig.model_validate({"async_save": "sometimes"})
+
+
+def test_writer_fails_when_a_write_thread_fails(tmp_path: Path) -> None:
+    """With several write threads, DCP alone only prints a helper thread's exception and writes .metadata
+    anyway (a checkpoint that looks complete but cannot be loaded); the manager's writer must fail the save."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from fv_accel.checkpoint.manager import default_writer
+
+    helper_took_an_item = threading.Event()
+
+    class HelperFails(DefaultSavePlanner):
+        def resolve_data(self, write_item: Any) -> Any:
+            if threading.current_thread() is threading.main_thread():
+                helper_took_an_item.wait(GATE_TIMEOUT_S)  # holds one file, so a helper thread takes another
+            else:
+                helper_took_an_item.set()
+                raise RuntimeError("disk error in a helper write thread")
+            return super().resolve_data(write_item)
+
+    state = {name: torch.full((100,), float(i)) for i, name in enumerate("abcdefgh")}
+    with pytest.raises(BaseException, match="a write thread failed"):  # noqa: PT011 - DCP's CheckpointException
+        dcp.save(state, storage_writer=default_writer(tmp_path / "ckpt"), planner=HelperFails(), no_dist=True)
+    assert helper_took_an_item.is_set()
+    assert not (tmp_path / "ckpt" / ".metadata").exists()

@@ -184,9 +184,22 @@ def resolve_async_save(setting: bool | Literal["auto"]) -> bool:
     return torch.cuda.is_available() if setting == "auto" else bool(setting)
 
 
+class _CheckedFileSystemWriter(dcp.FileSystemWriter):
+    """DCP's FileSystemWriter, failing when a write thread failed. With ``thread_count > 1`` DCP (torch 2.13,
+    ``_FileSystemWriter._write_data``) only prints the exception of a helper thread and goes on to write
+    ``.metadata``: a checkpoint that looks complete but cannot be loaded."""
+
+    def write_data(self, plan: Any, planner: Any) -> torch.futures.Future[Any]:
+        future = super().write_data(plan, planner)
+        written = len(future.wait())  # one WriteResult per item; already done (the writes are synchronous)
+        if written != len(plan.items):
+            raise OSError(f"{self.path}: a write thread failed ({written} of {len(plan.items)} items written)")
+        return future
+
+
 def default_writer(path: Path) -> StorageWriter:
     # sync_files=True (the default) makes DCP fsync every file it writes; see CheckpointManager._finalize.
-    return dcp.FileSystemWriter(str(path), thread_count=WRITER_THREADS, sync_files=True)
+    return _CheckedFileSystemWriter(str(path), thread_count=WRITER_THREADS, sync_files=True)
 
 
 @dataclass
