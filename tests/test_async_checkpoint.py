@@ -320,3 +320,31 @@ def test_writer_fails_when_a_write_thread_fails(tmp_path: Path) -> None:
         dcp.save(state, storage_writer=default_writer(tmp_path / "ckpt"), planner=HelperFails(), no_dist=True)
     assert helper_took_an_item.is_set()
     assert not (tmp_path / "ckpt" / ".metadata").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_process_async_checkpoints_equal_sync(toy_root: Path, tmp_path: Path) -> None:
+    """2-process FSDP2 DMD2 (DTensor shards, EMA, two data positions, per-rank RNG), saves at 4 and 8: with
+    async_save the losses and both checkpoints are bit for bit those of the synchronous run."""
+    from test_resume import assert_same_checkpoint, assert_same_losses, launch, metrics, rng_states
+
+    runs = {}
+    for mode in ("false", "true"):
+        out = tmp_path / f"async-{mode}"
+        proc = launch(toy_root, out, f"--training.checkpoint.async_save={mode}")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+        # the async path really ran (one log line per async save, rank 0)
+        assert proc.stderr.count("checkpoint-4 complete (async save)") == (mode == "true"), proc.stderr[-4000:]
+        runs[mode] = out
+    sync, async_ = runs["false"], runs["true"]
+    assert_same_losses(sync, metrics(async_))
+    a, s = read_checkpoint(async_ / "checkpoint-4"), read_checkpoint(sync / "checkpoint-4")
+    assert a.keys() == s.keys() and any(k.startswith("callbacks.ema.") for k in a)
+    differ = [k for k in a if not (torch.equal(a[k], s[k]) if torch.is_tensor(a[k]) else a[k] == s[k])]
+    assert not differ, differ
+    for x, y in zip(rng_states(async_ / "checkpoint-4"), rng_states(sync / "checkpoint-4"), strict=True):
+        assert torch.equal(x["torch"], y["torch"]) and x["python"] == y["python"]
+    assert_same_checkpoint(sync / "checkpoint-8", async_ / "checkpoint-8")

@@ -19,6 +19,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -292,8 +293,12 @@ class CheckpointManager:
             # is copied to new CPU tensors, and Stateful objects such as the data position are read now), then
             # writes from one background thread. DCP's own collectives run on a gloo group of their own, never
             # on the group the training step uses from this thread.
+            start = time.perf_counter()
             future = dcp.async_save(states, storage_writer=writer, process_group=group,
                                     async_checkpointer_type=AsyncCheckpointerType.THREAD)
+            if _rank() == 0:
+                logger.info("checkpoint-%d: state staged in %.2f s; writing in the background", step,
+                            time.perf_counter() - start)
             # DCP's background save draws no random numbers (its ids come from uuid4, i.e. os.urandom): this is
             # the RNG state the run continues with, as in the synchronous order below.
             self._write_random_state(partial)
@@ -376,6 +381,8 @@ class CheckpointManager:
                                   + (f" on this rank ({why})" if error else " on another rank")
                                   + "; it stays incomplete") from error
         self._finalize(pending.step, pending.partial, pending.stateless)
+        if _rank() == 0:
+            logger.info("checkpoint-%d complete (async save)", pending.step)
 
     def _async_groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
         """(group for DCP's collectives in the background thread, group for agreements on this thread).
