@@ -299,6 +299,10 @@ class Trainer:
             if self.checkpoints is not None and self.step > start_step:
                 self.checkpoints.save(self.step, blocking=True)  # also finishes a save still in flight
             self.callbacks.on_train_end(self, self.step)
+        except BaseException:
+            if self.checkpoints is not None:
+                self.checkpoints.abandon_pending()  # an async save in flight stays a .partial
+            raise
         finally:
             self._stop.uninstall()
             bar.close()

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +94,19 @@ class Probe(Callback):
             self.gate.set()
 
 
-def run(single_process_dist: Any, tmp_path: Path, *, async_save: bool,
-        gated: bool) -> tuple[Path, Probe, list[str]]:
+@dataclass
+class Setup:
+    trainer: Trainer
+    manager: CheckpointManager
+    out: Path
+    probe: Probe
+    log: list[str]
+
+
+def build(single_process_dist: Any, tmp_path: Path, *, async_save: bool, gated: bool,
+          nan_at: int | None = None) -> Setup:
+    """The loop (max 4 steps, saves at 2 and 4); with ``gated``, save 2's write waits until the end of step 3
+    (or until step ``nan_at`` fetches its batch; that step's loss is NaN, which stops the run)."""
     h = Harness(single_process_dist, tmp_path / ("async" if async_save else "sync"), max_train_steps=MAX_STEPS)
     h.cfg.training.checkpoint.save_steps = SAVE_STEPS
     for scheduler in h.method.get_lr_schedulers(1):
@@ -114,10 +126,24 @@ def run(single_process_dist: Any, tmp_path: Path, *, async_save: bool,
                                 callbacks=callbacks, config_dump={}, async_save=async_save,
                                 make_writer=make_writer)
     probe.checkpoints = manager
-    trainer = Trainer(accelerator=single_process_dist, method=h.method, data=iter(h.batches), cfg=h.cfg,
+    def batches() -> Any:
+        for step, batch in enumerate(h.batches, start=1):
+            if step == nan_at:
+                gate.set()
+            yield batch
+
+    if nan_at is not None:
+        h.method.nan_at[nan_at] = "student_loss"
+    trainer = Trainer(accelerator=single_process_dist, method=h.method, data=batches(), cfg=h.cfg,
                       callbacks=callbacks, checkpoints=manager, show_progress=False)
-    assert trainer.fit() == MAX_STEPS
-    return out, probe, log
+    return Setup(trainer=trainer, manager=manager, out=out, probe=probe, log=log)
+
+
+def run(single_process_dist: Any, tmp_path: Path, *, async_save: bool,
+        gated: bool) -> tuple[Path, Probe, list[str]]:
+    setup = build(single_process_dist, tmp_path, async_save=async_save, gated=gated)
+    assert setup.trainer.fit() == MAX_STEPS
+    return setup.out, setup.probe, setup.log
 
 
 def live_tensors(method: Any) -> dict[str, torch.Tensor]:
@@ -161,6 +187,23 @@ def test_loop_continues_while_the_write_is_in_flight(single_process_dist: Any, t
     assert not torch.equal(step2["tensors"][key], step3["tensors"][key])  # step 3 changed what save 2 holds
     assert_holds(out / "checkpoint-2", step2)  # staged at step 2, although written after step 3
     assert_holds(out / "checkpoint-4", probe.snapshots[4])
+
+
+def test_failing_run_lets_the_write_end_and_leaves_a_partial(single_process_dist: Any, tmp_path: Path) -> None:
+    """A run that fails (NaN loss at step 3) while save 2 is in flight: before the exception leaves fit(), the
+    write has ended (nothing keeps writing while the process group is torn down) and is not finalised: only
+    ``checkpoint-2.partial`` (with DCP's shards and .metadata), which `latest` skips."""
+    from fv_accel.errors import NonFiniteError
+
+    setup = build(single_process_dist, tmp_path, async_save=True, gated=True, nan_at=3)
+    with pytest.raises(NonFiniteError, match="step 3"):
+        setup.trainer.fit()
+    out = setup.out
+    assert setup.manager.pending_step is None  # given up, on this rank alone
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2.partial"]
+    assert (out / "checkpoint-2.partial" / ".metadata").is_file()  # the write ended before fit() returned
+    assert not (out / "checkpoint-2.partial" / "metadata.json").exists()
+    assert resolve_checkpoint("latest", out) is None
 
 
 def test_async_and_sync_checkpoints_load_to_identical_state(single_process_dist: Any, tmp_path: Path) -> None:

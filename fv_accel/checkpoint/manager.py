@@ -289,9 +289,9 @@ class CheckpointManager:
         writer = self.make_writer(partial)
         if self.async_save and not blocking:
             group = self._async_groups()[0]
-            # Stages synchronously (the writer is a BlockingAsyncStager: every tensor, DTensor shards included,
-            # is copied to new CPU tensors, and Stateful objects such as the data position are read now), then
-            # writes from one background thread. DCP's own collectives run on a gloo group of their own, never
+            # Stages synchronously (through the writer, a BlockingAsyncStager like DCP's FileSystemWriter, else
+            # DCP's DefaultStager: every tensor, DTensor shards included, is copied to new CPU tensors, and
+            # Stateful objects such as the data position are read now), then writes from a background thread. DCP's own collectives run on a gloo group of their own, never
             # on the group the training step uses from this thread.
             start = time.perf_counter()
             future = dcp.async_save(states, storage_writer=writer, process_group=group,
@@ -383,6 +383,19 @@ class CheckpointManager:
         self._finalize(pending.step, pending.partial, pending.stateless)
         if _rank() == 0:
             logger.info("checkpoint-%d complete (async save)", pending.step)
+
+    def abandon_pending(self) -> None:
+        """After a failure, on this rank alone (no collective: other ranks may be gone or elsewhere): let the
+        in-flight write end, before the process group is torn down, and leave it a ``.partial``, which
+        ``latest`` skips and the next save or retention removes."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as exc:
+            logger.warning("async save of %s failed during the run's failure: %s", pending.partial,
+                           (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
 
     def _async_groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
         """(group for DCP's collectives in the background thread, group for agreements on this thread).
