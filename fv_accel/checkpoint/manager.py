@@ -291,8 +291,9 @@ class CheckpointManager:
             group = self._async_groups()[0]
             # Stages synchronously (through the writer, a BlockingAsyncStager like DCP's FileSystemWriter, else
             # DCP's DefaultStager: every tensor, DTensor shards included, is copied to new CPU tensors, and
-            # Stateful objects such as the data position are read now), then writes from a background thread. DCP's own collectives run on a gloo group of their own, never
-            # on the group the training step uses from this thread.
+            # Stateful objects such as the data position are read now), then writes from a background thread.
+            # DCP's own collectives run on a gloo group of their own, never on the group that the training
+            # step uses from this thread.
             start = time.perf_counter()
             future = dcp.async_save(states, storage_writer=writer, process_group=group,
                                     async_checkpointer_type=AsyncCheckpointerType.THREAD)
