@@ -1,9 +1,9 @@
 """Async checkpoints (``training.checkpoint.async_save``, fv_accel/checkpoint/manager.py + the loop).
 
 In process, world size 1 with a real gloo group (``single_process_dist``), the loop of tests/test_loop.py over
-nn.Linear roles. The write is held back deterministically by a storage writer that waits on an event (or, in
-the SIGKILL test, on a file that never appears), never by timing: the expected values are the live state
-snapshotted at the save step, which later steps change.
+nn.Linear roles. The write is held back deterministically by a storage writer that waits on an event (in the
+SIGKILL test: forever), never by timing: the expected values are the live state snapshotted at the save step,
+which later steps change.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def build(single_process_dist: Any, tmp_path: Path, *, async_save: bool, gated: 
                                 callbacks=callbacks, config_dump={}, async_save=async_save,
                                 make_writer=make_writer)
     probe.checkpoints = manager
+
     def batches() -> Any:
         for step, batch in enumerate(h.batches, start=1):
             if step == nan_at:
