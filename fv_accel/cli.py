@@ -72,6 +72,7 @@ def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
     from fv_accel.build import build_run
     from fv_accel.callbacks.registry import build_callbacks
     from fv_accel.checkpoint import CheckpointManager, resolve_checkpoint
+    from fv_accel.checkpoint.manager import resolve_async_save
     from fv_accel.summary import print_run_summary
     from fv_accel.trainer import Trainer
 
@@ -95,6 +96,7 @@ def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
     checkpoints = CheckpointManager(
         output_dir=output_dir, method=built.method, data=built.data, callbacks=callbacks,
         config_dump=cfg.model_dump(mode="json"), keep_last=cfg.training.checkpoint.keep_last,
+        async_save=resolve_async_save(cfg.training.checkpoint.async_save),
     )
     trainer = Trainer(accelerator=accelerator, method=built.method, data=built.data, cfg=cfg,
                       callbacks=callbacks, checkpoints=checkpoints)

@@ -190,6 +190,10 @@ class CheckpointConfig(_Strict):
     """Keep the newest N complete checkpoints; 0 = keep all."""
     resume_from_checkpoint: str = ""
     """"" (fresh), "latest" (newest complete checkpoint in output_dir, else fresh) or a checkpoint path."""
+    async_save: bool | Literal["auto"] = "auto"
+    """Periodic saves copy the state to CPU memory and write it in a background thread while training goes on;
+    a checkpoint becomes complete (renamed into place) at the first step boundary after every rank's write
+    finished. "auto" = on when CUDA is available, off on CPU. Preemption and end-of-run saves always block."""
 
 
 class TrackerConfig(_Strict):

@@ -280,8 +280,13 @@ class Trainer:
                         bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
                                          if k.endswith("loss") or k in _PROGRESS_KEYS}, refresh=False)
                 bar.update(1)
+                if self.checkpoints is not None:
+                    # An async save in flight becomes complete here once every rank's write has finished
+                    # (a collective only while one is pending; the loop goes on when it is not finished).
+                    self.checkpoints.maybe_finalize()
                 if self._stop.agreed:
-                    path = self.checkpoints.save(step) if self.checkpoints else None
+                    # Blocking, after finishing any save in flight: complete before the exit (143).
+                    path = self.checkpoints.save(step, blocking=True) if self.checkpoints else None
                     from fv_accel.checkpoint.manager import resume_command
 
                     raise Preempted(
@@ -292,8 +297,12 @@ class Trainer:
                     self.checkpoints.save(step)
                 self.callbacks.on_validation(self, step)
             if self.checkpoints is not None and self.step > start_step:
-                self.checkpoints.save(self.step)
+                self.checkpoints.save(self.step, blocking=True)  # also finishes a save still in flight
             self.callbacks.on_train_end(self, self.step)
+        except BaseException:
+            if self.checkpoints is not None:
+                self.checkpoints.abandon_pending()  # an async save in flight stays a .partial
+            raise
         finally:
             self._stop.uninstall()
             bar.close()

@@ -41,6 +41,6 @@ def test_two_process_metrics_follow_gating(toy_root: Path, tmp_path: Path) -> No
     # each role's LR scheduler counts its own steps: both constant here, but both logged every step
     assert all("lr/student" in r and "lr/critic" in r for r in rows)
     ckpt = out / "checkpoint-7"
-    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert {p.name.split("_")[2] for p in ckpt.glob("*.distcp")} == {"0", "1"}
     meta = json.loads((ckpt / "metadata.json").read_text())
     assert meta["config"]["models"]["critic"]["init_from"] == str(toy_root / "init")  # defaulted to the teacher

@@ -25,7 +25,7 @@ def two_rank_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
             "--callbacks.ema.decay=0.5"]
     proc = run_2proc(args, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (out / "checkpoint-2").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert {p.name.split("_")[2] for p in (out / "checkpoint-2").glob("*.distcp")} == {"0", "1"}
     return out
 
 

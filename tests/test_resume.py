@@ -175,7 +175,7 @@ def test_preemption_crash_and_lost_marker(reference: Path, toy_root: Path, tmp_p
     ckpt = out / "checkpoint-2"
     meta = json.loads((ckpt / "metadata.json").read_text())
     assert (ckpt / ".metadata").is_file() and meta["step"] == 2 and meta["optimizers_without_state"] == ["student"]
-    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # both ranks' shards
+    assert {p.name.split("_")[2] for p in ckpt.glob("*.distcp")} == {"0", "1"}  # both ranks' shards
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert_same_losses(reference, metrics(out))
 

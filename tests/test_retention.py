@@ -72,7 +72,7 @@ def all_names(out: Path) -> list[str]:
 # Points inside save() where a kill leaves a different tree: shards written but no RNG; RNG written but no
 # metadata.json; everything written, not yet renamed; and (when the step's directory already exists) the old
 # one moved aside but the new one not yet in place.
-KILL_POINTS = ["capture_rng_state", "_write_atomic", "_fsync_tree", "replace_final"]
+KILL_POINTS = ["capture_rng_state", "_write_atomic", "_fsync_dir", "replace_final"]
 
 
 def kill_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:

@@ -4,6 +4,10 @@ A checkpoint is written into ``checkpoint-<step>.partial/`` and renamed into pla
 rank has finished, so ``checkpoint-<step>/.metadata`` (DCP's own completion marker) only ever exists in a
 checkpoint whose every file is there. Per-rank random state is captured after the collective save (collectives
 may advance device RNG) and restored last.
+
+Async saves (``training.checkpoint.async_save``) stage the state into CPU memory at the save step and write it
+from a background thread; the rename into place happens later, on the main thread, at a point every rank
+reaches together (a step boundary where every rank's write has finished, the next save, the end of the run).
 """
 
 from __future__ import annotations
@@ -15,14 +19,21 @@ import pickle
 import random
 import re
 import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.storage import StorageWriter
 
 from fv_accel.errors import CheckpointError
 
@@ -36,6 +47,8 @@ logger = logging.getLogger(__name__)
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 # checkpoint dirs and what killed saves / deletions leave behind
 _LEFTOVER_RE = re.compile(r"^checkpoint-(\d+)(\.partial|\.stale|\.deleting)?$")
+#: IO threads per rank writing its shards (one file each): parallel streams to NVMe / parallel filesystems
+WRITER_THREADS = 4
 
 
 def _rank() -> int:
@@ -68,18 +81,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    """fsync every file DCP wrote (DCP's own writer does not), then the directory itself."""
-    for child in path.iterdir():
-        if child.is_file():
-            try:
-                with open(child, "rb") as fh:
-                    os.fsync(fh.fileno())
-            except OSError:
-                pass
-    _fsync_dir(path)
 
 
 def is_complete(path: Path) -> bool:
@@ -236,6 +237,38 @@ def load_rng_file(path: Path) -> dict[str, Any]:
     return state
 
 
+def resolve_async_save(setting: bool | Literal["auto"]) -> bool:
+    """``training.checkpoint.async_save``: "auto" = on when CUDA is available (GPUs idle during a synchronous
+    save; on CPU the background writer competes with training for the same cores)."""
+    return torch.cuda.is_available() if setting == "auto" else bool(setting)
+
+
+class _CheckedFileSystemWriter(dcp.FileSystemWriter):
+    """DCP's FileSystemWriter, failing when a write thread failed. With ``thread_count > 1`` DCP (torch 2.13,
+    ``_FileSystemWriter._write_data``) only prints the exception of a helper thread and goes on to write
+    ``.metadata``: a checkpoint that looks complete but cannot be loaded."""
+
+    def write_data(self, plan: Any, planner: Any) -> torch.futures.Future[Any]:
+        future = super().write_data(plan, planner)
+        written = len(future.wait())  # one WriteResult per item; already done (the writes are synchronous)
+        if written != len(plan.items):
+            raise OSError(f"{self.path}: a write thread failed ({written} of {len(plan.items)} items written)")
+        return future
+
+
+def default_writer(path: Path) -> StorageWriter:
+    # sync_files=True (the default) makes DCP fsync every file it writes; see CheckpointManager._finalize.
+    return _CheckedFileSystemWriter(str(path), thread_count=WRITER_THREADS, sync_files=True)
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    partial: Path
+    stateless: list[str]
+    future: Future[Any]
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -246,6 +279,8 @@ class CheckpointManager:
         callbacks: CallbackList,
         config_dump: dict[str, Any],
         keep_last: int = 0,
+        async_save: bool = False,
+        make_writer: Callable[[Path], StorageWriter] = default_writer,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.method = method
@@ -253,7 +288,12 @@ class CheckpointManager:
         self.callbacks = callbacks
         self.config_dump = config_dump
         self.keep_last = keep_last
+        self.async_save = async_save
+        #: builds the DCP storage writer of one save from its ``.partial`` directory
+        self.make_writer = make_writer
         self._last_saved_step: int | None = None
+        self._pending: _PendingSave | None = None
+        self._groups: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None] | None = None
 
     # -- state --------------------------------------------------------------------------------------------
     def _states(self) -> dict[str, Any]:
@@ -275,7 +315,7 @@ class CheckpointManager:
         return self.output_dir / f"checkpoint-{step}"
 
     # -- save -----------------------------------------------------------------------------------------------
-    def save(self, step: int) -> Path:
+    def save(self, step: int, *, blocking: bool = False) -> Path:
         """Collective: write ``checkpoint-<step>/`` atomically, then apply retention. Returns its path.
 
         Crash safety: everything goes into ``checkpoint-<step>.partial/``; only when every rank has written its
@@ -283,7 +323,12 @@ class CheckpointManager:
         atomic rename), so a kill at any moment leaves either no ``checkpoint-<step>`` or a complete one, and
         never touches older checkpoints. An incomplete or stale ``checkpoint-<step>`` (e.g. from an abandoned
         run resumed from an earlier step) is replaced only after the new one is fully written.
+
+        With ``async_save`` and not ``blocking``, the state is staged (copied to CPU memory) here and written
+        by a background thread while training continues; the path is complete only after a later
+        :meth:`maybe_finalize` or :meth:`wait_pending` finalised it. A save still in flight is finalised first.
         """
+        self.wait_pending()  # at most one save in flight
         final = self.path_for(step)
         if self._last_saved_step == step and is_complete(final):
             return final  # e.g. the end-of-run save right after a periodic save of the same step
@@ -299,15 +344,47 @@ class CheckpointManager:
         stateless = self._stateless_optimizer_roles()
         for role in stateless:
             states.pop(f"optimizers.{role}", None)
-        dcp.save(states, checkpoint_id=str(partial))
+        writer = self.make_writer(partial)
+        if self.async_save and not blocking:
+            group = self._async_groups()[0]
+            # Stages synchronously (through the writer, a BlockingAsyncStager like DCP's FileSystemWriter, else
+            # DCP's DefaultStager: every tensor, DTensor shards included, is copied to new CPU tensors, and
+            # Stateful objects such as the data position are read now), then writes from a background thread.
+            # DCP's own collectives run on a gloo group of their own, never on the group that the training
+            # step uses from this thread.
+            start = time.perf_counter()
+            future = dcp.async_save(states, storage_writer=writer, process_group=group,
+                                    async_checkpointer_type=AsyncCheckpointerType.THREAD)
+            if _rank() == 0:
+                logger.info("checkpoint-%d: state staged in %.2f s; writing in the background", step,
+                            time.perf_counter() - start)
+            # DCP's background save draws no random numbers (its ids come from uuid4, i.e. os.urandom): this is
+            # the RNG state the run continues with, as in the synchronous order below.
+            self._write_random_state(partial)
+            self._pending = _PendingSave(step=step, partial=partial, stateless=stateless, future=future)
+            return final
+        dcp.save(states, storage_writer=writer)
         # After the collective save: collectives (and DCP's planning) may advance RNG on some backends.
+        self._write_random_state(partial)
+        self._finalize(step, partial, stateless)
+        return final
+
+    def _write_random_state(self, partial: Path) -> None:
         save_rng_file(capture_rng_state(self.method), partial / f"random_state.rank{_rank()}.pt")
+
+    def _finalize(self, step: int, partial: Path, stateless: list[str]) -> None:
+        """Collective, once every rank's files are written: metadata.json, the rename, retention."""
         _barrier()
         if _rank() == 0:
             meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "optimizers_without_state": stateless, "config": self.config_dump}
             _write_atomic(partial / "metadata.json", json.dumps(meta, indent=2))
-            _fsync_tree(partial)
+            # No fsync of the shard files here: DCP's FileSystemWriter (sync_files=True, its default) fsyncs
+            # each file it writes, .metadata included (torch/distributed/checkpoint/filesystem.py,
+            # _write_files_from_queue and _FileSystemWriter.finish), and each rank does so for its own files.
+            # What remains is the directory entries, made durable before the rename publishes them.
+            _fsync_dir(partial)
+            final = self.path_for(step)
             if final.exists():  # incomplete, or stale from an abandoned timeline: the new one is complete now
                 stale = final.with_name(final.name + ".stale")
                 shutil.rmtree(stale, ignore_errors=True)
@@ -320,7 +397,77 @@ class CheckpointManager:
             self._apply_retention()
         self._last_saved_step = step
         _barrier()
-        return final
+
+    # -- async saves: finalised on the main thread, at points every rank reaches together ---------------------
+    @property
+    def pending_step(self) -> int | None:
+        """The step of the async save still in flight (written or not, not yet finalised), else None."""
+        return self._pending.step if self._pending is not None else None
+
+    def maybe_finalize(self) -> bool:
+        """Collective while an async save is pending (call at every step boundary, on every rank): finalise it
+        when every rank's write has finished, else return at once. Returns whether it was finalised."""
+        if self._pending is None:
+            return False
+        if self._count_ranks(not self._pending.future.done()) > 0:
+            return False
+        self.wait_pending()
+        return True
+
+    def wait_pending(self) -> None:
+        """Collective: wait for this rank's in-flight async write, agree that every rank's succeeded, finalise.
+        Raises ``CheckpointError`` (on every rank) when a rank's write failed; the ``.partial`` stays."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error: BaseException | None = None
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            error = exc
+        if self._count_ranks(error is not None) > 0:
+            # DCP wraps a rank's error with its traceback: name only its last line (the original exception)
+            why = "" if error is None else (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            if error is not None and not isinstance(error, CheckpointException):
+                why = f"{type(error).__name__}: {why}"
+            raise CheckpointError(f"async save of {pending.partial} failed"
+                                  + (f" on this rank ({why})" if error else " on another rank")
+                                  + "; it stays incomplete") from error
+        self._finalize(pending.step, pending.partial, pending.stateless)
+        if _rank() == 0:
+            logger.info("checkpoint-%d complete (async save)", pending.step)
+
+    def abandon_pending(self) -> None:
+        """After a failure, on this rank alone (no collective: other ranks may be gone or elsewhere): let the
+        in-flight write end, before the process group is torn down, and leave it a ``.partial``, which
+        ``latest`` skips and the next save or retention removes."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.future.result()
+        except (Exception, CheckpointException) as exc:
+            logger.warning("async save of %s failed during the run's failure: %s", pending.partial,
+                           (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
+
+    def _async_groups(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """(group for DCP's collectives in the background thread, group for agreements on this thread).
+
+        gloo, as async_save requires a CPU backend, created on the first async save (a point every rank
+        reaches together). Two groups: collectives of two threads on one group would interleave differently
+        on different ranks."""
+        if not dist.is_initialized():
+            return None, None
+        if self._groups is None:
+            self._groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+        return self._groups
+
+    def _count_ranks(self, flag: bool) -> int:
+        """How many ranks pass ``flag`` (a collective on the agreement group)."""
+        count = torch.tensor([int(flag)], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(count, group=self._async_groups()[1])
+        return int(count.item())
 
     def _apply_retention(self) -> None:
         """Keep the newest ``keep_last`` complete checkpoints (all with 0); remove leftovers of killed saves

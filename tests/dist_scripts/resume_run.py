@@ -36,8 +36,8 @@ def install_hooks() -> None:
     if kill_after:
         original_save = CheckpointManager.save
 
-        def save(self: CheckpointManager, step: int):  # type: ignore[no-untyped-def]
-            path = original_save(self, step)
+        def save(self: CheckpointManager, step: int, **kwargs):  # type: ignore[no-untyped-def]
+            path = original_save(self, step, **kwargs)
             if step == int(kill_after):
                 os.kill(os.getpid(), signal.SIGKILL)
             return path
