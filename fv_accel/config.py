@@ -198,6 +198,10 @@ class TrainingConfig(_Strict):
 class EMAConfig(_Strict):
     decay: float = Field(0.99, gt=0, lt=1)
     start_step: int = Field(0, ge=0)
+    device: Literal["gpu", "cpu"] = "gpu"
+    """Where the fp32 shadow lives. ``gpu``: on the training device (4 bytes per student parameter / shards of
+    device memory). ``cpu``: in host memory (pinned when CUDA is available), updated from a small pinned staging
+    buffer: no device memory, 4 bytes per local parameter of PCIe traffic per update, a CPU lerp."""
 
 
 class ValidationConfig(_Strict):
