@@ -193,6 +193,9 @@ class TrainingConfig(_Strict):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    target_device_memory_gib: float | None = Field(None, gt=0)
+    """Device memory (GiB) the ``--dry-run`` estimate is checked against, e.g. 79.6 for an 80 GB GPU or 140.4
+    for an H200 (``fv_accel.memory.GPU_MEMORY_GIB``); None = the CUDA device's own, none on CPU."""
 
 
 class EMAConfig(_Strict):
