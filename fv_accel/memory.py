@@ -30,7 +30,8 @@ role's root unit, c·P_root, which FSDP2 does not reshard after forward.
 **Activations** of one graded forward (per rank: not divided by S). Bytes per token saved by one Wan block for
 its backward, counted with ``torch.autograd.graph.saved_tensors_hooks`` on ``WanTransformerBlock`` (diffusers
 0.42) with an attention kernel that keeps only its output and log-sum-exp (flash, cuDNN, efficient; the CPU
-flash kernel in the count), fitted over two (D, F) pairs to within 1%:
+flash kernel in the count) at two (D, F) pairs, (1536, 8960) and (1024, 4096), and fitted as x·D + y·F
+(rounded; within 1% of both counts). The bf16 column is FSDP2's bf16 compute with diffusers' own fp32 upcasts:
 
 ==================  ==========================  ==========================
 per block           bf16 (per video token)      fp32 (per video token)
@@ -40,9 +41,10 @@ all saved (``off``) a_off = 69·D + 4·F          86·D + 8·F
 block input         c·D                         c·D
 ==================  ==========================  ==========================
 
-Text tokens add 13·D (fp32 17·D) bytes each per block (cross-attention keys and values and their inputs)
-without checkpointing, 4·D (fp32 8·D) under selective. The ``_native_math`` attention backend also keeps the
-softmax: b·heads·N²·c per block (4 TB at 14B and 81×480×832: it does not fit, and the estimate says so).
+Text tokens add t_off = 13·D (fp32 17·D) bytes each per block (cross-attention keys and values and their
+inputs) without checkpointing, t_sel = 4·D (fp32 8·D) under selective. The ``_native_math`` attention backend also keeps the
+softmax: b·heads·N²·c per block (86 GB per block at 14B and 81×480×832: it does not fit, and the
+estimate says so).
 
 A role's graph holds, with k = ``activation_checkpointing_every`` and m = ⌈n/k⌉ checkpointed blocks:
 
