@@ -37,16 +37,34 @@ def _device_memory_gib(cfg: RunConfig, accelerator: Any) -> tuple[float, str] | 
     return None
 
 
+def _shard_degree(method: Any, default: int) -> int:
+    """Over how many ranks FSDP2 shards the student's parameters (the world size, or the shard group of an
+    HSDP mesh); ``default`` when they are not DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    for p in method.student.transformer.parameters():
+        if isinstance(p, DTensor):
+            degree = 1
+            for dim, placement in enumerate(p.placements):
+                if placement.is_shard():
+                    degree *= p.device_mesh.size(dim)
+            return degree
+    return default
+
+
 def memory_lines(cfg: RunConfig, accelerator: Any, built: Any) -> list[str]:
     """The peak-memory estimate (``fv_accel/memory.py``): per role, the largest terms, and a WARNING naming
     them when it does not fit the device (or ``training.target_device_memory_gib``)."""
     method = built.method
     mixed_precision = accelerator.mixed_precision
     shapes = role_shapes_from_run(method)
-    if shapes is None or built.data is None:
+    if shapes is None:
         return ["estimated peak memory per device: unknown (no activation model for this model family)"]
+    if built.data is None:
+        return ["estimated peak memory per device: unknown (no data, so no latent shape)"]
     estimate = estimate_run(cfg, shapes, latent_shape=tuple(built.data.dataset.latent_shape),
-                            shard_degree=accelerator.num_processes, mixed_precision=mixed_precision,
+                            shard_degree=_shard_degree(method, accelerator.num_processes),
+                            mixed_precision=mixed_precision,
                             eager_backward=method.eager_backward,
                             backward_order=[r for r in method.trainable_roles if r in shapes])
     mib = 2**20

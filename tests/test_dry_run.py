@@ -88,6 +88,10 @@ def test_dry_run_two_processes_shards_the_estimate(toy_root, tmp_path):
     assert (params, fsdp, shards) == (f"{numel:,}", "FSDP2", "x2")  # printed once, by the main process
     # rank 0's shard: FSDP2 splits each parameter along dim 0 (the first rank gets the larger half)
     assert numel * 4 / 2 / 2**20 - 0.01 < float(mib) < numel * 4 / 2**20 * 0.6
+    # the estimate divides every state by the shard degree, 2 (activations are per rank)
+    _, mem = _memory(proc.stdout)
+    assert mem[("student", "weights (fp32 master)")] == pytest.approx(numel * 4 / 2 / 2**20, abs=0.005)
+    assert mem[("student", "AdamW m+v")] == pytest.approx(numel * 8 / 2 / 2**20, abs=0.005)
     assert not out.exists()
 
 
