@@ -210,11 +210,18 @@ class TrainingConfig(_Strict):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    target_device_memory_gib: float | None = Field(None, gt=0)
+    """Device memory (GiB) the ``--dry-run`` estimate is checked against, e.g. 79.6 for an 80 GB GPU or 140.4
+    for an H200 (``fv_accel.memory.GPU_MEMORY_GIB``); None = the CUDA device's own, none on CPU."""
 
 
 class EMAConfig(_Strict):
     decay: float = Field(0.99, gt=0, lt=1)
     start_step: int = Field(0, ge=0)
+    device: Literal["gpu", "cpu"] = "gpu"
+    """Where the fp32 shadow lives. ``gpu``: on the training device (4 bytes per student parameter / shards of
+    device memory). ``cpu``: in host memory (pinned when CUDA is available), updated from a small pinned staging
+    buffer: no device memory, 4 bytes per local parameter of PCIe traffic per update, a CPU lerp."""
 
 
 class ValidationConfig(_Strict):

@@ -1,4 +1,4 @@
-"""The ``--dry-run`` summary: roles, parameters, dtype, sharding, optimizers, data, memory estimate."""
+"""The ``--dry-run`` summary: roles, parameters, dtype, sharding, optimizers, data, peak-memory estimate."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fv_accel.config import RunConfig
+from fv_accel.memory import DEVICE_RESERVE_GIB, GiB, estimate_run, role_shapes_from_run
 
 
 def _local_numel_bytes(module: torch.nn.Module) -> tuple[int, int, int, str]:
@@ -24,33 +25,70 @@ def _local_numel_bytes(module: torch.nn.Module) -> tuple[int, int, int, str]:
     return total, trainable, local_bytes, "/".join(sorted(dtypes))
 
 
-def _largest_block_numel(module: torch.nn.Module, block_class_names: tuple[str, ...]) -> int:
-    """Parameters of the largest FSDP unit (a transformer block), the unit FSDP2 all-gathers at once."""
-    sizes = [sum(p.numel() for p in m.parameters()) for m in module.modules()
-             if type(m).__name__.removeprefix("FSDP") in block_class_names]
-    return max(sizes, default=0)
+def _device_memory_gib(cfg: RunConfig, accelerator: Any) -> tuple[float, str] | None:
+    """The memory the estimate is checked against, and where the number comes from."""
+    target = cfg.training.target_device_memory_gib
+    if target is not None:
+        return target, "training.target_device_memory_gib"
+    device = accelerator.device
+    if getattr(device, "type", "") == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory / GiB, props.name
+    return None
 
 
-def memory_estimate(cfg: RunConfig, accelerator: Any, method: Any) -> dict[str, int]:
-    """Bytes per device, before activations: each role's weight shard; for a trainable role its gradient
-    shard and AdamW's two moment shards (each as large as the fp32 weight shard); an EMA shadow of the
-    student when ``callbacks.ema`` is on; and FSDP2's unsharded working set: the largest block all-gathered
-    in the compute dtype, twice (the block running plus the one prefetched)."""
-    compute_bytes = 2 if accelerator.mixed_precision == "bf16" else 4
-    parts = {"weights": 0, "grads_and_adamw": 0, "ema": 0, "unsharded_blocks": 0}
-    largest_block = 0
-    for role, model in method.role_models.items():
-        _, trainable, local_bytes, _ = _local_numel_bytes(model.transformer)
-        parts["weights"] += local_bytes
-        if trainable:
-            parts["grads_and_adamw"] += 3 * local_bytes
-            if role == "student" and cfg.callbacks.ema is not None:
-                parts["ema"] += local_bytes
-        largest_block = max(largest_block,
-                            _largest_block_numel(model.transformer, tuple(model.block_class_names)))
-    parts["unsharded_blocks"] = 2 * largest_block * compute_bytes
-    parts["total"] = sum(parts.values())
-    return parts
+def _shard_degree(method: Any, default: int) -> int:
+    """Over how many ranks FSDP2 shards the student's parameters (the world size, or the shard group of an
+    HSDP mesh); ``default`` when they are not DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    for p in method.student.transformer.parameters():
+        if isinstance(p, DTensor):
+            degree = 1
+            for dim, placement in enumerate(p.placements):
+                if placement.is_shard():
+                    degree *= p.device_mesh.size(dim)
+            return degree
+    return default
+
+
+def memory_lines(cfg: RunConfig, accelerator: Any, built: Any) -> list[str]:
+    """The peak-memory estimate (``fv_accel/memory.py``): per role, the largest terms, and a WARNING naming
+    them when it does not fit the device (or ``training.target_device_memory_gib``)."""
+    method = built.method
+    mixed_precision = accelerator.mixed_precision
+    shapes = role_shapes_from_run(method)
+    if shapes is None:
+        return ["estimated peak memory per device: unknown (no activation model for this model family)"]
+    if built.data is None:
+        return ["estimated peak memory per device: unknown (no data, so no latent shape)"]
+    estimate = estimate_run(cfg, shapes, latent_shape=tuple(built.data.dataset.latent_shape),
+                            shard_degree=_shard_degree(method, accelerator.num_processes),
+                            mixed_precision=mixed_precision,
+                            eager_backward=method.eager_backward,
+                            backward_order=[r for r in method.trainable_roles if r in shapes])
+    mib = 2**20
+    largest = ", ".join(f"{t.role} {t.name} {t.bytes / mib:.2f} MiB" for t in estimate.largest(3))
+    lines = [f"estimated peak memory per device: {estimate.peak_bytes / mib:.2f} MiB "
+             f"({estimate.peak_bytes / GiB:.2f} GiB) in the {estimate.phase}, activations included "
+             f"(fv_accel/memory.py)"]
+    for role, total in estimate.per_role().items():
+        parts = ", ".join(f"{t.name} {t.bytes / mib:.2f}" for t in estimate.terms if t.role == role)
+        lines.append(f"  {role:<10}{total / mib:>12.2f} MiB  ({parts})")
+    lines.append(f"  largest terms: {largest}")
+    budget = _device_memory_gib(cfg, accelerator)
+    if budget is None:
+        lines.append("  device memory: no CUDA device; set training.target_device_memory_gib to check a GPU")
+        return lines
+    gib, source = budget
+    usable = gib - DEVICE_RESERVE_GIB
+    if estimate.fits(gib):
+        lines.append(f"  fits {gib:.2f} GiB ({source}) with {usable - estimate.peak_bytes / GiB:.2f} GiB to spare "
+                     f"after a {DEVICE_RESERVE_GIB:g} GiB reserve")
+    else:
+        lines.append(f"WARNING: estimated peak memory {estimate.peak_bytes / GiB:.2f} GiB per device exceeds the "
+                     f"{usable:.2f} GiB usable of {gib:.2f} GiB ({source}); largest terms: {largest}")
+    return lines
 
 
 def run_summary_lines(cfg: RunConfig, accelerator: Any, built: Any) -> list[str]:
@@ -90,11 +128,7 @@ def run_summary_lines(cfg: RunConfig, accelerator: Any, built: Any) -> list[str]
     else:
         lines.append("validation: off")
     lines.append(f"trackers: {', '.join(cfg.training.tracker.backends) or 'none'}")
-    mem = memory_estimate(cfg, accelerator, method)
-    lines.append("estimated memory per device, before activations: "
-                 f"{mem['total'] / 2**20:.2f} MiB (weights {mem['weights'] / 2**20:.2f}, "
-                 f"grads+AdamW {mem['grads_and_adamw'] / 2**20:.2f}, EMA {mem['ema'] / 2**20:.2f}, "
-                 f"unsharded blocks {mem['unsharded_blocks'] / 2**20:.2f})")
+    lines += memory_lines(cfg, accelerator, built)
     return lines
 
 

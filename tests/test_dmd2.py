@@ -203,4 +203,69 @@ def test_data_latent_pass_counts(toy_root: Path, tmp_path: Path, single_process_
     assert out.passes["student"] == PassCount(forward=b if reuse else 2 * b, backward=b)
     assert out.passes["teacher"] == PassCount(forward=2 * b)
     assert out.passes["critic"] == PassCount(forward=2 * b, backward=b)
-    assert out.losses["generator_loss"].requires_grad and out.losses["critic_loss"].requires_grad
+    # generator-first: the generator loss was differentiated inside the step; the critic's is left to backward
+    assert out.backpropagated == {"generator_loss"} and not out.losses["generator_loss"].requires_grad
+    assert out.losses["critic_loss"].requires_grad
+
+
+def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    return {n: local(p.grad).clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_generator_first_backward_gives_the_combined_gradients_bitwise(
+        toy_root: Path, tmp_path: Path, single_process_dist: Any, accum: int) -> None:
+    """The oracle is today's ordering: one backward of generator_loss + critic_loss (``eager_backward = False``)
+    on the same weights, batch and random draws. fp32 on CPU: every gradient of student and critic is equal."""
+    from fv_accel.build import build_run
+
+    cfg = _config(toy_root, tmp_path, real_score_guidance_scale=2.5)
+    cfg.training.loop.gradient_accumulation_steps = accum
+    built = build_run(cfg, single_process_dist)
+    method = built.method
+    assert built.data is not None
+    batch = next(built.data)
+    student, critic = (method.role_models[r].transformer for r in ("student", "critic"))
+    runs: dict[bool, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+    for eager in (False, True):
+        method.eager_backward = eager  # type: ignore[misc]
+        method.optimizers_zero_grad(3)
+        method.on_train_start()  # the same seeds → the same rollout, timesteps and noise
+        out = method.single_train_step(batch, 3)  # a generator iteration (interval 3)
+        assert set(out.losses) == {"generator_loss", "critic_loss"}
+        if eager:
+            assert out.backpropagated == {"generator_loss"}
+            assert not out.losses["generator_loss"].requires_grad
+            assert _grads(student) and not _grads(critic)  # the student's backward already ran
+        else:
+            assert out.backpropagated == frozenset() and not _grads(student)
+        method.backward(out, grad_accum_rounds=accum)
+        runs[eager] = (_grads(student), _grads(critic), {n: v.detach() for n, v in out.losses.items()})
+    method.eager_backward = True  # type: ignore[misc]
+    (ref_s, ref_c, ref_l), (new_s, new_c, new_l) = runs[False], runs[True]
+    n_student = sum(1 for p in student.parameters() if p.requires_grad)
+    assert len(ref_s) == len(new_s) == n_student and len(ref_c) == len(new_c) > 0
+    assert any(bool(g.abs().sum() > 0) for g in ref_s.values())
+    for name in ref_s:
+        assert torch.equal(new_s[name], ref_s[name]), f"student {name}"
+    for name in ref_c:
+        assert torch.equal(new_c[name], ref_c[name]), f"critic {name}"
+    for name in ref_l:
+        assert torch.equal(new_l[name], ref_l[name]), name
+
+
+def test_backward_refuses_a_scale_other_than_the_early_one(toy_root: Path, tmp_path: Path,
+                                                           single_process_dist: Any) -> None:
+    from fv_accel.build import build_run
+
+    cfg = _config(toy_root, tmp_path, generator_update_interval=1)
+    built = build_run(cfg, single_process_dist)
+    method = built.method
+    method.on_train_start()
+    assert built.data is not None
+    out = method.single_train_step(next(built.data), 1)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        method.backward(out, grad_accum_rounds=2)

@@ -27,11 +27,20 @@ def _role_line(stdout: str, role: str) -> list[str]:
     return lines[0]
 
 
-def _memory(stdout: str) -> dict[str, float]:
-    line = next(line for line in stdout.splitlines() if line.startswith("estimated memory per device"))
-    total = float(re.search(r"activations: ([\d.]+) MiB", line).group(1))
-    parts = dict(re.findall(r"(weights|grads\+AdamW|EMA|unsharded blocks) ([\d.]+)", line))
-    return {"total": total, **{k: float(v) for k, v in parts.items()}}
+def _memory(stdout: str) -> tuple[float, dict[tuple[str, str], float]]:
+    """The estimate's peak (MiB) and its terms, (role, term) → MiB, as the dry run prints them."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("estimated peak memory per device"))
+    total = float(re.search(r"device: ([\d.]+) MiB", lines[head]).group(1))
+    terms: dict[tuple[str, str], float] = {}
+    for line in lines[head + 1:]:
+        m = re.match(r"  (\S+)\s+[\d.]+ MiB  \((.*)\)$", line)
+        if m is None:
+            break
+        for part in m.group(2).split(", "):
+            name, value = part.rsplit(" ", 1)
+            terms[(m.group(1), name)] = float(value)
+    return total, terms
 
 
 def _args(toy_root, out, *extra):
@@ -54,14 +63,17 @@ def test_dry_run_prints_roles_and_exits_without_training(toy_root, tmp_path):
     assert "optimizer[student]: AdamW" in stdout and "steps=7" in stdout
     assert "data: 768 rows (t2v)" in stdout
     assert "validation: every 2 steps" in stdout and "trackers: tensorboard" in stdout
-    # fp32, one process: weights + 3× (grads, AdamW m and v) + EMA shadow + 2 unsharded blocks
-    mem = _memory(stdout)
+    # fp32, one process: weights, AdamW m and v, EMA shadow, 2 unsharded blocks, the root unit unsharded
+    total, mem = _memory(stdout)
     w = numel * 4 / 2**20
-    assert mem["weights"] == pytest.approx(w, abs=0.005)
-    assert mem["grads+AdamW"] == pytest.approx(3 * w, abs=0.005)
-    assert mem["EMA"] == pytest.approx(w, abs=0.005)
-    assert mem["unsharded blocks"] == pytest.approx(2 * block_numel * 4 / 2**20, abs=0.005)
-    assert mem["total"] == pytest.approx(5 * w + 2 * block_numel * 4 / 2**20, abs=0.01)
+    assert mem[("student", "weights (fp32 master)")] == pytest.approx(w, abs=0.005)
+    assert mem[("student", "AdamW m+v")] == pytest.approx(2 * w, abs=0.005)
+    assert mem[("student", "EMA shadow")] == pytest.approx(w, abs=0.005)
+    assert mem[("FSDP2", "all-gather (2 blocks)")] == pytest.approx(2 * block_numel * 4 / 2**20, abs=0.005)
+    root = numel - TINY_WAN_CONFIG["num_layers"] * block_numel
+    assert mem[("student", "root unit (unsharded)")] == pytest.approx(root * 4 / 2**20, abs=0.005)
+    assert total == pytest.approx(sum(mem.values()), abs=0.05)
+    assert "device memory: no CUDA device" in stdout and "WARNING" not in stdout
     # nothing trained, nothing written
     assert not out.exists()
 
@@ -76,6 +88,10 @@ def test_dry_run_two_processes_shards_the_estimate(toy_root, tmp_path):
     assert (params, fsdp, shards) == (f"{numel:,}", "FSDP2", "x2")  # printed once, by the main process
     # rank 0's shard: FSDP2 splits each parameter along dim 0 (the first rank gets the larger half)
     assert numel * 4 / 2 / 2**20 - 0.01 < float(mib) < numel * 4 / 2**20 * 0.6
+    # the estimate divides every state by the shard degree, 2 (activations are per rank)
+    _, mem = _memory(proc.stdout)
+    assert mem[("student", "weights (fp32 master)")] == pytest.approx(numel * 4 / 2 / 2**20, abs=0.005)
+    assert mem[("student", "AdamW m+v")] == pytest.approx(numel * 8 / 2 / 2**20, abs=0.005)
     assert not out.exists()
 
 
@@ -102,11 +118,13 @@ def test_dry_run_dmd2_prints_every_role(toy_root, tmp_path):
     # each role's optimizer steps: the critic every step, the student every 5th
     assert re.search(r"optimizer\[student\]: .* steps=2\b", proc.stdout)
     assert re.search(r"optimizer\[critic\]: .* steps=10\b", proc.stdout)
-    mem = _memory(proc.stdout)
+    _, mem = _memory(proc.stdout)
     w = numel * 4 / 2**20
-    assert mem["weights"] == pytest.approx(3 * w, abs=0.005)
-    assert mem["grads+AdamW"] == pytest.approx(6 * w, abs=0.005)  # student and critic, not the teacher
-    assert mem["EMA"] == 0
+    for role in ("student", "critic"):  # fp32 toy: the teacher is fp32 too, with no optimizer
+        assert mem[(role, "weights (fp32 master)")] == pytest.approx(w, abs=0.005)
+        assert mem[(role, "AdamW m+v")] == pytest.approx(2 * w, abs=0.005)
+    assert mem[("teacher", "weights (frozen)")] == pytest.approx(w, abs=0.005)
+    assert ("teacher", "AdamW m+v") not in mem and not any(name == "EMA shadow" for _, name in mem)
     assert not out.exists()
 
 
@@ -125,3 +143,19 @@ def test_dry_run_of_the_toy_default_trains_nothing(tmp_path):
         numel = WanTransformer3DModel(**{**TINY_WAN_CONFIG, **TOY_TEACHER_WAN_OVERRIDES}).num_parameters()
     for role in ("student", "teacher", "critic"):
         assert _role_line(proc.stdout, role)[1] == f"{numel:,}"
+
+
+def test_dry_run_warns_when_the_estimate_exceeds_the_target(toy_root, tmp_path):
+    """training.target_device_memory_gib far below the toy's estimate: the summary names the largest terms in a
+    WARNING and the run still exits 0 (a dry run reports, it does not refuse)."""
+    out = tmp_path / "run"
+    small = run_python(_args(toy_root, out, "--training.target_device_memory_gib=2.001"), cwd=REPO)
+    assert small.returncode == 0, small.stderr[-3000:]
+    total, mem = _memory(small.stdout)
+    warning = [line for line in small.stdout.splitlines() if line.startswith("WARNING: estimated peak memory")]
+    assert len(warning) == 1, small.stdout
+    # 2.001 GiB minus the 2 GiB reserve leaves 1.02 MiB, less than the toy's few MiB
+    assert "exceeds the 0.00 GiB usable of 2.00 GiB (training.target_device_memory_gib)" in warning[0]
+    biggest = max(mem, key=lambda k: mem[k])
+    assert f"largest terms: {biggest[0]} {biggest[1]} {mem[biggest]:.2f} MiB" in warning[0]
+    assert not out.exists()

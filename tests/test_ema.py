@@ -88,7 +88,8 @@ def test_state_dict_roundtrip_and_mismatch() -> None:
         wrong.load_state_dict(state)
 
 
-def test_fsdp2_shards_checkpoint_and_one_process_read(tmp_path: Path, single_process_dist: Any) -> None:
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_fsdp2_shards_checkpoint_and_one_process_read(tmp_path: Path, single_process_dist: Any, device: str) -> None:
     """World size 1 FSDP2: the shadow is a DTensor laid out like the parameters, DCP saves it under
     ``callbacks.ema`` and :func:`load_ema_state_dict` reads back full tensors keyed like the model."""
     import torch.distributed.checkpoint as dcp
@@ -100,7 +101,7 @@ def test_fsdp2_shards_checkpoint_and_one_process_read(tmp_path: Path, single_pro
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3))
     fully_shard(model)
-    ema = EMACallback(EMAConfig(decay=0.5, start_step=1), fake_method(model))
+    ema = EMACallback(EMAConfig(decay=0.5, start_step=1, device=device), fake_method(model))  # type: ignore[arg-type]
     ema.on_train_start(None)  # type: ignore[arg-type]
     state = ema.state_dict()
     assert all(isinstance(v, DTensor) and v.placements == model.get_parameter(k).placements
@@ -123,3 +124,75 @@ def test_fsdp2_shards_checkpoint_and_one_process_read(tmp_path: Path, single_pro
         load_ema_state_dict(tmp_path / "no_ema")
     with pytest.raises(CheckpointError, match="not a readable DCP checkpoint"):
         load_ema_state_dict(tmp_path / "nonexistent")
+
+
+def _shadows(ema: EMACallback) -> dict[str, torch.Tensor]:
+    return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in ema.state_dict()["shadow"].items()}
+
+
+def test_cpu_shadow_equals_device_shadow_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device=cpu (host shadow, staged in buckets through two buffers) computes the bits of the default device,
+    against a per-tensor torch.lerp reference, in separate host storage."""
+    import fv_accel.callbacks.ema as ema_module
+
+    # 256-byte buckets: the 10×20 weight (800 B) gets a bucket of its own, the small tensors share buckets
+    monkeypatch.setattr(ema_module, "STAGING_BUCKET_BYTES", 256)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 10), nn.Linear(10, 20), nn.Linear(20, 3))
+    on_device = EMACallback(EMAConfig(decay=0.9), fake_method(model))
+    on_host = EMACallback(EMAConfig(decay=0.9, device="cpu"), fake_method(model))
+    for ema in (on_device, on_host):
+        ema.on_train_start(None)  # type: ignore[arg-type]
+    params = dict(model.named_parameters())
+    reference = {k: p.detach().clone() for k, p in params.items()}
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        for ema in (on_device, on_host):
+            ema.on_after_optimizer_step(None, step, ["student"])  # type: ignore[arg-type]
+        for k, p in params.items():
+            reference[k] = p.detach().clone() if step == 1 else torch.lerp(reference[k], p.detach(), 0.1)
+        device_shadow, host_shadow = _shadows(on_device), _shadows(on_host)
+        assert device_shadow.keys() == host_shadow.keys() == reference.keys()
+        for k in reference:
+            assert torch.equal(host_shadow[k], device_shadow[k]), (step, k)
+            torch.testing.assert_close(host_shadow[k], reference[k], rtol=1e-6, atol=1e-6)
+    for k, p in params.items():
+        host = _shadows(on_host)[k]
+        assert host.device.type == "cpu" and host.dtype == torch.float32
+        assert host.is_pinned() == torch.cuda.is_available()
+        assert _shadows(on_device)[k].device == p.device
+        for shadow in (host, _shadows(on_device)[k]):
+            assert shadow.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+        assert not torch.equal(host, p.detach())  # the average lags behind the weights
+
+
+def test_cpu_shadow_resumes_from_a_checkpoint(tmp_path: Path, single_process_dist: Any) -> None:
+    """device=cpu: DCP saves the host shadow and loads it into a fresh run's host shadow, bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    from fv_accel.checkpoint.manager import _CallbackState
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3))
+    fully_shard(model)
+    ema = EMACallback(EMAConfig(decay=0.5, device="cpu"), fake_method(model))
+    ema.on_train_start(None)  # type: ignore[arg-type]
+    for step in (1, 2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(step))
+        ema.on_after_optimizer_step(None, step, ["student"])  # type: ignore[arg-type]
+    saved = {k: v.clone() for k, v in _shadows(ema).items()}
+    dcp.save({"callbacks.ema": _CallbackState(ema)}, checkpoint_id=str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # the resumed run's fresh shadow starts elsewhere
+    resumed = EMACallback(EMAConfig(decay=0.5, device="cpu"), fake_method(model))
+    resumed.on_train_start(None)  # type: ignore[arg-type]
+    dcp.load({"callbacks.ema": _CallbackState(resumed)}, checkpoint_id=str(tmp_path / "ckpt"))
+    assert resumed.initialized and resumed.num_updates == 2
+    for k, v in _shadows(resumed).items():
+        assert torch.equal(v, saved[k]) and v.device.type == "cpu"

@@ -5,6 +5,18 @@
 only the local shard of each parameter (``DTensor.to_local()``): no all-gather per step, and the memory cost is
 one fp32 copy of this rank's shard of the student's trainable parameters (allocated at train start).
 
+Where the shadow lives (``callbacks.ema.device``):
+
+- ``gpu`` (default): beside the parameters; a foreach lerp on the device. Device memory: 4 bytes per local
+  trainable parameter (7.1 GB per GPU at 14B over 8 GPUs).
+- ``cpu``: in host memory, pinned when CUDA is available. Each update copies the local shards into a pinned
+  staging buffer in buckets of :data:`STAGING_BUCKET_BYTES` (two buffers: bucket k+1 is copied with
+  ``non_blocking`` while the CPU lerps bucket k), then lerps on the CPU. Cost: host RAM 4 bytes per local
+  parameter + 2 buckets; PCIe 4 bytes per local parameter per update (device → host only; the shadow never goes
+  back except in :meth:`EMACallback.swapped_in` and export); the CPU lerp reads and writes 8 bytes per parameter.
+  The optimizer step that follows waits for the copies (the update blocks on each bucket's event), so nothing
+  changes the weights while they are read. On a CPU-only run both settings compute the same bits.
+
 Checkpointing: :meth:`EMACallback.state_dict` hands DCP the shadow as DTensors with the parameters' mesh and
 placements, so every rank saves (and gets back) its own shards, and a different world size, including one plain
 process, can load them (DCP reshards). :func:`load_ema_state_dict` reads the EMA weights of a checkpoint in one
@@ -53,9 +65,19 @@ def clean_fqn(name: str) -> str:
     return name
 
 
+#: size of one pinned staging bucket of the ``device: cpu`` update (two are allocated); a parameter shard larger
+#: than this gets a bucket of its own size
+STAGING_BUCKET_BYTES = 64 * 2**20
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a (possibly DTensor) parameter, as a plain tensor sharing its storage."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _host_buffer(numel: int) -> torch.Tensor:
+    """fp32 host memory, pinned when CUDA exists (pinned copies are asynchronous and faster)."""
+    return torch.empty(numel, dtype=torch.float32, pin_memory=torch.cuda.is_available())
 
 
 class EMACallback(Callback):
@@ -66,11 +88,14 @@ class EMACallback(Callback):
     def __init__(self, config: EMAConfig, method: TrainingMethod) -> None:
         self.decay = float(config.decay)
         self.start_step = int(config.start_step)
+        self.device = config.device
         self.method = method
         self.initialized = False
         self.num_updates = 0
         self._params: dict[str, nn.Parameter] = {}
         self._shadow: dict[str, torch.Tensor] = {}  # fqn → fp32 local shard
+        self._buckets: list[list[str]] = []  # device=cpu: parameter names copied through one staging buffer
+        self._staging: list[torch.Tensor] = []  # device=cpu: two pinned fp32 buffers
 
     # -- setup ------------------------------------------------------------------------------------------------
     def _bind(self) -> None:
@@ -81,7 +106,26 @@ class EMACallback(Callback):
             raise ValueError("EMA: the student has no trainable parameters")
         # Allocated now (not at start_step) so a checkpoint always has the same keys, whether or not the
         # average has started; it holds the weights until the first active step overwrites it anyway.
-        self._shadow = {n: _local(p).detach().float().clone() for n, p in self._params.items()}
+        if self.device == "gpu":
+            self._shadow = {n: _local(p).detach().float().clone() for n, p in self._params.items()}
+            return
+        self._shadow = {}
+        for n, p in self._params.items():
+            local = _local(p).detach()
+            self._shadow[n] = _host_buffer(local.numel()).view(local.shape)
+            self._shadow[n].copy_(local)
+        # Buckets in parameter order, each at most STAGING_BUCKET_BYTES unless one shard alone is larger.
+        self._buckets = []
+        size = 0
+        for n, p in self._params.items():
+            nbytes = 4 * _local(p).numel()
+            if not self._buckets or size + nbytes > STAGING_BUCKET_BYTES:
+                self._buckets.append([])
+                size = 0
+            self._buckets[-1].append(n)
+            size += nbytes
+        largest = max(sum(self._shadow[n].numel() for n in bucket) for bucket in self._buckets)
+        self._staging = [_host_buffer(largest), _host_buffer(largest)]
 
     def on_train_start(self, trainer: Trainer) -> None:
         self._bind()
@@ -98,16 +142,47 @@ class EMACallback(Callback):
     def update(self) -> None:
         """One EMA step from the current weights (the first one copies them)."""
         self._ensure_bound()
-        names = list(self._params)
-        shadows = [self._shadow[n] for n in names]
-        weights = [_local(self._params[n]).detach().float() for n in names]
+        if self.device == "gpu":
+            names = list(self._params)
+            self._blend([self._shadow[n] for n in names], [_local(self._params[n]).detach().float() for n in names])
+        else:
+            self._update_from_host_staging()
+        self.initialized = True
+        self.num_updates += 1
+
+    def _blend(self, shadows: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         if not self.initialized:
             torch._foreach_copy_(shadows, weights)
-            self.initialized = True
         else:
             # lerp: shadow + (1 − decay)·(w − shadow) = decay·shadow + (1 − decay)·w
             torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
-        self.num_updates += 1
+
+    def _stage(self, bucket: list[str], buffer: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+        """Start copying ``bucket``'s local shards into ``buffer``; returns the views and an event to wait on."""
+        views, offset = [], 0
+        for n in bucket:
+            local = _local(self._params[n]).detach()
+            view = buffer[offset: offset + local.numel()].view(local.shape)
+            view.copy_(local, non_blocking=True)  # casts to fp32 on the way when the weights are not fp32
+            views.append(view)
+            offset += local.numel()
+        event = None
+        device = _local(self._params[bucket[0]]).device
+        if device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+        return views, event
+
+    def _update_from_host_staging(self) -> None:
+        """device=cpu: double-buffered device → pinned host copies, lerp on the CPU (see the module docstring)."""
+        pending = self._stage(self._buckets[0], self._staging[0])
+        for k, bucket in enumerate(self._buckets):
+            views, event = pending
+            if k + 1 < len(self._buckets):  # the other buffer's lerp (bucket k − 1) has finished: reuse it
+                pending = self._stage(self._buckets[k + 1], self._staging[(k + 1) % 2])
+            if event is not None:
+                event.synchronize()
+            self._blend([self._shadow[n] for n in bucket], views)
 
     def on_after_optimizer_step(self, trainer: Trainer, step: int, stepped_roles: list[str]) -> None:
         if self.is_active(step, stepped_roles):
@@ -142,7 +217,8 @@ class EMACallback(Callback):
         self._ensure_bound()
         out = {}
         for n, p in self._params.items():
-            shadow = self._as_param_layout(p, self._shadow[n])
+            # A host shadow is gathered from the parameters' device (the collective backend may not take CPU).
+            shadow = self._as_param_layout(p, self._shadow[n].to(_local(p).device))
             out[n] = shadow.full_tensor() if hasattr(shadow, "full_tensor") else shadow.clone()
         return out
 
@@ -154,6 +230,15 @@ class EMACallback(Callback):
             return local
         from torch.distributed.tensor import DTensor
 
+        if local.device.type != param.device_mesh.device_type:
+            # A host shadow (device=cpu) on a CUDA mesh: from_local would copy it to the device. Build the
+            # DTensor around the host tensor instead, as FSDP2's own CPU offload does; DCP saves and loads it
+            # in place.
+            from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+            spec = DTensorSpec(param.device_mesh, tuple(param.placements),
+                               tensor_meta=TensorMeta(param.shape, param.stride(), local.dtype))
+            return DTensor(local, spec, requires_grad=False)  # type: ignore[call-arg]
         return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 

@@ -3,6 +3,16 @@ iteration, and exposes its whole state for distributed checkpointing.
 
 A method never loops over data and never calls ``optimizer.step()``: the loop (``fv_accel/trainer.py``) does,
 using :meth:`get_optimizers`, :meth:`get_lr_schedulers` and :meth:`get_grad_clip_targets`.
+
+Backward contract. Per micro-batch the loop calls ``out = single_train_step(batch, step)`` then
+``backward(out, grad_accum_rounds=accum)``, and logs and checks every entry of ``out.losses`` for non-finite
+values. A method whose roles run one after another may differentiate a loss early, inside
+``single_train_step``, through :meth:`TrainingMethod.backward_now`, so that role's graph is freed before the next
+role's forward (DMD2: the student's graph before the critic's). Such a loss is still reported in ``losses`` (as a
+detached value) and named in ``StepOutput.backpropagated``; :meth:`TrainingMethod.backward` differentiates only
+the others. Every loss is differentiated exactly once and scaled by ``1 / grad_accum_rounds``; the early ones use
+``training.loop.gradient_accumulation_steps``, and :meth:`backward` refuses a different ``grad_accum_rounds``.
+Summing losses of disjoint graphs and differentiating them separately give bitwise the same gradients.
 """
 
 from __future__ import annotations
@@ -43,6 +53,9 @@ class StepOutput:
     """Role → samples its transformer saw in this micro-batch (forwards with or without grad, backwards), as
     plain ints: the loop turns them into FLOPs and MFU (``fv_accel/flops.py``) without a host sync. Empty: no
     MFU is reported."""
+    backpropagated: frozenset[str] = frozenset()
+    """Names in ``losses`` already differentiated inside ``single_train_step`` (:meth:`TrainingMethod.backward_now`);
+    their values are detached and only logged and checked. See the module docstring's backward contract."""
 
 
 #: ``sampler(model, text_embeds_bld, uncond_embeds_bld, latent_shape [C,T,H,W], generator)`` → x0 in the
@@ -173,8 +186,36 @@ class TrainingMethod(nn.Module, ABC):
     def single_train_step(self, batch: Any, iteration: int) -> StepOutput:
         """All forwards of one micro-batch; returns the losses to differentiate."""
 
+    #: Whether :meth:`backward_now` differentiates at once. False defers every loss to :meth:`backward` (one
+    #: combined backward, every role's graph alive until then): the same gradients, more peak memory.
+    eager_backward: ClassVar[bool] = True
+
+    def backward_now(self, loss: torch.Tensor) -> bool:
+        """Differentiate ``loss`` now, scaled as :meth:`backward` would scale it, and free its graph.
+
+        Returns whether it ran (see :attr:`eager_backward`). When it did, the caller reports ``loss.detach()``
+        and lists the loss's name in ``StepOutput.backpropagated``; otherwise it reports ``loss`` as usual."""
+        if not self.eager_backward:
+            return False
+        (loss / self.training_config.loop.gradient_accumulation_steps).backward()
+        return True
+
     def backward(self, output: StepOutput, *, grad_accum_rounds: int = 1) -> None:
-        total = sum(output.losses.values())
+        """Differentiate the sum of the losses not already in ``output.backpropagated``, scaled by
+        ``1 / grad_accum_rounds``."""
+        if output.backpropagated:
+            unknown = sorted(output.backpropagated - output.losses.keys())
+            if unknown:
+                raise ValueError(f"StepOutput.backpropagated names losses it does not report: {unknown}")
+            configured = self.training_config.loop.gradient_accumulation_steps
+            if grad_accum_rounds != configured:
+                raise ValueError(f"backward(grad_accum_rounds={grad_accum_rounds}) but losses "
+                                 f"{sorted(output.backpropagated)} were already scaled by 1/{configured} "
+                                 "(training.loop.gradient_accumulation_steps)")
+        pending = [loss for name, loss in output.losses.items() if name not in output.backpropagated]
+        if not pending:
+            return
+        total = sum(pending)
         (total / grad_accum_rounds).backward()  # type: ignore[union-attr]
 
     def get_optimizers(self, iteration: int) -> Sequence[Any]:

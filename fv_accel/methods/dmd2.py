@@ -11,8 +11,11 @@ Per iteration (1-based ``iteration`` = the loop's step):
   whose gradient with respect to x̂0 is ``g / numel``: it pulls x̂0 toward the teacher and away from the critic;
 - every iteration: ``critic_loss``, the critic's flow-matching loss on detached student samples.
 
-Both losses go through one backward: the generator loss reaches only the student (f and r are computed without
-grad) and the critic loss only the critic (its samples are detached), so summing them changes nothing.
+The generator loss reaches only the student (f and r are computed without grad) and the critic loss only the
+critic (its samples are detached). So the generator loss is differentiated as soon as it exists
+(``backward_now``, generator-first): the student's graph is freed before the critic's rollout and forward, and
+one role's graph is alive at a time (``fv_accel/memory.py``). The gradients are bitwise those of one combined
+backward of the sum (``eager_backward = False``), which holds both graphs until the end.
 """
 
 from __future__ import annotations
@@ -199,6 +202,7 @@ class DMD2Method(TrainingMethod):
         student_passes = PassCount()
         critic_passes = PassCount()
         teacher_passes = PassCount()
+        backpropagated: set[str] = set()
         rollout: torch.Tensor | None = None
         if self.is_generator_step(iteration):
             x0_student, num_forwards = self._rollout(cond, grad=True)
@@ -206,6 +210,10 @@ class DMD2Method(TrainingMethod):
             loss, critic_samples, teacher_samples = self.generator_loss(x0_student, cond)
             critic_passes += PassCount(forward=critic_samples)
             teacher_passes += PassCount(forward=teacher_samples)
+            # Generator-first: free the student's graph before the critic's rollout and forward.
+            if self.backward_now(loss):
+                loss = loss.detach()
+                backpropagated.add("generator_loss")
             losses["generator_loss"] = loss
             loss_roles["generator_loss"] = "student"
             if self.config.reuse_generator_rollout_for_critic:
@@ -213,10 +221,17 @@ class DMD2Method(TrainingMethod):
         if rollout is None:
             rollout, num_forwards = self._rollout(cond, grad=False)
             student_passes += PassCount(forward=num_forwards * b)
+            if backpropagated:
+                # FSDP2 never reshards the root unit after a forward, so after this no-grad forward the student
+                # would expose its unsharded root parameters, which do not hold the gradients just computed (the
+                # sharded ones do), to clipping. Resharding puts the sharded parameters back.
+                reshard = getattr(self.student.transformer, "reshard", None)
+                if reshard is not None:
+                    reshard()
         losses["critic_loss"] = self.critic_loss(rollout, cond)
         loss_roles["critic_loss"] = "critic"
         critic_passes += PassCount(forward=b, backward=b)
-        return StepOutput(losses=losses, loss_roles=loss_roles,
+        return StepOutput(losses=losses, loss_roles=loss_roles, backpropagated=frozenset(backpropagated),
                           passes={"student": student_passes, "critic": critic_passes, "teacher": teacher_passes})
 
     # -- sampling -----------------------------------------------------------------------------------------------
