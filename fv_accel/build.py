@@ -117,8 +117,8 @@ def finish_prepare(accelerator: Accelerator, role: str, model: ModelBase, stored
     changed = [f"{name}: {stored[name]} → {p.dtype}" for name, p in model.transformer.named_parameters()
                if stored.get(name, p.dtype) != p.dtype]
     if changed:
-        raise RuntimeError(f"accelerate {accelerate.__version__} changed the dtype of role {role!r}'s "
-                           f"parameters ({changed[0]}, {len(changed)} in all); use the accelerate version "
+        raise RuntimeError(f"accelerate {accelerate.__version__} changed parameter dtypes of role {role!r} "
+                           f"({changed[0]}; {len(changed)} in all): install an accelerate version that "
                            "pyproject.toml allows")
     if isinstance(model.transformer, FSDPModule):
         reshard = accelerator.state.fsdp_plugin.reshard_after_forward

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
+import accelerate
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -148,7 +149,7 @@ def main(out_dir: str) -> None:
     teacher.requires_grad_(False).eval()
     roles = {"student": WanModel(role="student", transformer=student_fp32, config=cfg.models["student"]),
              "teacher": WanModel(role="teacher", transformer=teacher, config=cfg.models["teacher"])}
-    report: dict[str, Any] = {"rank": rank, "world_size": world_size,
+    report: dict[str, Any] = {"rank": rank, "world_size": world_size, "accelerate": accelerate.__version__,
                               "mixed_precision": accelerator.mixed_precision}
     report["teacher_loaded_dtypes"] = {n: dtype_name(p) for n, p in teacher.named_parameters()}
     method = StudentTeacher(cfg=cfg, role_models=roles)
