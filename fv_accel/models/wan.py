@@ -226,8 +226,8 @@ class WanModel(ModelBase):
     def fp32_modules(self) -> list[torch.nn.Module]:
         """The modules diffusers keeps in fp32 (``_keep_in_fp32_modules``: the time embedder, the blocks'
         affine ``norm2``) that hold parameters, outermost only. Parameterless ones (RoPE, ``norm1``/``norm3``,
-        which compute in fp32 anyway) need no unit; ``scale_shift_table`` is a parameter of the block itself,
-        so it is gathered in the block's unit (bf16) and added to the fp32 time embedding there."""
+        which compute in fp32 anyway) need no unit. ``scale_shift_table`` is a parameter of the block (and the
+        root) itself, not a module: FSDP2's policy is per unit, so it is gathered in bf16 with its unit."""
         keep = set(getattr(self.transformer, "_keep_in_fp32_modules", None) or ())
         found: list[tuple[str, torch.nn.Module]] = []
         for name, module in self.transformer.named_modules():
