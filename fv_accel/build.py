@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import accelerate
 import torch
 from accelerate import Accelerator
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
@@ -19,7 +20,7 @@ from fv_accel.data import DataStream, build_data_stream
 from fv_accel.errors import ConfigError, DataError
 from fv_accel.methods import TrainingMethod, method_class
 from fv_accel.models import ModelBase, load_role_model, resolve_latent_stats
-from fv_accel.runtime import assert_fsdp2_sharded
+from fv_accel.runtime import FP32_POLICY, assert_fsdp2_sharded, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
     plugin = accelerator.state.fsdp_plugin
     for role, model in method.role_models.items():
         plugin.transformer_cls_names_to_wrap = list(model.block_class_names)
+        stored_dtypes = shard_fp32_modules(accelerator, model)
         if model._trainable:
             if role not in opt_cfgs:
                 raise ValueError(f"method {method.name!r} gives no optimizer settings for trainable role {role!r}")
@@ -77,7 +79,50 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
             transformer.eval()
             model.transformer = transformer
             method.role_modules[role]["transformer"] = transformer
+        finish_prepare(accelerator, role, model, stored_dtypes)
         assert_fsdp2_sharded(role, model.transformer)
+
+
+def shard_fp32_modules(accelerator: Accelerator, model: ModelBase) -> dict[str, torch.dtype]:
+    """Before ``prepare``: under bf16, give each module the family keeps in fp32 (``model.fp32_modules()``) its
+    own FSDP2 unit with :data:`FP32_POLICY`, so it is gathered and computed in fp32 as in diffusers' inference
+    (in the block's bf16 unit the time embedder's gradients near t = 1000 are tens of % off). Accelerate then
+    wraps the blocks and the root around these units. Returns every parameter's stored dtype (master
+    weights: fp32), which ``prepare`` must keep (:func:`finish_prepare`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.compute_dtype = compute_dtype(accelerator.mixed_precision)
+    stored = {name: p.dtype for name, p in model.transformer.named_parameters()}
+    if accelerator.mixed_precision == "no":
+        return stored
+    stored.update({name: torch.float32 for name, p in model.transformer.named_parameters() if p.requires_grad})
+    plugin = accelerator.state.fsdp_plugin
+    mesh = accelerator.torch_device_mesh  # the mesh Accelerate shards the rest of the model over
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    for module in model.fp32_modules():
+        fully_shard(module, mesh=mesh,
+                    reshard_after_forward=plugin.reshard_after_forward, mp_policy=FP32_POLICY,
+                    offload_policy=plugin.cpu_offload)
+    return stored
+
+
+def finish_prepare(accelerator: Accelerator, role: str, model: ModelBase, stored: dict[str, torch.dtype]) -> None:
+    """After ``prepare``, hold Accelerate to what fv_accel relies on (accelerate 1.15; see pyproject.toml):
+    parameters keep their stored dtypes (1.10–1.12 upcast a frozen bf16 role to fp32: twice its memory), and
+    the root unit reshards after forward like every other unit (≥ 1.14 leaves it unsharded, which keeps a
+    frozen role's embeddings gathered for the whole run)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    changed = [f"{name}: {stored[name]} → {p.dtype}" for name, p in model.transformer.named_parameters()
+               if stored.get(name, p.dtype) != p.dtype]
+    if changed:
+        raise RuntimeError(f"accelerate {accelerate.__version__} changed parameter dtypes of role {role!r} "
+                           f"({changed[0]}; {len(changed)} in all): install an accelerate version that "
+                           "pyproject.toml allows")
+    if isinstance(model.transformer, FSDPModule):
+        reshard = accelerator.state.fsdp_plugin.reshard_after_forward
+        model.transformer.set_reshard_after_forward(bool(reshard), recurse=False)
 
 
 def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = True) -> BuiltRun:

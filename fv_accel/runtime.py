@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,32 @@ def mixed_precision_from_env() -> str:
     return value
 
 
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype transformer blocks compute in: bf16 under bf16 mixed precision, else fp32."""
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+
+def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
+    """The FSDP2 policy of every unit except those a family keeps in fp32 (:data:`FP32_POLICY`).
+
+    bf16: parameters all-gathered and computed in bf16, gradients reduced in fp32 (Accelerate's default policy
+    would reduce in bf16). ``cast_forward_inputs=False``: FSDP2 would otherwise cast every floating input of
+    every unit to bf16, the timestep included (750 → 752, which the exported pipeline never sees) and the
+    RoPE tables passed to each block. The family wrapper (``predict_noise``) casts hidden states and
+    text embeddings itself.
+    """
+    if mixed_precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
+    return MixedPrecisionPolicy(cast_forward_inputs=False)
+
+
+#: Units a family keeps in fp32 (``ModelBase.fp32_modules``): parameters gathered and computed in fp32. Their
+#: inputs are cast to fp32 (diffusers casts the timestep embedding to the time embedder's *stored* dtype, which
+#: is bf16 for a role stored in bf16 without diffusers' fp32 exceptions).
+FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=True)
+
+
 def build_accelerator(
     *,
     block_class_names: tuple[str, ...] = ("WanTransformerBlock",),
@@ -56,16 +83,10 @@ def build_accelerator(
     ``<project_dir>/logs``.
     """
     from accelerate.utils import ProjectConfiguration
-    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     _ensure_process_env()
     mixed_precision = mixed_precision_from_env()
-    # Accelerate's default bf16 policy reduces gradients in bf16; reduce in fp32 instead.
-    policy = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if mixed_precision == "bf16"
-        else MixedPrecisionPolicy()
-    )
+    policy = mixed_precision_policy(mixed_precision)
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",

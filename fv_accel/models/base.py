@@ -84,6 +84,9 @@ class ModelBase(ABC):
         self.config = config
         self._trainable = config.trainable
         self.flow_shift = config.flow_shift
+        self.compute_dtype = torch.float32
+        """The dtype the transformer's blocks compute in (set when it is sharded: bf16 under bf16 mixed
+        precision). ``predict_noise`` casts hidden states and text to it; FSDP2 does not cast inputs."""
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def init_preprocessors(self, training_config: object) -> None:  # noqa: B027 - optional hook
@@ -93,6 +96,11 @@ class ModelBase(ABC):
         """The family's VAE, on this model's device, for decoding validation videos; None when the model has
         none (validation then draws the latents directly). Called on the main process only, once."""
         return None
+
+    def fp32_modules(self) -> list[torch.nn.Module]:
+        """Submodules that store and compute in fp32 under bf16 mixed precision (each becomes its own FSDP2
+        unit with an fp32 policy). Default: none."""
+        return []
 
     @property
     def device(self) -> torch.device:

@@ -223,11 +223,29 @@ class WanModel(ModelBase):
     def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         return latents_bcthw * self._std.to(latents_bcthw.device) + self._mean.to(latents_bcthw.device)
 
+    def fp32_modules(self) -> list[torch.nn.Module]:
+        """The modules diffusers keeps in fp32 (``_keep_in_fp32_modules``: the time embedder, the blocks'
+        affine ``norm2``) that hold parameters, outermost only. Parameterless ones (RoPE, ``norm1``/``norm3``,
+        which compute in fp32 anyway) need no unit. ``scale_shift_table`` is a parameter of the block (and the
+        root) itself, not a module: FSDP2's policy is per unit, so it is gathered in bf16 with its unit."""
+        keep = set(getattr(self.transformer, "_keep_in_fp32_modules", None) or ())
+        found: list[tuple[str, torch.nn.Module]] = []
+        for name, module in self.transformer.named_modules():
+            if name.rpartition(".")[2] not in keep or not any(True for _ in module.parameters()):
+                continue
+            if not any(name.startswith(f"{outer}.") for outer, _ in found):
+                found.append((name, module))
+        return [module for _, module in found]
+
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+        # FSDP2 leaves inputs alone (runtime.mixed_precision_policy): the latents and text go in the blocks'
+        # compute dtype, the timestep in fp32 exactly as given (the sinusoidal embedding at t ≈ 1000 changes
+        # completely with a bf16 rounding of t).
+        dtype = self.compute_dtype
         out = self.transformer(
-            hidden_states=x_t,
-            timestep=t,
-            encoder_hidden_states=text_embeds_bld,
+            hidden_states=x_t.to(dtype),
+            timestep=t.float(),
+            encoder_hidden_states=text_embeds_bld.to(dtype),
             return_dict=False,
         )[0]
         # The transformer's output is a view (its final reshape), which FSDP2 warns about: an in-place op on
