@@ -61,6 +61,8 @@ def init_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for sub in ("transformer", "tokenizer", "text_encoder"):  # the 1.3B recipe encodes validation prompts
             (root / sub).mkdir()
         (root / "transformer" / "config.json").write_text(json.dumps(config_dict(size)))
+        (root / "vae").mkdir()  # the recipes keep latent_stats: auto (the pipeline's VAE statistics)
+        (root / "vae" / "config.json").write_text(json.dumps({"latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}))
         dirs[size] = root
     return dirs
 
@@ -214,7 +216,7 @@ def test_summary_reports_a_fit_against_the_target(toy_root: Path, tmp_path: Path
     from fv_accel.summary import memory_lines
 
     cfg = resolve_config({
-        "models": {"student": {"init_from": str(toy_root / "init")}},
+        "models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
         "method": {"name": "finetune"},
         "training": {"data": {"data_path": str(toy_root / "data"), "text_len": 8},
                      "checkpoint": {"output_dir": str(tmp_path / "run")}, "target_device_memory_gib": 80.0},
