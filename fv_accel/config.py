@@ -177,6 +177,9 @@ class CheckpointConfig(_Strict):
     """Keep the newest N complete checkpoints; 0 = keep all."""
     resume_from_checkpoint: str = ""
     """"" (fresh), "latest" (newest complete checkpoint in output_dir, else fresh) or a checkpoint path."""
+    on_newer: Literal["abandon", "refuse"] = "abandon"
+    """Resuming from a checkpoint older than complete ones in output_dir (a rollback): ``abandon`` renames those
+    to ``checkpoint-<N>.abandoned-<timestamp>/`` (never deleted automatically), ``refuse`` exits 2 naming them."""
 
 
 class TrackerConfig(_Strict):
