@@ -116,6 +116,7 @@ def check_shared_output_dir(output_dir: str, *, rank: int, world_size: int) -> N
     dist.all_gather_object(views, (seen, socket.gethostname()))
     if rank == 0:
         path.unlink(missing_ok=True)  # every rank has looked
+    dist.barrier()  # and no rank goes on while the probe is still there
     blind = [f"{r} ({host})" for r, (ok, host) in enumerate(views) if not ok]
     if blind:
         raise ConfigError(f"training.checkpoint.output_dir {output_dir!r} must be a directory shared by all nodes: "
