@@ -167,14 +167,16 @@ def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
     from fv_accel.runtime import seed_everything
 
     seed_everything(cfg.training.data.seed * 1_000_003 + accelerator.process_index + 7_919)
+    resume = None
+    if not dry_run:  # before the (long) build: a bad path or a refused rollback fails in seconds
+        resume = resolve_resume(cfg.training.checkpoint, rank=accelerator.process_index)
+        if cfg.training.checkpoint.resume_from_checkpoint == "latest" and resume is None:
+            logger.info("resume_from_checkpoint=latest: no complete checkpoint in %s; starting fresh", output_dir)
     built = build_run(cfg, accelerator)
     if dry_run:
         if accelerator.is_main_process:
             print_run_summary(cfg, accelerator, built)
         return None
-    resume = resolve_resume(cfg.training.checkpoint, rank=accelerator.process_index)
-    if cfg.training.checkpoint.resume_from_checkpoint == "latest" and resume is None:
-        logger.info("resume_from_checkpoint=latest: no complete checkpoint in %s; starting fresh", output_dir)
     callbacks = build_callbacks(cfg, built.method)
     checkpoints = CheckpointManager(
         output_dir=output_dir, method=built.method, data=built.data, callbacks=callbacks,
