@@ -194,6 +194,9 @@ class CheckpointConfig(_Strict):
     """Periodic saves copy the state to CPU memory and write it in a background thread while training goes on;
     a checkpoint becomes complete (renamed into place) at the first step boundary after every rank's write
     finished. "auto" = on when CUDA is available, off on CPU. Preemption and end-of-run saves always block."""
+    on_newer: Literal["abandon", "refuse"] = "abandon"
+    """Resuming from a checkpoint older than complete ones in output_dir (a rollback): ``abandon`` renames those
+    to ``checkpoint-<N>.abandoned-<timestamp>/`` (never deleted automatically), ``refuse`` exits 2 naming them."""
 
 
 class TrackerConfig(_Strict):

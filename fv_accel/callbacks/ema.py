@@ -70,6 +70,20 @@ def clean_fqn(name: str) -> str:
 STAGING_BUCKET_BYTES = 64 * 2**20
 
 
+def reshard_all(module: nn.Module) -> None:
+    """Put every FSDP2 unit of ``module`` back into its sharded state.
+
+    A no-grad forward may leave units unsharded (FSDP2 keeps the root unsharded for the backward it expects;
+    every unit with ``reshard_after_forward=False``), and their next forward then runs on those unsharded
+    copies without gathering again: an in-place edit of the sharded parameters only takes effect after this.
+    Collective-free (it frees the gathered copies). No-op for a plain module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a (possibly DTensor) parameter, as a plain tensor sharing its storage."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -92,6 +106,7 @@ class EMACallback(Callback):
         self.method = method
         self.initialized = False
         self.num_updates = 0
+        self._module: nn.Module | None = None
         self._params: dict[str, nn.Parameter] = {}
         self._shadow: dict[str, torch.Tensor] = {}  # fqn → fp32 local shard
         self._buckets: list[list[str]] = []  # device=cpu: parameter names copied through one staging buffer
@@ -101,6 +116,8 @@ class EMACallback(Callback):
     def _bind(self) -> None:
         """Find the student's (sharded) trainable parameters and allocate the fp32 shadow shards."""
         transformer = self.method.role_models[EMA_ROLE].transformer
+        self._module = transformer
+        reshard_all(transformer)  # an unsharded unit registers its gathered copies, not the sharded parameters
         self._params = {clean_fqn(n): p for n, p in transformer.named_parameters() if p.requires_grad}
         if not self._params:
             raise ValueError("EMA: the student has no trainable parameters")
@@ -194,12 +211,16 @@ class EMACallback(Callback):
         """Temporarily put the EMA weights into the student; the training weights come back exactly.
 
         Before the first active step the EMA is the weights themselves, so nothing is swapped. Collective-free:
-        each rank swaps its own shards; call it on every rank (the forwards inside are collectives)."""
+        each rank swaps its own shards; call it on every rank (the forwards inside are collectives). The swap
+        writes the sharded parameters, so every FSDP2 unit is resharded on entry and on exit (see
+        :func:`reshard_all`), whatever ``reshard_after_forward`` says."""
         self._ensure_bound()
         if not self.initialized:
             yield
             return
+        assert self._module is not None
         backup: dict[str, torch.Tensor] = {}
+        reshard_all(self._module)
         with torch.no_grad():
             for n, p in self._params.items():
                 local = _local(p)
@@ -208,6 +229,7 @@ class EMACallback(Callback):
         try:
             yield
         finally:
+            reshard_all(self._module)  # units the sample left unsharded hold EMA weights
             with torch.no_grad():
                 for n, p in self._params.items():
                     _local(p).copy_(backup[n])

@@ -6,6 +6,8 @@ from fv_accel.checkpoint.manager import (
     list_checkpoints,
     read_metadata,
     resolve_checkpoint,
+    set_aside_newer,
 )
 
-__all__ = ["CheckpointManager", "is_complete", "list_checkpoints", "read_metadata", "resolve_checkpoint"]
+__all__ = ["CheckpointManager", "is_complete", "list_checkpoints", "read_metadata", "resolve_checkpoint",
+           "set_aside_newer"]

@@ -49,6 +49,8 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _LEFTOVER_RE = re.compile(r"^checkpoint-(\d+)(\.partial|\.stale|\.deleting)?$")
 #: IO threads per rank writing its shards (one file each): parallel streams to NVMe / parallel filesystems
 WRITER_THREADS = 4
+# ``checkpoint-<N>.abandoned-<timestamp>``: matched by neither regex above, so never listed, resumed or deleted
+ABANDONED_INFIX = ".abandoned-"
 
 
 def _rank() -> int:
@@ -58,6 +60,16 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _rank0_decides(decide: Callable[[], bool]) -> bool:
+    """Rank 0's answer, on every rank: a branch that leads into a collective must not depend on each rank's own
+    view of the filesystem (node-local disks, NFS caches), or some ranks enter the collective and others never."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return decide()
+    answer: list[Any] = [decide() if _rank() == 0 else None]
+    dist.broadcast_object_list(answer, src=0)
+    return bool(answer[0])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -117,6 +129,42 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike[str]) -> Path | 
     if not found:
         raise CheckpointError(f"{spec!r} holds no complete checkpoint-<step> directory")
     return found[-1][1]
+
+
+def set_aside_newer(output_dir: str | os.PathLike[str], resume: Path, *, on_newer: str) -> list[Path]:
+    """Rank 0, before a resumed run trains: move complete checkpoints newer than ``resume`` in ``output_dir``
+    out of the way (``on_newer="abandon"``) or refuse to start (``"refuse"``, ``ConfigError``).
+
+    They belong to the timeline being rolled back: left in place, retention (which keeps the newest step
+    numbers) would delete the resumed run's checkpoints and keep them, ``latest`` would return to them and the
+    Hub push would wait for a step beyond them. Returns the new paths; nothing is ever deleted."""
+    import time
+
+    from fv_accel.errors import ConfigError
+
+    step = int(read_metadata(resume)["step"])
+    newer = [path for s, path in list_checkpoints(Path(output_dir)) if s > step]
+    if not newer:
+        return []
+    names = ", ".join(p.name for p in newer)
+    if on_newer == "refuse":
+        raise ConfigError(f"training.checkpoint.on_newer=refuse: resuming from {resume} (step {step}), but "
+                          f"{output_dir} holds newer checkpoints: {names}; move them away or set "
+                          f"training.checkpoint.on_newer=abandon")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    moved = []
+    for path in newer:
+        target = path.with_name(f"{path.name}{ABANDONED_INFIX}{stamp}")
+        n = 1
+        while target.exists():  # the same step abandoned twice within a second
+            target = path.with_name(f"{path.name}{ABANDONED_INFIX}{stamp}-{n}")
+            n += 1
+        os.replace(path, target)
+        moved.append(target)
+        logger.warning("moved %s aside to %s: resuming from %s (step %d) abandons the timeline it belongs to",
+                       path, target.name, resume, step)
+    _fsync_dir(Path(output_dir))
+    return moved
 
 
 def resume_command(argv: list[str] | None = None) -> str:
@@ -330,8 +378,9 @@ class CheckpointManager:
         """
         self.wait_pending()  # at most one save in flight
         final = self.path_for(step)
-        if self._last_saved_step == step and is_complete(final):
-            return final  # e.g. the end-of-run save right after a periodic save of the same step
+        # e.g. the end-of-run save right after a periodic save of the same step (rank 0's view decides for all)
+        if self._last_saved_step == step and _rank0_decides(lambda: is_complete(final)):
+            return final
         partial = final.with_name(final.name + ".partial")
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed midway
