@@ -53,14 +53,16 @@ def ema_started(checkpoint: Path) -> bool:
     """Whether the checkpoint's EMA has had its first update (before that it holds no average to export)."""
     import torch.distributed.checkpoint as dcp
 
-    state: dict[str, Any] = {"callbacks.ema.initialized": False}
+    from fv_accel.callbacks.ema import EMA_INITIALIZED_KEY
+
+    state: dict[str, Any] = {EMA_INITIALIZED_KEY: False}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
             dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # no collectives: safe off the main thread
     except Exception:
         return False
-    return bool(state["callbacks.ema.initialized"])
+    return bool(state[EMA_INITIALIZED_KEY])
 
 
 class HubPushCallback(Callback):
