@@ -172,7 +172,8 @@ def export_dtype_of(cls: Any, dtype: torch.dtype) -> DtypeOf:
 
 def build_transformer(model_cfg: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
     """The role's diffusers transformer (architecture from ``init_from``) holding ``state`` in ``dtype``.
-    Tensors already in their export dtype (see :func:`export_dtype_of`) are used as they are, not copied."""
+    Tensors already in their export dtype (see :func:`export_dtype_of`) are used as they are, not copied; the
+    others are cast one by one, each replacing its entry in ``state`` (so the source can be freed at once)."""
     from accelerate import init_empty_weights
 
     cls = _transformer_class(model_cfg.get("family", "wan"))
@@ -187,7 +188,6 @@ def build_transformer(model_cfg: dict[str, Any], state: dict[str, torch.Tensor],
         model = cls.from_config(config)
     dtype_of = export_dtype_of(cls, dtype)
     try:
-        # one tensor at a time: a tensor that needs a cast is replaced in ``state`` so its source can be freed
         for k, v in state.items():
             state[k] = v.to(dtype_of(k, v.dtype))
         model.load_state_dict(state, strict=True, assign=True)
