@@ -27,6 +27,7 @@ import sys
 import tempfile
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,10 @@ class ExportResult:
 
 
 # -- reading the checkpoint ------------------------------------------------------------------------------------
+#: ``dtype_of(name, saved dtype)`` → the dtype a tensor is read into (DCP casts each chunk as it copies it in).
+DtypeOf = Callable[[str, torch.dtype], torch.dtype]
+
+
 def _dcp_keys(checkpoint: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -70,53 +75,78 @@ def _dcp_keys(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{checkpoint}: unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
 
 
-def load_role_state_dict(checkpoint: Path, role: str) -> dict[str, torch.Tensor]:
-    """The full (unsharded) fp32-or-saved-dtype transformer state dict of ``role``, read in this one process.
+def _read_tensors(checkpoint: Path, sources: dict[str, str], meta: dict[str, Any], dtype_of: DtypeOf | None,
+                  extra: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` read from the checkpoint keys ``sources[name]``, in one process.
 
-    DCP keys are ``roles.<role>.transformer.<parameter name>``; whatever the writing world size was, DCP
-    assembles full tensors from the shards (no process group needed).
-    """
+    Each tensor is allocated once in its final dtype and DCP copies the saved chunks into it one at a time, so
+    the peak is the result plus one saved chunk (at most one tensor in its saved dtype), never a second full
+    copy. Whatever the writing world size was, DCP assembles full tensors from the shards (no process group).
+    ``extra`` entries (non-tensor state such as flags) are loaded in the same pass, in place."""
     import torch.distributed.checkpoint as dcp
+
+    state: dict[str, Any] = {}
+    for name, key in sources.items():
+        item = meta[key]
+        saved = item.properties.dtype
+        state[key] = torch.empty(item.size, dtype=dtype_of(name, saved) if dtype_of is not None else saved)
+    if extra:
+        state.update(extra)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the point here
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    if extra:
+        extra.update({k: state[k] for k in extra})
+    return {name: state[key] for name, key in sources.items()}
+
+
+def _tensor_keys(meta: dict[str, Any], prefix: str) -> dict[str, str]:
+    """``{name: checkpoint key}`` of the tensors under ``prefix`` (model state dicts hold only tensors)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    return {k[len(prefix):]: k for k, v in meta.items() if k.startswith(prefix)
+            and isinstance(v, TensorStorageMetadata)}
+
+
+def load_role_state_dict(checkpoint: Path, role: str, dtype_of: DtypeOf | None = None) -> dict[str, torch.Tensor]:
+    """The full (unsharded) transformer state dict of ``role``, read in this one process: in the saved dtypes,
+    or each tensor directly in ``dtype_of(name, saved dtype)`` (no full copy in the saved dtype).
+
+    DCP keys are ``roles.<role>.transformer.<parameter name>``.
+    """
     prefix = f"roles.{role}.transformer."
     meta = _dcp_keys(checkpoint)
-    wanted = {k: v for k, v in meta.items() if k.startswith(prefix)}
-    if not wanted:
+    if not any(k.startswith(prefix) for k in meta):
         saved = sorted({k.split(".")[1] for k in meta if k.startswith("roles.")})
         raise CheckpointError(f"{checkpoint}: holds no weights for role {role!r} "
                               f"(trainable roles saved: {', '.join(saved) or 'none'})")
-    state: dict[str, torch.Tensor] = {}
-    for key, item in wanted.items():
-        if not isinstance(item, TensorStorageMetadata):
-            continue  # model state dicts hold only tensors; anything else is not a weight
-        state[key] = torch.empty(item.size, dtype=item.properties.dtype)
     try:
-        with warnings.catch_warnings():  # "no process group: loading in a single process" is the point here
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+        return _read_tensors(checkpoint, _tensor_keys(meta, prefix), meta, dtype_of)
     except Exception as exc:
         raise CheckpointError(f"{checkpoint}: cannot read role {role!r} ({type(exc).__name__}: {exc})") from None
-    return {k[len(prefix):]: v for k, v in state.items()}
 
 
-def load_ema_role_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """EMA shadow weights (the student's parameter names), via the EMA callback's own loader."""
+def load_ema_role_state_dict(checkpoint: Path, dtype_of: DtypeOf | None = None) -> dict[str, torch.Tensor]:
+    """EMA shadow weights under the student's parameter names, plus the student's tensors the EMA does not
+    track (frozen parameters, buffers): a complete transformer state dict. Only those keys are read; the
+    student's copies of the averaged weights are not (at 14B that is 57 GB of fp32 not read)."""
     try:
-        from fv_accel.callbacks.ema import load_ema_state_dict
+        from fv_accel.callbacks.ema import EMA_INITIALIZED_KEY, EMA_ROLE, EMA_SHADOW_PREFIX
     except ImportError:
         raise CheckpointError("this fv_accel has no EMA callback; --role ema is unavailable") from None
-    if not any(k.startswith("callbacks.ema.") for k in _dcp_keys(checkpoint)):
+    meta = _dcp_keys(checkpoint)
+    shadow = _tensor_keys(meta, EMA_SHADOW_PREFIX)
+    if not shadow:
         raise CheckpointError(f"{checkpoint}: holds no EMA weights (the run had no callbacks.ema section)")
+    rest = {n: k for n, k in _tensor_keys(meta, f"roles.{EMA_ROLE}.transformer.").items() if n not in shadow}
+    flag: dict[str, Any] = {EMA_INITIALIZED_KEY: False}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            state = load_ema_state_dict(checkpoint)
-    except CheckpointError:
-        raise
+        state = _read_tensors(checkpoint, {**rest, **shadow}, meta, dtype_of, extra=flag)
     except Exception as exc:
         raise CheckpointError(f"{checkpoint}: cannot read the EMA weights ({type(exc).__name__}: {exc})") from None
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+    if not flag[EMA_INITIALIZED_KEY]:
+        raise CheckpointError(f"{checkpoint}: the EMA had not started yet (step < callbacks.ema.start_step)")
+    return state
 
 
 # -- building the model ----------------------------------------------------------------------------------------
@@ -128,8 +158,23 @@ def _transformer_class(family: str) -> Any:
     return getattr(diffusers, TRANSFORMER_CLASSES[family])
 
 
+def export_dtype_of(cls: Any, dtype: torch.dtype) -> DtypeOf:
+    """The dtype each tensor is exported in: ``dtype``, except the modules diffusers keeps in fp32 even in a
+    bf16 model (norms, time embedding, modulation tables) and non-float buffers (kept as saved)."""
+    keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or [])
+
+    def dtype_of(name: str, saved: torch.dtype) -> torch.dtype:
+        if not saved.is_floating_point:
+            return saved
+        return torch.float32 if keep_fp32.intersection(name.split(".")) else dtype
+
+    return dtype_of
+
+
 def build_transformer(model_cfg: dict[str, Any], state: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
-    """The role's diffusers transformer (architecture from ``init_from``) holding ``state`` in ``dtype``."""
+    """The role's diffusers transformer (architecture from ``init_from``) holding ``state`` in ``dtype``.
+    Tensors already in their export dtype (see :func:`export_dtype_of`) are used as they are, not copied; the
+    others are cast one by one, each replacing its entry in ``state`` (so the source can be freed at once)."""
     from accelerate import init_empty_weights
 
     cls = _transformer_class(model_cfg.get("family", "wan"))
@@ -142,14 +187,11 @@ def build_transformer(model_cfg: dict[str, Any], state: dict[str, torch.Tensor],
                               f"({type(exc).__name__}); export needs the run's base model") from None
     with init_empty_weights():  # parameters on meta: no random init, no second copy of the weights
         model = cls.from_config(config)
-    # diffusers keeps some modules (norms, time embedding, modulation tables) in fp32 even in a bf16 model.
-    keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or [])
-
-    def cast(name: str, value: torch.Tensor) -> torch.Tensor:
-        return value.float() if keep_fp32.intersection(name.split(".")) else value.to(dtype)
-
+    dtype_of = export_dtype_of(cls, dtype)
     try:
-        model.load_state_dict({k: cast(k, v) for k, v in state.items()}, strict=True, assign=True)
+        for k, v in state.items():
+            state[k] = v.to(dtype_of(k, v.dtype))
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint weights do not match the {cls.__name__} of {source!r}: {exc}") from None
     return model.eval()
@@ -402,7 +444,12 @@ def export_checkpoint(
         raise CheckpointError(f"{ckpt}: the run has no {model_role!r} role (roles: {', '.join(config['models'])})")
     model_cfg = config["models"][model_role]
 
-    state = load_ema_role_state_dict(ckpt) if role == "ema" else load_role_state_dict(ckpt, role)
+    # Each tensor is read straight into its export dtype: peak ≈ one copy of the model in that dtype.
+    dtype_of = export_dtype_of(_transformer_class(model_cfg.get("family", "wan")), DTYPES[dtype])
+    if role == "ema":
+        state = load_ema_role_state_dict(ckpt, dtype_of)
+    else:
+        state = load_role_state_dict(ckpt, role, dtype_of)
     model = build_transformer(model_cfg, state, DTYPES[dtype])
     del state
     num_parameters = sum(p.numel() for p in model.parameters())

@@ -5,6 +5,12 @@ argument, so it cannot end up in a command line, a log or a config file. Error m
 token anyway (a server may echo a header back). Transient failures (HTTP 429/5xx, dropped connections,
 timeouts) are retried with exponential backoff; anything else fails at once. A failed push never touches the
 local export, and the error says what failed and the command that retries it.
+
+Large exports (at least ``LARGE_FOLDER_BYTES``) go through ``HfApi.upload_large_folder`` where the installed
+huggingface_hub has it (0.25 to 1.x): resumable (re-running skips what was uploaded; its progress lives in
+``<folder>/.cache/huggingface``), split over several commits, without a commit message. huggingface_hub 2.x has
+no such method: its ``upload_folder`` itself streams, splits large folders into several commits and resumes when
+re-run (with ``hf_xet``, a dependency of huggingface_hub), so it is used for every size there.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: Folders at least this large are pushed with ``upload_large_folder`` where available (a 1.3B bf16 export is
+#: 2.8 GB and fits one commit; a 14B one is 28 GB in six 5 GB shards).
+LARGE_FOLDER_BYTES = 8 * 2**30
 
 
 class HubPushError(FvAccelError):
@@ -94,20 +103,30 @@ def push_folder(
     base_delay_s: float = 1.0,
     max_delay_s: float = 60.0,
     retry_command: str | None = None,
+    large_folder_bytes: int = LARGE_FOLDER_BYTES,
+    api: Any = None,
 ) -> PushResult:
     """Create ``repo_id`` (if needed; ``private`` applies to a new repo) and upload ``folder`` to ``revision``
-    (default ``main``; another branch is created from main if missing) in one commit."""
+    (default ``main``; another branch is created from main if missing): in one commit, or, from
+    ``large_folder_bytes`` on, with ``upload_large_folder`` where huggingface_hub has it (see the module doc).
+    ``api``: the ``HfApi`` to use (default: a new one, configured from the environment)."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    api = HfApi()
+    api = api if api is not None else HfApi()
     branch = revision or "main"
     attempts = 0
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    large = size >= large_folder_bytes and hasattr(api, "upload_large_folder")
 
     def once() -> Any:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, repo_type="model", exist_ok=True)
+        if large:  # resumable: a retry (here or by the user's command) skips what is already uploaded
+            api.upload_large_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=branch,
+                                    private=private)
+            return f"{api.endpoint}/{repo_id}/tree/{branch}"
         return api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=branch,
                                  commit_message=commit_message)
 
@@ -129,5 +148,6 @@ def push_folder(
                                f"{'s' if attempts != 1 else ''} ({reason}). The local export at {folder} is "
                                f"intact.{retry}") from None
     url = str(getattr(info, "commit_url", "") or info)
-    logger.info("pushed %s to %s@%s (%s)", folder, repo_id, branch, url)
+    logger.info("pushed %s (%.2f GB%s) to %s@%s (%s)", folder, size / 1e9, ", upload_large_folder" if large else "",
+                repo_id, branch, url)
     return PushResult(repo_id=repo_id, revision=branch, commit_url=url, attempts=attempts)

@@ -162,3 +162,74 @@ def test_push_callback_never_blocks_and_coalesces(tmp_path: Path) -> None:
     assert not (out / "hub_push_staging").exists()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3",
                                                      "checkpoint-4", "logs"]
+
+
+class _RecordingApi:
+    """Stands in for ``HfApi`` of huggingface_hub 2.x (no ``upload_large_folder``): records the calls."""
+
+    endpoint = "http://hub.test"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id: str, **kwargs: object) -> None:
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def create_branch(self, repo_id: str, **kwargs: object) -> None:
+        self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, **kwargs: object) -> SimpleNamespace:
+        self.calls.append(("upload_folder", kwargs))
+        return SimpleNamespace(commit_url="http://hub.test/commit/1")
+
+
+class _RecordingLargeApi(_RecordingApi):
+    """``HfApi`` of huggingface_hub 0.25 to 1.x: also has ``upload_large_folder`` (keyword arguments only)."""
+
+    def upload_large_folder(self, **kwargs: object) -> None:
+        self.calls.append(("upload_large_folder", kwargs))
+
+
+def test_large_exports_use_upload_large_folder_where_the_client_has_it(tmp_path: Path) -> None:
+    from fv_accel.hub import push_folder
+
+    folder = tmp_path / "export"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "model.safetensors").write_bytes(b"w" * 1000)
+    (folder / "README.md").write_bytes(b"r" * 24)  # 1024 bytes in all
+
+    api = _RecordingLargeApi()
+    result = push_folder(folder, "me/big", private=True, revision="dev", large_folder_bytes=1024, api=api)
+    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "upload_large_folder"]
+    assert api.calls[-1][1] == {"repo_id": "me/big", "folder_path": str(folder), "repo_type": "model",
+                                "revision": "dev", "private": True}
+    assert result.commit_url == "http://hub.test/me/big/tree/dev"
+
+    api = _RecordingLargeApi()  # one byte under the threshold: one commit, as before
+    push_folder(folder, "me/big", large_folder_bytes=1025, api=api)
+    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+
+    api = _RecordingApi()  # a client without upload_large_folder (huggingface_hub 2.x): upload_folder resumes
+    push_folder(folder, "me/big", large_folder_bytes=0, api=api)
+    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+
+
+def test_large_export_push_with_the_installed_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threshold 0 (every export is "large") through the installed huggingface_hub against the fake Hub."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, constants
+
+    from fv_accel.hub import push_folder
+
+    if hasattr(HfApi, "upload_large_folder"):
+        pytest.skip(f"huggingface_hub {huggingface_hub.__version__} has upload_large_folder, whose LFS batch "
+                    "endpoints tests/hub_server.py does not implement")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    folder = tmp_path / "export"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text('{"a": 1}')
+    (folder / "README.md").write_text("card")
+    with FakeHub() as hub:
+        result = push_folder(folder, "me/large", large_folder_bytes=0, api=HfApi(endpoint=hub.url, token=TOKEN))
+        assert hub.repos["me/large"].branches["main"] == tree_bytes(folder)
+        assert result.commit_url.startswith(hub.url)

@@ -65,12 +65,15 @@ def test_validation_hands_denormalised_latents_to_the_vae(tmp_path: Path, monkey
     callback = ValidationCallback(cfg.callbacks.validation, cfg)
     monkeypatch.setattr(callback, "load_prompts", lambda trainer=None: prompts)
     trainer = SimpleNamespace(method=method, callbacks=SimpleNamespace(get=lambda name: None), is_main=True,
-                              output_dir=str(tmp_path / "out"), accelerator=SimpleNamespace(trackers=[]))
+                              output_dir=str(tmp_path / "out"),
+                              accelerator=SimpleNamespace(trackers=[], process_index=0, num_processes=1))
 
     written = callback.run(trainer, 3)  # type: ignore[arg-type]
 
-    x0 = euler_sample(student, text, latent_shape=LATENT_SHAPE, num_steps=2, shift=student.flow_shift,
-                      generator=torch.Generator().manual_seed(7))
+    # prompt i's noise: its own generator seeded 7·2³² + i
+    x0 = torch.cat([euler_sample(student, text[i:i + 1], latent_shape=LATENT_SHAPE, num_steps=2,
+                                 shift=student.flow_shift, generator=torch.Generator().manual_seed(7 * 2**32 + i))
+                    for i in range(2)])
     expected = x0 * torch.tensor(STD).view(1, -1, 1, 1, 1) + torch.tensor(MEAN).view(1, -1, 1, 1, 1)
     assert (expected - x0).abs().max() > 1.0  # the oracle tells stored from normalised latents
     assert len(vae.decoded) == 2 and [p.name for p in written] == ["student-00.mp4", "student-01.mp4"]

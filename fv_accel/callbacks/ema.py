@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 EMA_ROLE = "student"
 #: DCP key prefix of the shadow in a checkpoint (``callbacks.<name>`` + the state dict's ``shadow`` entry)
 EMA_SHADOW_PREFIX = "callbacks.ema.shadow."
+#: DCP key of the flag telling whether the EMA has had its first update
+EMA_INITIALIZED_KEY = "callbacks.ema.initialized"
 
 # Wrappers that may sit between the transformer and its parameters (torch.compile, activation checkpointing)
 # add these segments to parameter names; the transformer's own state dict does not have them.

@@ -4,8 +4,9 @@ On rank 0 only. When the loop has written a new complete checkpoint (and ``hub.p
 set), the hook hard-links that checkpoint into a private staging directory (a handful of files: it survives the
 checkpoint's later deletion by ``keep_last``) and hands it to a background thread, which runs
 ``python -m fv_accel.export ... --push-to-hub`` in a subprocess: export + upload cost the training process
-no Python time (no GIL), only a core and the export's memory. At most one push runs at a time; checkpoints that
-arrive while one is running collapse into "the newest one", pushed next. At the end of training the final
+no Python time (no GIL), only a core and the export's memory (about one copy of the model in bf16: the
+export reads each tensor straight into its export dtype, see :mod:`fv_accel.export`). At most one push runs
+at a time; checkpoints that arrive while one is running collapse into "the newest one", pushed next. At the end of training the final
 checkpoint is pushed and the callback waits for it. A failed push is logged with the command that retries it;
 it never fails the training run (the checkpoints and the local export are intact).
 
@@ -53,14 +54,16 @@ def ema_started(checkpoint: Path) -> bool:
     """Whether the checkpoint's EMA has had its first update (before that it holds no average to export)."""
     import torch.distributed.checkpoint as dcp
 
-    state: dict[str, Any] = {"callbacks.ema.initialized": False}
+    from fv_accel.callbacks.ema import EMA_INITIALIZED_KEY
+
+    state: dict[str, Any] = {EMA_INITIALIZED_KEY: False}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
             dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # no collectives: safe off the main thread
     except Exception:
         return False
-    return bool(state["callbacks.ema.initialized"])
+    return bool(state[EMA_INITIALIZED_KEY])
 
 
 class HubPushCallback(Callback):

@@ -3,15 +3,19 @@
 Every ``callbacks.validation.every_steps`` steps (and at step 0 with ``at_start``) the callback runs the
 method's own sampler (:meth:`TrainingMethod.validation_sampler`: Euler for finetune, the few-step DMD sampler
 for DMD2) on ``num_samples`` prompts: rows spread evenly over the validation data (``data_path``, else the
-training data), whose precomputed text embeddings are read once. The noise comes from a generator seeded with
-``seed`` at every validation, so the videos of different steps differ only by the weights; the training RNG is
-never touched, so validation does not change the run.
+training data), whose precomputed text embeddings are read once. Prompt ``i``'s noise comes from its own
+generator seeded with :func:`prompt_seed` (``seed``, ``i``) at every validation, for both variants: the videos of
+different steps differ only by the weights, and a prompt's video does not depend on the number of ranks or the
+batch it is sampled in. The training RNG is never touched, so validation does not change the run.
 
-Every rank runs the forwards (the weights are FSDP-sharded: each forward is a collective); the main process
-turns the latents into frames (the VAE of the student's pipeline when ``init_from`` is one, else :func:`fv_accel.video.render_latents`),
-writes ``<output_dir>/validation/step-<step>/{student,ema}-<i>.mp4`` plus ``index.json``, and logs the videos
-to the trackers. Nothing outlives the call but the prompt embeddings (a few KiB): no model copy is made; EMA
-weights are swapped in place by the EMA callback and swapped back.
+The prompts are split over the ranks: rank r samples prompts r, r + W, ... (W ranks). The weights are
+FSDP-sharded, so each forward is a collective: every rank runs the same number of forwards on batches of the
+same size, ranks with fewer prompts repeating one and discarding the result. The main process gathers the
+latents (``[C, T, H, W]`` float32 per prompt and variant: 8.4 MB at 81×480×832), turns them into frames (the
+VAE of the student's pipeline when ``init_from`` is one, else :func:`fv_accel.video.render_latents`), writes
+``<output_dir>/validation/step-<step>/{student,ema}-<i>.mp4`` plus ``index.json``, and logs the videos to the
+trackers. Nothing outlives the call but the prompt embeddings (a few KiB): no model copy is made; EMA weights
+are swapped in place by the EMA callback and swapped back.
 """
 
 from __future__ import annotations
@@ -52,6 +56,37 @@ def _file_metadata(path: Path) -> dict[str, str] | None:
     except Exception:  # missing, partial or foreign: encode again
         return None
     return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"fv_accel.")}
+
+
+#: Seeds of different prompts are this far apart, so (seed, prompt) pairs never share a generator state.
+PROMPT_SEED_STRIDE = 2**32
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of validation prompt ``index``'s noise: a function of (``seed``, ``index``) only."""
+    return (seed * PROMPT_SEED_STRIDE + index) % 2**64
+
+
+def rank_prompts(num_prompts: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """Prompt indices rank ``rank`` samples, padded to the same count on every rank, and how many are real.
+
+    Rank r takes r, r + W, ...; the padding repeats one of its prompts (prompt 0 for a rank with none), so every
+    rank runs the same forwards (collectives) and the padded results are discarded."""
+    mine = list(range(rank, num_prompts, world_size))
+    per_rank = -(-num_prompts // world_size)
+    return mine + [mine[0] if mine else 0] * (per_rank - len(mine)), len(mine)
+
+
+def merge_rank_latents(per_rank: list[dict[str, torch.Tensor]], num_prompts: int) -> dict[str, torch.Tensor]:
+    """Per-rank latents (rank r holds prompts r, r + W, ..., unpadded) → ``[num_prompts, ...]`` per variant."""
+    world_size = len(per_rank)
+    out: dict[str, torch.Tensor] = {}
+    for name, first in per_rank[0].items():
+        full = torch.empty((num_prompts, *first.shape[1:]), dtype=first.dtype)
+        for r, part in enumerate(per_rank):
+            full[r::world_size] = part[name]
+        out[name] = full
+    return out
 
 
 def evenly_spaced_rows(num_rows: int, num_samples: int) -> list[int]:
@@ -162,34 +197,51 @@ class ValidationCallback(Callback):
 
     @torch.no_grad()
     def sample(self, trainer: Trainer) -> dict[str, torch.Tensor]:
-        """Latents in the dataset's stored (unnormalised) space, ``[N, C, T, H, W]`` float32, per variant.
-        Collective: every rank must call it."""
+        """Latents in the dataset's stored (unnormalised) space, ``[N, C, T, H, W]`` float32 per variant, on the
+        main process ({} on the others). Collective: every rank must call it."""
         if self._prompts is None:
             self._prompts = self.load_prompts(trainer)
         method = trainer.method
         student = method.student
         sampler = method.validation_sampler()
         cond = student.prepare_batch(self._prompts, student.device)
+        num_prompts = cond.batch_size
+        rank, world_size = trainer.accelerator.process_index, trainer.accelerator.num_processes
+        indices, num_real = rank_prompts(num_prompts, rank, world_size)
         chunk = max(1, self.run_config.training.data.train_batch_size)
         transformer = student.transformer
         was_training = transformer.training
         transformer.eval()
-        out: dict[str, torch.Tensor] = {}
+        local: dict[str, torch.Tensor] = {}
         try:
             for name, context in self._variants(trainer):
-                # A fresh generator per variant and per validation: same noise at every step, for both variants.
-                gen = torch.Generator(device=student.device).manual_seed(self.config.seed)
+                # Fresh generators per variant and per validation: the same noise at every step, for both variants.
+                gens = [torch.Generator(device=student.device).manual_seed(prompt_seed(self.config.seed, i))
+                        for i in indices]
                 parts = []
                 with context():
-                    for start in range(0, cond.batch_size, chunk):
-                        sl = slice(start, start + chunk)
-                        x0 = sampler(student, cond.text_embeds_bld[sl], cond.uncond_embeds_bld[sl],
-                                     cond.latent_shape, gen)
+                    for start in range(0, len(indices), chunk):
+                        rows = torch.tensor(indices[start:start + chunk], device=cond.text_embeds_bld.device)
+                        x0 = sampler(student, cond.text_embeds_bld[rows], cond.uncond_embeds_bld[rows],
+                                     cond.latent_shape, gens[start:start + chunk])
                         parts.append(student.denormalize_latents(x0.float()).cpu())
-                out[name] = torch.cat(parts)
+                local[name] = torch.cat(parts)[:num_real]
         finally:
             transformer.train(was_training)
-        return out
+        return self._gather(local, num_prompts, world_size, is_main=trainer.is_main)
+
+    @staticmethod
+    def _gather(local: dict[str, torch.Tensor], num_prompts: int, world_size: int, *, is_main: bool
+                ) -> dict[str, torch.Tensor]:
+        """Every rank's latents onto the main process, in prompt order; {} on the other ranks."""
+        if world_size == 1:
+            return local
+        import torch.distributed as dist
+
+        # Object gather on the host: only the main process receives (N × 8.4 MB per variant at 81×480×832).
+        received: list[dict[str, torch.Tensor]] | None = [{} for _ in range(world_size)] if is_main else None
+        dist.gather_object(local, received, dst=0)
+        return merge_rank_latents(received, num_prompts) if received is not None else {}
 
     def to_frames(self, trainer: Trainer, latents_bcthw: torch.Tensor) -> np.ndarray:
         if not self._vae_loaded:  # main process only, at its first validation; kept for the later ones

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from fv_accel.config import OptimizerConfig, RunConfig
 from fv_accel.flops import PassCount
 from fv_accel.models.base import ModelBase
+from fv_accel.sampling import Generators
 
 
 @dataclass
@@ -60,7 +61,8 @@ class StepOutput:
 
 #: ``sampler(model, text_embeds_bld, uncond_embeds_bld, latent_shape [C,T,H,W], generator)`` → x0 in the
 #: model's normalised latent space, float32 [B, C, T, H, W]; runs under ``torch.no_grad`` on every rank.
-ValidationSampler = Callable[[ModelBase, torch.Tensor, torch.Tensor, Sequence[int], torch.Generator], torch.Tensor]
+#: ``generator``: one for the batch or one per sample (validation passes one per prompt).
+ValidationSampler = Callable[[ModelBase, torch.Tensor, torch.Tensor, Sequence[int], Generators], torch.Tensor]
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -242,7 +244,7 @@ class TrainingMethod(nn.Module, ABC):
         guidance = float(self.validation_config.get("guidance_scale", 1.0))
 
         def sample(model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor,
-                   latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+                   latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
             return euler_sample(model, text_embeds_bld, latent_shape=latent_shape, num_steps=num_steps,
                                 shift=model.flow_shift, generator=generator, guidance_scale=guidance,
                                 uncond_embeds_bld=uncond_embeds_bld if guidance != 1.0 else None)

@@ -237,12 +237,12 @@ class DMD2Method(TrainingMethod):
     # -- sampling -----------------------------------------------------------------------------------------------
     def validation_sampler(self) -> ValidationSampler:
         """The student's few-step DMD sampler over ``method.dmd_denoising_steps``."""
-        from fv_accel.sampling import dmd_sample
+        from fv_accel.sampling import Generators, dmd_sample
 
         steps = list(self.config.dmd_denoising_steps)
 
         def sample(model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor,
-                   latent_shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+                   latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
             return dmd_sample(model, text_embeds_bld, latent_shape=latent_shape, denoising_steps=steps,
                               generator=generator)
 
