@@ -422,6 +422,7 @@ def test_index_cache_falls_back_when_the_data_dir_is_not_writable(tmp_path, monk
 
 
 def test_other_ranks_take_rank_0s_index_without_touching_the_files(tmp_path, monkeypatch):
+    import fv_accel.data.dataset as dataset_module
     import fv_accel.data.loader as loader_module
     from fv_accel.data.dataset import build_index
 
@@ -440,9 +441,8 @@ def test_other_ranks_take_rank_0s_index_without_touching_the_files(tmp_path, mon
 
     monkeypatch.setattr(loader_module.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(loader_module.dist, "broadcast_object_list", broadcast_object_list)
-    monkeypatch.setattr(pq, "ParquetFile", no_file_access)
-    monkeypatch.setattr(Path, "rglob", no_file_access)
-    monkeypatch.setattr(Path, "stat", no_file_access)
+    monkeypatch.setattr(pq, "ParquetFile", no_file_access)  # footers and rows
+    monkeypatch.setattr(dataset_module, "_list_entry", no_file_access)  # listing (and stat-ing) data_path
     stream = _stream(str(data), rank=1, world_size=2, train_batch_size=2, shuffle_window_groups=1)
     assert broadcasts == [1] and len(stream.dataset) == 16
     monkeypatch.undo()
