@@ -78,7 +78,7 @@ import torch  # noqa: E402
 from conftest import REPO, run_python, run_recipe_main  # noqa: E402
 
 from fv_accel.config import DataConfig  # noqa: E402
-from fv_accel.data import DataStream, ParquetLatentDataset, build_data_stream  # noqa: E402
+from fv_accel.data import DataStream, ParquetLatentDataset, build_data_stream, collate_latents  # noqa: E402
 from fv_accel.data.loader import EpochShardSampler  # noqa: E402
 from fv_accel.errors import DataError  # noqa: E402
 
@@ -117,13 +117,20 @@ def test_rows_honour_dtype_shape_and_text_padding(fp32_fp16_dirs):
     ds = ParquetLatentDataset(str(f32), text_len=6)
     assert len(ds) == 12 and ds.kind == "t2v" and ds.latent_shape == (16, 2, 8, 8)
     for i in (0, 1, 11):
-        s = ds[i]
+        s = ds.load(i)
         assert torch.equal(s.latents_cthw, torch.from_numpy(latents[i]))
         n = texts[i].shape[0]
         keep = min(n, 6)  # 3 tokens are padded to 6, 9 are truncated to 6
+        assert s.text_embeds_ld.shape == (6, 32)
         assert torch.equal(s.text_embeds_ld[:keep], torch.from_numpy(texts[i][:keep]))
         assert s.text_embeds_ld[keep:].abs().sum() == 0
         assert s.text_mask_l.tolist() == [True] * keep + [False] * (6 - keep)
+        # dataset[i] (what the DataLoader calls) leaves the padding to the collate function
+        u = ds[i]
+        assert torch.equal(u.text_embeds_ld, torch.from_numpy(texts[i][:keep])) and torch.equal(u.text_mask_l,
+                                                                                                s.text_mask_l)
+    batch = collate_latents([ds[0], ds[1]], ds.latent_shape)
+    assert torch.equal(batch.text_embeds_bld, torch.stack([ds.load(0).text_embeds_ld, ds.load(1).text_embeds_ld]))
     h = ParquetLatentDataset(str(f16), text_len=16)
     s = h[5]
     # float16 bytes are read as float16 (not reinterpreted as float32), then widened exactly.

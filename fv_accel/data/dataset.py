@@ -69,7 +69,11 @@ class LatentSample:
     index: int
     latents_cthw: torch.Tensor | None
     text_embeds_ld: torch.Tensor
+    """``[text_len, D]`` from ``load``; ``[n, D]`` with n = the mask's count from ``dataset[i]``, which leaves
+    the zero padding to :func:`collate_latents` (padding each sample, then stacking, copied UMT5's 512 × 4096
+    floats twice per sample: more than the latents)."""
     text_mask_l: torch.Tensor
+    """``[text_len]``, True for real tokens."""
     num_bad_rows_skipped: int = 0
     """With ``skip_bad_rows``: bad rows passed over to reach this one (0 otherwise)."""
 
@@ -492,8 +496,9 @@ class ParquetLatentDataset(Dataset[LatentSample]):
             return False
         return bool(np.random.default_rng([self.seed, index]).random() < self.cfg_rate)
 
-    def load(self, index: int) -> LatentSample:
-        """Row ``index`` decoded and padded; raises DataError naming the file and row when it is malformed."""
+    def load(self, index: int, *, pad_text: bool = True) -> LatentSample:
+        """Row ``index`` decoded (text padded to ``text_len`` unless ``pad_text`` is False); raises DataError
+        naming the file and row when it is malformed."""
         row = self._read_row(index)
         where = self.where(index)
         text = decode_tensor(row["text_embedding_bytes"], row["text_embedding_shape"],
@@ -501,12 +506,12 @@ class ParquetLatentDataset(Dataset[LatentSample]):
         if text.ndim != 2:
             raise DataError(f"{where}: text_embedding_shape must be [L, D], got {list(text.shape)}")
         length = min(text.shape[0], self.text_len)
-        padded = torch.zeros(self.text_len, text.shape[1])
         mask = torch.zeros(self.text_len, dtype=torch.bool)
-        # CFG dropout zeroes the embedding and keeps the mask (FastVideo's convention).
-        if not self.drop_text(index):
-            padded[:length] = text[:length]
         mask[:length] = True
+        # CFG dropout zeroes the embedding and keeps the mask (FastVideo's convention).
+        embeds = torch.zeros(self.text_len if pad_text else length, text.shape[1])
+        if not self.drop_text(index):
+            embeds[:length] = text[:length]
         latents = None
         if self.kind == "t2v":
             latents = decode_tensor(row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"],
@@ -514,17 +519,17 @@ class ParquetLatentDataset(Dataset[LatentSample]):
             if tuple(latents.shape) != self.latent_shape:
                 raise DataError(f"{where}: latent shape {list(latents.shape)} differs from the dataset's "
                                 f"{list(self.latent_shape)} (batches need equal shapes)")
-        return LatentSample(index=index, latents_cthw=latents, text_embeds_ld=padded, text_mask_l=mask)
+        return LatentSample(index=index, latents_cthw=latents, text_embeds_ld=embeds, text_mask_l=mask)
 
     def __getitem__(self, index: int) -> LatentSample:
         if not self.skip_bad_rows:
-            return self.load(index)
+            return self.load(index, pad_text=False)
         # A bad row is replaced by the next good row in dataset order, so every batch keeps its size (and every
         # rank its number of forwards); the substitution is deterministic, hence identical after a resume.
         for skipped in range(min(self._len, MAX_CONSECUTIVE_BAD_ROWS)):
             current = (index + skipped) % self._len
             try:
-                sample = self.load(current)
+                sample = self.load(current, pad_text=False)
             except DataError as exc:
                 if current not in self._warned:
                     self._warned.add(current)
@@ -555,12 +560,16 @@ def load_negative_prompt(path: str | os.PathLike[str], text_len: int) -> torch.T
 
 
 def collate_latents(samples: list[LatentSample], latent_shape: tuple[int, int, int, int]) -> LatentBatch:
+    """Stack samples into a batch, zero-padding each text embedding to the mask's length (``text_len``)."""
     latents = None
     if samples[0].latents_cthw is not None:
         latents = torch.stack([s.latents_cthw for s in samples])  # type: ignore[misc]
+    text = torch.zeros(len(samples), samples[0].text_mask_l.shape[0], samples[0].text_embeds_ld.shape[1])
+    for i, s in enumerate(samples):
+        text[i, : s.text_embeds_ld.shape[0]] = s.text_embeds_ld
     return LatentBatch(
         latents_bcthw=latents,
-        text_embeds_bld=torch.stack([s.text_embeds_ld for s in samples]),
+        text_embeds_bld=text,
         text_mask_bl=torch.stack([s.text_mask_l for s in samples]),
         index=torch.tensor([s.index for s in samples], dtype=torch.int64),
         latent_shape=latent_shape,
