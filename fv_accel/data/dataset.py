@@ -10,8 +10,8 @@ fewer than ``min_cached_groups`` groups: the loader's shuffle window), and a row
 is streamed with a bounded read buffer, keeping only the requested row. Whole files are never loaded.
 
 **The index** (files, row groups with row counts and byte sizes, schema kind, latent shape) is built by
-:func:`build_index` and cached per ``data_path`` entry in ``<dir>/.fv_accel_index.json`` (for a file entry
-``<parent>/.<name>.fv_accel_index.json``; where the data is read-only, under ``$XDG_CACHE_HOME/fv_accel/index``).
+:func:`build_index` and cached per directory entry of ``data_path`` in ``<dir>/.fv_accel_index.json`` (where
+the directory is read-only, under ``$XDG_CACHE_HOME/fv_accel/index``; single-file entries are not cached).
 An entry is reused while the file's size and mtime are unchanged; new or changed files have their footers read
 (concurrently) and the cache is rewritten atomically. Listing and stat-ing the files is still needed to
 validate the cache, so in a distributed run only rank 0 builds the index and broadcasts it
@@ -232,12 +232,12 @@ class _IndexCache:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        base = root if root.is_dir() else root.parent
-        name = INDEX_FILE_NAME if root.is_dir() else f".{root.name}{INDEX_FILE_NAME}"
         cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:20]
-        # Beside the data first; a read-only data directory falls back to the user's cache directory.
-        self.locations = [base / name, cache_home / "fv_accel" / "index" / f"{digest}.json"]
+        # Beside the data first; a read-only data directory falls back to the user's cache directory. A single
+        # file is one footer read (by rank 0): not worth a file in a directory that may hold other things.
+        self.locations = [root / INDEX_FILE_NAME, cache_home / "fv_accel" / "index" / f"{digest}.json"] \
+            if root.is_dir() else []
         self.cached: dict[str, FileIndex] = {}
         self.dirty = False
         for location in self.locations:
@@ -277,6 +277,8 @@ class _IndexCache:
 
     def save(self) -> None:
         """Write the cache atomically (a unique temporary file, then rename); a failure costs only speed."""
+        if not self.locations:
+            return
         text = json.dumps({"version": _INDEX_VERSION,
                            "files": {rel: dataclasses.asdict(e) for rel, e in self.cached.items()}},
                           separators=(",", ":"))
