@@ -340,6 +340,29 @@ def test_resume_on_another_world_size_or_batch_size_continues_the_epoch(tmp_path
     assert len(order) - 12 - len(rest) < world_after * batch_after  # at most one global batch sits out
 
 
+def test_position_of_another_epoch_order_restarts_the_epoch(tmp_path):
+    """A position is only meaningful in the order it was taken from: a state saved under another shuffle mode or
+    window restarts its epoch; a state saved before ``shuffle`` existed (no key) was a global row shuffle."""
+    latents, texts = make_arrays(24)
+    write_rows(tmp_path / "d" / "p.parquet", t2v_rows(latents, texts))  # 6 groups of 4 rows
+    path = str(tmp_path / "d")
+    rows = _stream(path, train_batch_size=2, shuffle="rows")
+    _take(rows, 3)
+    old_state = {k: v for k, v in rows.state_dict().items() if k != "shuffle"}  # as written before this release
+    assert (old_state["epoch"], old_state["rows_consumed"]) == (0, 6)
+    for kw, consumed in ((dict(shuffle="rows"), 6), (dict(shuffle="row_groups"), 0),
+                         (dict(shuffle="row_groups", shuffle_window_groups=2), 0)):
+        resumed = _stream(path, train_batch_size=2, **kw)
+        resumed.load_state_dict(old_state)
+        assert (resumed.epoch, resumed.rows_consumed) == (0, consumed), kw
+    groups = _stream(path, train_batch_size=2, shuffle_window_groups=2)
+    _take(groups, 3)
+    for window, consumed in ((2, 6), (3, 0)):
+        resumed = _stream(path, train_batch_size=2, shuffle_window_groups=window)
+        resumed.load_state_dict(groups.state_dict())
+        assert resumed.rows_consumed == consumed, window
+
+
 def _fastvideo_layout(root, num_files: int, *, rows_per_file: int = 64, latent_shape=(16, 2, 8, 8)):
     """FastVideo's writer layout: one row group per file (64 rows of 8 KiB latents: 0.5 MiB per group)."""
     for f in range(num_files):
