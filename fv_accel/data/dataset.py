@@ -15,8 +15,8 @@ the directory is read-only, under ``$XDG_CACHE_HOME/fv_accel/index``; single-fil
 An entry is reused while the file's size and mtime are unchanged; new or changed files have their footers read
 (concurrently) and the cache is rewritten atomically. Listing and stat-ing the files is still needed to
 validate the cache, so in a distributed run only rank 0 builds the index and broadcasts it
-(``fv_accel.data.loader``): the two mechanisms cover different costs. At 64 ranks × 75k files, per-rank
-building cost 64 listings + 4.8 M footer reads (each an open and two reads, often on a network file system);
+(``fv_accel.data.loader``): the two mechanisms cover different costs. At 64 ranks × 75k files, building on
+every rank cost 64 listings + 4.8 M footer reads (each an open and two reads, often on a network file system);
 now it is one listing + 75k stats on rank 0, 75k footer reads only on the first run (or for changed files),
 and one ``broadcast_object_list`` of a few MB (≈ 100 bytes per file). The other ranks touch no file.
 """
@@ -404,10 +404,6 @@ class ParquetLatentDataset(Dataset[LatentSample]):
     def group_sizes(self) -> list[int]:
         """Row counts of the dataset's row groups in index order (empty groups left out): the sampler's unit."""
         return [g.num_rows for g in self._groups]
-
-    @property
-    def largest_group_bytes(self) -> int:
-        return max(g.nbytes for g in self._groups)
 
     # -- setup --------------------------------------------------------------------------------------------
     def _reset_caches(self) -> None:

@@ -230,8 +230,8 @@ class DataStream:
         saved_layout = (int(state["world_size"]), int(state["batch_size"]))
         if saved_order != order:
             logger.warning("data position was saved for (rows, seed, shuffle...) = %s, the run now has %s: the "
-                           "epoch order "
-                           "differs; restarting epoch %d from its first batch", saved_order, order, self.epoch)
+                           "epoch order differs; restarting epoch %d from its first batch", saved_order, order,
+                           self.epoch)
             self.rows_consumed = 0
         elif saved_layout != (self.world_size, self.batch_size):
             logger.info("data position was saved by %d rank(s) x batch %d, the run now has %d x %d: epoch %d "
