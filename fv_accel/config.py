@@ -157,8 +157,16 @@ class DataConfig(_Strict):
     """[C, T, H, W] of generated latents when the dataset has no latents (text-only, data-free DMD2)."""
     skip_bad_rows: bool = False
     """Replace a malformed row by the next good one (logged and counted) instead of stopping with exit 1."""
+    shuffle: Literal["rows", "row_groups"] = "row_groups"
+    """Epoch order. ``row_groups``: a permutation of the parquet row groups, rows shuffled within windows of
+    ``shuffle_window_groups`` consecutive groups, so each group is read once per pass. ``rows``: one permutation
+    of all rows (most random; a sample may cost a whole row-group read, fine when the data fits the cache)."""
+    shuffle_window_groups: int = Field(4, ge=1)
+    """With ``shuffle: row_groups``: rows are shuffled within this many consecutive groups of the epoch's group
+    order. Larger = more mixing, more memory: each loader process caches one window (W × row-group size)."""
     row_group_cache_mb: int = Field(1024, ge=1)
-    """Per loader process: parquet row groups up to this size are cached whole; larger ones are streamed."""
+    """Per loader process: parquet row groups up to this size are cached whole (larger ones are streamed); the
+    cache holds up to this many MB, and never fewer groups than the shuffle window."""
     negative_prompt_path: str = ""
     """Parquet (text-only schema, first row used) with the negative-prompt embedding, e.g. the
     ``_negative_prompt.parquet`` written by ``recipes/preprocess.py --negative-prompt``; every batch then carries

@@ -67,8 +67,10 @@ def write_rows(path: Path, rows: dict[str, list[Any]], *, row_group_size: int = 
 # Tests
 # ----------------------------------------------------------------------------------------------------------
 
+import collections  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import pickle  # noqa: E402
 
 import pytest  # noqa: E402
@@ -76,7 +78,7 @@ import torch  # noqa: E402
 from conftest import REPO, run_python, run_recipe_main  # noqa: E402
 
 from fv_accel.config import DataConfig  # noqa: E402
-from fv_accel.data import DataStream, ParquetLatentDataset, build_data_stream  # noqa: E402
+from fv_accel.data import DataStream, ParquetLatentDataset, build_data_stream, collate_latents  # noqa: E402
 from fv_accel.data.loader import EpochShardSampler  # noqa: E402
 from fv_accel.errors import DataError  # noqa: E402
 
@@ -115,13 +117,20 @@ def test_rows_honour_dtype_shape_and_text_padding(fp32_fp16_dirs):
     ds = ParquetLatentDataset(str(f32), text_len=6)
     assert len(ds) == 12 and ds.kind == "t2v" and ds.latent_shape == (16, 2, 8, 8)
     for i in (0, 1, 11):
-        s = ds[i]
+        s = ds.load(i)
         assert torch.equal(s.latents_cthw, torch.from_numpy(latents[i]))
         n = texts[i].shape[0]
         keep = min(n, 6)  # 3 tokens are padded to 6, 9 are truncated to 6
+        assert s.text_embeds_ld.shape == (6, 32)
         assert torch.equal(s.text_embeds_ld[:keep], torch.from_numpy(texts[i][:keep]))
         assert s.text_embeds_ld[keep:].abs().sum() == 0
         assert s.text_mask_l.tolist() == [True] * keep + [False] * (6 - keep)
+        # dataset[i] (what the DataLoader calls) leaves the padding to the collate function
+        u = ds[i]
+        assert torch.equal(u.text_embeds_ld, torch.from_numpy(texts[i][:keep])) and torch.equal(u.text_mask_l,
+                                                                                                s.text_mask_l)
+    batch = collate_latents([ds[0], ds[1]], ds.latent_shape)
+    assert torch.equal(batch.text_embeds_bld, torch.stack([ds.load(0).text_embeds_ld, ds.load(1).text_embeds_ld]))
     h = ParquetLatentDataset(str(f16), text_len=16)
     s = h[5]
     # float16 bytes are read as float16 (not reinterpreted as float32), then widened exactly.
@@ -183,10 +192,11 @@ print(json.dumps({{"peak": pool.max_memory(), "sum": float(row.sum())}}))
     assert torch.equal(ds[40].latents_cthw, torch.from_numpy(latents[40]))
 
 
-def test_epoch_reshuffle_from_seed_and_epoch():
-    a = EpochShardSampler(100, rank=0, world_size=1, seed=7)
-    b = EpochShardSampler(100, rank=0, world_size=1, seed=7)
-    c = EpochShardSampler(100, rank=0, world_size=1, seed=8)
+@pytest.mark.parametrize("group_sizes", [None, [7, 13, 20, 60]])
+def test_epoch_reshuffle_from_seed_and_epoch(group_sizes):
+    a = EpochShardSampler(100, rank=0, world_size=1, seed=7, group_sizes=group_sizes, window_groups=2)
+    b = EpochShardSampler(100, rank=0, world_size=1, seed=7, group_sizes=group_sizes, window_groups=2)
+    c = EpochShardSampler(100, rank=0, world_size=1, seed=8, group_sizes=group_sizes, window_groups=2)
     e0, e1 = a.epoch_indices(0), a.epoch_indices(1)
     assert sorted(e0) == sorted(e1) == list(range(100))
     assert e0 != e1  # reshuffled every epoch
@@ -196,15 +206,61 @@ def test_epoch_reshuffle_from_seed_and_epoch():
     assert c.epoch_indices(0) != e1
 
 
+def _group_of_row(group_sizes: list[int]) -> list[int]:
+    return [g for g, n in enumerate(group_sizes) for _ in range(n)]
+
+
+@pytest.mark.parametrize("window", [1, 3, 7])
+def test_row_group_order_is_shuffled_windows_of_whole_groups(window):
+    """The documented row-group order: the rows of W whole groups, then of the next W groups, ...; inside a
+    window the groups' rows are mixed; the group order changes with the epoch."""
+    sizes = [5, 3, 8, 4, 6, 2, 7]  # 35 rows in 7 groups
+    group = _group_of_row(sizes)
+    sampler = EpochShardSampler(35, rank=0, world_size=1, seed=4, group_sizes=sizes, window_groups=window)
+    group_orders = []
+    for epoch in range(3):
+        order = sampler.epoch_order(epoch).tolist()
+        assert sorted(order) == list(range(35))
+        windows, pos, seen_groups = [], 0, []
+        while pos < 35:
+            # the next window: its rows must be exactly those of min(W, groups left) whole groups
+            num_groups = min(window, len(sizes) - len(seen_groups))
+            length = 1
+            while True:  # grow the span until it holds all rows of the groups it touches, and W of them
+                groups = {group[i] for i in order[pos:pos + length]}
+                assert len(groups) <= num_groups, (epoch, pos)
+                full = sum(sizes[x] for x in groups)
+                if len(groups) == num_groups and full == length:
+                    break
+                length = full if full > length else length + 1
+            rows = order[pos:pos + length]
+            assert sorted(rows) == sorted(i for i in range(35) if group[i] in groups), (epoch, pos)
+            windows.append(rows)
+            seen_groups += sorted(groups)
+            pos += length
+        assert len(windows) == -(-7 // window)
+        group_orders.append([group[i] for i in order])
+        if window > 1:  # rows of different groups interleave in some window (not group after group)
+            runs = sum(1 for a, b in zip(group_orders[-1], group_orders[-1][1:], strict=False) if a != b) + 1
+            assert runs > 7, (epoch, group_orders[-1])
+    assert group_orders[0] != group_orders[1] != group_orders[2]
+
+
+@pytest.mark.parametrize("group_sizes", [None, [4, 4, 4, 4, 4, 4, 1]])
 @pytest.mark.parametrize(("consumed", "per_rank"), [(0, 12), (4, 10), (7, 9)])
-def test_two_ranks_get_equal_disjoint_shares_of_the_trimmed_order(consumed, per_rank):
+def test_two_ranks_get_equal_disjoint_shares_of_the_trimmed_order(consumed, per_rank, group_sizes):
     """25 rows, 2 ranks: after ``consumed`` rows of the epoch, the rest (25 - consumed) is trimmed to an even
     count and dealt alternately, so both ranks yield the same number of rows (hand counts: 24/2, 20/2, 18/2)."""
     seed, epoch = 3, 2
-    order = np.random.default_rng([seed, epoch]).permutation(25).tolist()  # the epoch's order, by the docs
+    if group_sizes is None:
+        order = np.random.default_rng([seed, epoch]).permutation(25).tolist()  # the epoch's order, by the docs
+    else:  # the row-group order (its structure is tested above); here the dealing of it
+        order = EpochShardSampler(25, rank=0, world_size=1, seed=seed, group_sizes=group_sizes,
+                                  window_groups=2).epoch_order(epoch).tolist()
     shares = []
     for rank in (0, 1):
-        sampler = EpochShardSampler(25, rank=rank, world_size=2, seed=seed)
+        sampler = EpochShardSampler(25, rank=rank, world_size=2, seed=seed, group_sizes=group_sizes,
+                                    window_groups=2)
         sampler.set_epoch(epoch, consumed=consumed)
         share = list(sampler)
         assert len(share) == per_rank, rank
@@ -235,42 +291,202 @@ def test_two_rank_sharding_covers_every_row_once_per_epoch(tmp_path, num_rows):
     assert per_epoch[0] != per_epoch[1]
 
 
+@pytest.mark.parametrize("shuffle", ["rows", "row_groups"])
 @pytest.mark.parametrize(("world_after", "batch_after"), [(3, 2), (1, 2), (2, 5)])
-def test_resume_on_another_world_size_or_batch_size_continues_the_epoch(tmp_path, world_after, batch_after):
+def test_resume_on_another_world_size_or_batch_size_continues_the_epoch(tmp_path, world_after, batch_after,
+                                                                        shuffle):
     """2 ranks x batch 2 consume part of epoch 1, then the run resumes with another layout (every new rank
-    loads rank 0's position, as the checkpoint manager does): the rest of epoch 1 holds exactly the rows not
-    seen yet, each once, and epoch 2 is a full epoch again."""
+    loads rank 0's position, as the checkpoint manager does): the rest of epoch 1 is exactly the uninterrupted
+    epoch order after the rows seen (read off one process with batch 1), and epoch 2 is a full epoch again."""
     latents, texts = make_arrays(37)
-    write_rows(tmp_path / "d" / "p.parquet", t2v_rows(latents, texts))
+    write_rows(tmp_path / "d" / "p.parquet", t2v_rows(latents, texts))  # 10 row groups of <= 4 rows
     path = str(tmp_path / "d")
-    before = [_stream(path, rank=r, world_size=2, train_batch_size=2, seed=5) for r in range(2)]
+    kw = dict(seed=5, shuffle=shuffle, shuffle_window_groups=3)
+    # The uninterrupted order of epoch 1: one process, batch 1, every row of the epoch in turn.
+    single = _stream(path, train_batch_size=1, **kw)
+    order = [int(b.index) for b in _take(single, 2 * 37)[37:]]
+    assert sorted(order) == list(range(37))
+    if shuffle == "rows":  # the documented permutation
+        assert order == np.random.default_rng([5, 1]).permutation(37).tolist()
+
+    before = [_stream(path, rank=r, world_size=2, train_batch_size=2, **kw) for r in range(2)]
     for stream in before:
         _take(stream, 9 + 3)  # epoch 0 has 9 batches per rank (37 rows → 18 per rank); then 3 of epoch 1
     assert before[0].epoch == 1 and before[0].rows_consumed == 3 * 2 * 2
     state = pickle.loads(pickle.dumps(before[0].state_dict()))
     seen = []
     for stream in before:  # what the first run saw of epoch 1: replay it from a fresh stream
-        replay = _stream(path, rank=stream.sampler.rank, world_size=2, train_batch_size=2, seed=5)
+        replay = _stream(path, rank=stream.sampler.rank, world_size=2, train_batch_size=2, **kw)
         seen += [i for b in _take(replay, 12)[9:] for i in b.index.tolist()]
-    order = np.random.default_rng([5, 1]).permutation(37).tolist()
     assert sorted(seen) == sorted(order[:12])  # the first 12 rows of epoch 1's order
 
-    after = [_stream(path, rank=r, world_size=world_after, train_batch_size=batch_after, seed=5)
+    after = [_stream(path, rank=r, world_size=world_after, train_batch_size=batch_after, **kw)
              for r in range(world_after)]
-    rest = []
+    batches: list[list[list[int]]] = []
     for stream in after:
         stream.load_state_dict(state)
+        batches.append([])
         while True:
             batch = next(stream)
             if stream.epoch != 1:
                 break
-            rest += batch.index.tolist()
+            batches[-1].append(batch.index.tolist())
         assert stream.epoch == 2 and stream.rows_consumed == batch_after * world_after
-    remaining = order[12:]
-    per_rank = (len(remaining) // world_after) // batch_after * batch_after
-    assert len(rest) == len(set(rest)) == per_rank * world_after
-    assert set(rest) <= set(remaining) and not set(rest) & set(seen)  # nothing repeated, only unseen rows
-    assert len(remaining) - len(rest) < world_after * batch_after  # at most one global batch sits out
+    # In lockstep, step k's j-th row of rank r is row 12 + k·B·W + j·W + r of the epoch's order.
+    rest = [batches[r][k][j] for k in range(len(batches[0])) for j in range(batch_after) for r in range(world_after)]
+    per_rank = (len(order[12:]) // world_after) // batch_after * batch_after
+    assert len(rest) == per_rank * world_after
+    assert rest == order[12:12 + len(rest)]  # continues the uninterrupted order: nothing repeated or skipped
+    assert len(order) - 12 - len(rest) < world_after * batch_after  # at most one global batch sits out
+
+
+def test_position_of_another_epoch_order_restarts_the_epoch(tmp_path):
+    """A position is only meaningful in the order it was taken from: a state saved under another shuffle mode or
+    window restarts its epoch; a state saved before ``shuffle`` existed (no key) was a global row shuffle."""
+    latents, texts = make_arrays(24)
+    write_rows(tmp_path / "d" / "p.parquet", t2v_rows(latents, texts))  # 6 groups of 4 rows
+    path = str(tmp_path / "d")
+    rows = _stream(path, train_batch_size=2, shuffle="rows")
+    _take(rows, 3)
+    old_state = {k: v for k, v in rows.state_dict().items() if k != "shuffle"}  # as written before this release
+    assert (old_state["epoch"], old_state["rows_consumed"]) == (0, 6)
+    for kw, consumed in ((dict(shuffle="rows"), 6), (dict(shuffle="row_groups"), 0),
+                         (dict(shuffle="row_groups", shuffle_window_groups=2), 0)):
+        resumed = _stream(path, train_batch_size=2, **kw)
+        resumed.load_state_dict(old_state)
+        assert (resumed.epoch, resumed.rows_consumed) == (0, consumed), kw
+    groups = _stream(path, train_batch_size=2, shuffle_window_groups=2)
+    _take(groups, 3)
+    for window, consumed in ((2, 6), (3, 0)):
+        resumed = _stream(path, train_batch_size=2, shuffle_window_groups=window)
+        resumed.load_state_dict(groups.state_dict())
+        assert resumed.rows_consumed == consumed, window
+
+
+def _fastvideo_layout(root, num_files: int, *, rows_per_file: int = 64, latent_shape=(16, 2, 8, 8)):
+    """FastVideo's writer layout: one row group per file (64 rows of 8 KiB latents: 0.5 MiB per group)."""
+    for f in range(num_files):
+        latents, texts = make_arrays(rows_per_file, latent_shape=latent_shape, seed=f)
+        write_rows(root / f"shard-{f:02d}.parquet", t2v_rows(latents, texts, prefix=f"f{f}"),
+                   row_group_size=rows_per_file)
+    return root
+
+
+@pytest.mark.parametrize(("shuffle", "world_size"), [("row_groups", 1), ("row_groups", 2), ("rows", 1)])
+def test_one_epoch_reads_each_row_group_once_per_rank(tmp_path, monkeypatch, shuffle, world_size):
+    """6 files × one 64-row group, a 1 MiB cache budget (2 groups): with the row-group order each rank reads each
+    group once per epoch (the cache keeps the 4-group window above the budget); a global row shuffle re-reads."""
+    data = _fastvideo_layout(tmp_path / "d", 6)
+    reads: collections.Counter = collections.Counter()
+    read_group = ParquetLatentDataset._read_group
+
+    def counting(self, group):
+        reads[(id(self), group.file.name, group.row_group)] += 1
+        return read_group(self, group)
+
+    monkeypatch.setattr(ParquetLatentDataset, "_read_group", counting)
+    rows, datasets = [], []
+    for rank in range(world_size):
+        stream = _stream(str(data), rank=rank, world_size=world_size, train_batch_size=4, seed=2, shuffle=shuffle,
+                         shuffle_window_groups=4, row_group_cache_mb=1)
+        datasets.append(id(stream.dataset))
+        for _ in range(stream.batches_per_epoch):
+            rows += next(stream).index.tolist()
+        assert stream.epoch == 0
+    assert sorted(rows) == list(range(384))  # 384 rows divide evenly: the whole epoch was read
+    groups_per_rank = [sum(1 for key in reads if key[0] == d) for d in datasets]
+    if shuffle == "row_groups":
+        assert max(reads.values()) == 1, reads
+        assert groups_per_rank == [6] * world_size  # each rank has rows in every group
+    else:  # the counter sees re-reads when there are any: random rows miss a 2-group cache most of the time
+        assert sum(reads.values()) > 3 * 6, reads
+
+
+def test_index_cache_skips_footers_and_follows_file_changes(tmp_path, monkeypatch):
+    data = _fastvideo_layout(tmp_path / "d", 3, rows_per_file=8)
+    opened: list[str] = []
+
+    class CountingParquetFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kwargs):
+            opened.append(Path(source).name)
+            super().__init__(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", CountingParquetFile)
+    first = ParquetLatentDataset(str(data), text_len=4)
+    assert sorted(set(opened)) == ["shard-00.parquet", "shard-01.parquet", "shard-02.parquet"]
+    assert (data / ".fv_accel_index.json").is_file()
+    opened.clear()
+    second = ParquetLatentDataset(str(data), text_len=4)
+    assert opened == []  # no footer, no latent-shape read: all from the cache
+    assert len(second) == len(first) == 24 and second.group_sizes == [8, 8, 8]
+    assert second.latent_shape == (16, 2, 8, 8) and second.kind == "t2v"
+
+    # Rewrite one file with 5 rows in groups of 2: its footer (only) is read again.
+    latents, texts = make_arrays(5, seed=9)
+    write_rows(data / "shard-02.parquet", t2v_rows(latents, texts), row_group_size=2)
+    third = ParquetLatentDataset(str(data), text_len=4)
+    assert opened == ["shard-02.parquet"]
+    assert len(third) == 8 + 8 + 5 and third.group_sizes == [8, 8, 2, 2, 1]
+    assert torch.equal(third[16 + 4].latents_cthw, torch.from_numpy(latents[4]))
+    # Same size, new mtime (rewritten in place): read again too. A new file appears in the index.
+    opened.clear()
+    os.utime(data / "shard-00.parquet", ns=(1, 1))
+    _fastvideo_layout(tmp_path / "extra", 1, rows_per_file=3)
+    (tmp_path / "extra" / "shard-00.parquet").rename(data / "shard-03.parquet")
+    fourth = ParquetLatentDataset(str(data), text_len=4)
+    # shard-00 twice: its footer, and the dataset's first latent shape (kept with the file's entry)
+    assert sorted(opened) == ["shard-00.parquet", "shard-00.parquet", "shard-03.parquet"]
+    assert len(fourth) == 8 + 8 + 5 + 3
+
+
+def test_index_cache_falls_back_when_the_data_dir_is_not_writable(tmp_path, monkeypatch):
+    data = _fastvideo_layout(tmp_path / "d", 2, rows_per_file=4)
+    (data / ".fv_accel_index.json").mkdir()  # neither readable nor replaceable as a file (we may be root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ParquetLatentDataset(str(data), text_len=4)
+    cached = list((tmp_path / "cache" / "fv_accel" / "index").glob("*.json"))
+    assert len(cached) == 1
+    assert sorted(json.loads(cached[0].read_text())["files"]) == ["shard-00.parquet", "shard-01.parquet"]
+    monkeypatch.setattr(pq, "ParquetFile", None)  # any footer read now fails
+    assert len(ParquetLatentDataset(str(data), text_len=4)) == 8
+
+
+def test_other_ranks_take_rank_0s_index_without_touching_the_files(tmp_path, monkeypatch):
+    import fv_accel.data.dataset as dataset_module
+    import fv_accel.data.loader as loader_module
+    from fv_accel.data.dataset import build_index
+
+    data = _fastvideo_layout(tmp_path / "d", 2, rows_per_file=8)
+    rank0_index = pickle.dumps(build_index(str(data)))
+    (data / ".fv_accel_index.json").unlink()  # rank 1 could not use the cache file either
+    broadcasts = []
+
+    def broadcast_object_list(payload, src):  # what rank 1 receives from rank 0
+        assert payload == [None] and src == 0
+        broadcasts.append(1)
+        payload[0] = pickle.loads(rank0_index)
+
+    def no_file_access(*args, **kwargs):
+        raise AssertionError("rank 1 touched the data files")
+
+    monkeypatch.setattr(loader_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loader_module.dist, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(pq, "ParquetFile", no_file_access)  # footers and rows
+    monkeypatch.setattr(dataset_module, "_list_entry", no_file_access)  # listing (and stat-ing) data_path
+    stream = _stream(str(data), rank=1, world_size=2, train_batch_size=2, shuffle_window_groups=1)
+    assert broadcasts == [1] and len(stream.dataset) == 16
+    monkeypatch.undo()
+    batch = next(stream)
+    latents = {f * 8 + i: lat for f in range(2) for i, lat in enumerate(make_arrays(8, seed=f)[0])}
+    for row, index in enumerate(batch.index.tolist()):
+        assert torch.equal(batch.latents_bcthw[row], torch.from_numpy(latents[index]))
+
+    # An error on rank 0 reaches every rank as the same one-line DataError (none waits in the collective).
+    monkeypatch.setattr(loader_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(loader_module.dist, "broadcast_object_list",
+                        lambda payload, src: payload.__setitem__(0, "d/x.parquet: missing column(s) ['id']"))
+    with pytest.raises(DataError, match=r"^d/x.parquet: missing column\(s\) \['id'\]$"):
+        _stream(str(data), rank=1, world_size=2)
 
 
 def test_resume_and_worker_count_give_identical_batches_and_cfg_dropout(fp32_fp16_dirs):

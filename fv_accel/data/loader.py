@@ -1,50 +1,89 @@
 """Distributed, resumable loading: each rank its own shard, reshuffled every epoch from (seed, epoch).
 
-Each epoch has one order of all rows, a permutation drawn from ``(seed, epoch)`` (identical on every rank). The
-ranks take it in turns, ``world_size`` rows at a time (rank r the r-th of each group), so after every rank has
-consumed k batches of B rows, exactly the first ``k·B·world_size`` rows of the epoch's order have been seen.
-The position is therefore one number shared by all ranks, ``rows_consumed`` in ``epoch``; the rest of the epoch
-(trimmed to a multiple of ``world_size``) is dealt the same way, and each rank drops its last partial batch, so
-fewer than ``world_size × train_batch_size`` rows sit out an epoch (different ones every epoch).
+**The epoch's order** is one sequence of all row indices drawn from ``(seed, epoch)``, identical on every rank.
+With ``shuffle: row_groups`` (default) it is a permutation of the parquet row groups, cut into windows of
+``W = shuffle_window_groups`` consecutive groups, with the rows of each window shuffled among themselves. With
+``shuffle: rows`` it is a permutation of all rows. Row-group order matters because a row costs a whole group
+read unless the group is still cached: FastVideo's writer makes one 64-row group per file (≈ 0.5 GB at
+81×480×832), and a global row shuffle reads and decodes a group for nearly every sample. Within a window the
+order touches only W groups, and the dataset's cache keeps at least W groups, so each loader process reads each
+group once per pass. The price: rows of a batch come from W groups rather than the whole dataset (less mixing;
+consecutive batches share groups), and each loader process holds W groups in memory (4 × 0.5 GB above).
+
+**Dealing.** The ranks take the order in turns, ``world_size`` rows at a time (rank r the r-th of each turn),
+so after every rank has consumed k batches of B rows, exactly the first ``k·B·world_size`` rows of the epoch's
+order have been seen. The position is therefore one number shared by all ranks, ``rows_consumed`` in
+``epoch``; the rest of the epoch (trimmed to a multiple of ``world_size``) is dealt the same way, and each rank
+drops its last partial batch, so fewer than ``world_size × train_batch_size`` rows sit out an epoch (different
+ones every epoch). All ranks walk through the same window at the same time; each reads the window's groups
+once, so one pass costs every rank about one read of each group it has rows in (nearly all groups when a
+window holds more rows than there are ranks): per sample and rank, ``world_size`` rows' worth of bytes.
+
+**Loader workers.** torch hands whole batches to workers in turn, so each of a rank's ``num_workers`` worker
+processes reads the window's groups it meets: at most ``num_workers`` reads per group per pass and rank, and
+W groups cached per worker. Assigning groups to workers would change the batches with ``num_workers`` and
+break the resume guarantee below, so it is not done.
 
 That is what ``state_dict`` holds. It does not depend on the number of loader worker processes (a run may
 resume with a different ``num_workers``; batches prefetched by workers but not consumed are produced again),
 and it survives a change of world size or batch size: the resumed run continues the same epoch's order after
 the rows already seen, so no row of the epoch is repeated or skipped (the exact batches differ, of course).
+
+**The dataset index** is built by rank 0 (through the index cache file beside the data, see
+``fv_accel.data.dataset``) and broadcast with ``torch.distributed.broadcast_object_list`` when a process group
+exists: the other ranks neither list the data path nor read a footer.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from fv_accel.config import DataConfig
-from fv_accel.data.dataset import LatentBatch, ParquetLatentDataset, collate_latents, load_negative_prompt
+from fv_accel.data.dataset import (
+    DatasetIndex,
+    LatentBatch,
+    ParquetLatentDataset,
+    build_index,
+    collate_latents,
+    load_negative_prompt,
+)
 from fv_accel.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 
 class EpochShardSampler(Sampler[int]):
-    """This rank's share of the rest of the permutation drawn from ``(seed, epoch)`` after its first
+    """This rank's share of the rest of the epoch's order drawn from ``(seed, epoch)`` after its first
     ``consumed`` rows (all ranks together).
 
-    torch's ``DistributedSampler`` seeds with ``seed + epoch`` (seed 0 epoch 1 equals seed 1 epoch 0); a numpy
-    generator seeded with the pair keeps runs with different seeds apart in every epoch.
+    ``group_sizes`` (row counts of consecutive row groups, summing to ``num_rows``) selects the row-group order
+    with windows of ``window_groups`` groups; None the permutation of all rows. torch's ``DistributedSampler``
+    seeds with ``seed + epoch`` (seed 0 epoch 1 equals seed 1 epoch 0); a numpy generator seeded with the pair
+    keeps runs with different seeds apart in every epoch.
     """
 
-    def __init__(self, num_rows: int, *, rank: int, world_size: int, seed: int) -> None:
+    def __init__(self, num_rows: int, *, rank: int, world_size: int, seed: int,
+                 group_sizes: Sequence[int] | None = None, window_groups: int = 4) -> None:
         self.num_rows = num_rows
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.group_sizes = None if group_sizes is None else np.asarray(group_sizes, dtype=np.int64)
+        if self.group_sizes is not None and int(self.group_sizes.sum()) != num_rows:
+            raise ValueError(f"group sizes sum to {int(self.group_sizes.sum())}, not num_rows={num_rows}")
+        if window_groups < 1:
+            raise ValueError(f"window_groups must be >= 1, got {window_groups}")
+        self.window_groups = window_groups
         self.num_samples = num_rows // world_size
         self.epoch = 0
         self.consumed = 0
@@ -53,11 +92,37 @@ class EpochShardSampler(Sampler[int]):
         self.epoch = epoch
         self.consumed = consumed
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The whole epoch's order (all rows, before dealing)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.group_sizes is None:
+            return rng.permutation(self.num_rows)
+        sizes = self.group_sizes
+        starts = np.cumsum(sizes) - sizes
+        perm = rng.permutation(len(sizes))
+        sizes_p = sizes[perm]
+        ends = np.cumsum(sizes_p)
+        ends_minus = ends - sizes_p
+        # Rows of the groups in permuted order: each group's first row plus the offset within the group.
+        order = np.repeat(starts[perm] - ends_minus, sizes_p) + np.arange(self.num_rows)
+        bounds = [0, *ends[self.window_groups - 1::self.window_groups].tolist()]
+        if bounds[-1] != self.num_rows:
+            bounds.append(self.num_rows)
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            rng.shuffle(order[lo:hi])  # in place, on a view
+        return order
+
     def epoch_indices(self, epoch: int, consumed: int = 0) -> list[int]:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        rest = perm[consumed:]
+        rest = self.epoch_order(epoch)[consumed:]
         kept = len(rest) // self.world_size * self.world_size
         return rest[self.rank:kept:self.world_size].tolist()
+
+    def order_key(self) -> dict[str, Any]:
+        """What identifies the epoch orders (besides the dataset size and seed), saved with the position."""
+        if self.group_sizes is None:
+            return {"shuffle": "rows"}
+        digest = hashlib.sha256(self.group_sizes.tobytes()).hexdigest()[:16]
+        return {"shuffle": "row_groups", "shuffle_window_groups": self.window_groups, "row_groups_sha256": digest}
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_indices(self.epoch, self.consumed))
@@ -75,7 +140,10 @@ class DataStream:
 
     def __init__(self, dataset: ParquetLatentDataset, cfg: DataConfig, *, rank: int, world_size: int) -> None:
         self.dataset = dataset
-        self.sampler = EpochShardSampler(len(dataset), rank=rank, world_size=world_size, seed=cfg.seed)
+        self.sampler = EpochShardSampler(
+            len(dataset), rank=rank, world_size=world_size, seed=cfg.seed,
+            group_sizes=dataset.group_sizes if cfg.shuffle == "row_groups" else None,
+            window_groups=cfg.shuffle_window_groups)
         if len(self.sampler) < cfg.train_batch_size:
             raise DataError(
                 f"{dataset.files[0].parent}: {len(dataset)} rows give {len(self.sampler)} per rank, fewer than "
@@ -147,18 +215,23 @@ class DataStream:
         return {"epoch": self.epoch, "rows_consumed": self.rows_consumed,
                 "batches_in_epoch": self.batches_in_epoch, "num_bad_rows_skipped": self.num_bad_rows_skipped,
                 # what the position means: checked on load
-                "num_rows": len(self.dataset), "seed": self.sampler.seed,
+                "num_rows": len(self.dataset), "seed": self.sampler.seed, **self.sampler.order_key(),
                 "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.rows_consumed = int(state["rows_consumed"])
         self.num_bad_rows_skipped = int(state.get("num_bad_rows_skipped", 0))
-        saved_order, order = (int(state["num_rows"]), int(state["seed"])), (len(self.dataset), self.sampler.seed)
+        # A state saved before the row-group order existed has no "shuffle" key: it was a row permutation.
+        key = self.sampler.order_key()
+        saved_key = {k: state.get(k, "rows" if k == "shuffle" else None) for k in key}
+        saved_order = (int(state["num_rows"]), int(state["seed"]), *saved_key.values())
+        order = (len(self.dataset), self.sampler.seed, *key.values())
         saved_layout = (int(state["world_size"]), int(state["batch_size"]))
         if saved_order != order:
-            logger.warning("data position was saved for (rows, seed) = %s, the run now has %s: the epoch order "
-                           "differs; restarting epoch %d from its first batch", saved_order, order, self.epoch)
+            logger.warning("data position was saved for (rows, seed, shuffle...) = %s, the run now has %s: the "
+                           "epoch order differs; restarting epoch %d from its first batch", saved_order, order,
+                           self.epoch)
             self.rows_consumed = 0
         elif saved_layout != (self.world_size, self.batch_size):
             logger.info("data position was saved by %d rank(s) x batch %d, the run now has %d x %d: epoch %d "
@@ -167,10 +240,31 @@ class DataStream:
         self._iter = None
 
 
+def shared_index(cfg: DataConfig, *, rank: int, world_size: int) -> DatasetIndex:
+    """The dataset index, built by rank 0 alone and broadcast when a process group exists (see the module
+    docstring); a DataError on rank 0 is raised on every rank, so none waits in the collective."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return build_index(cfg.data_path)
+    payload: list[Any] = [None]
+    if rank == 0:
+        try:
+            payload[0] = build_index(cfg.data_path)
+        except DataError as exc:
+            payload[0] = str(exc)
+        except Exception as exc:
+            payload[0] = f"{cfg.data_path}: cannot index the data ({type(exc).__name__}: {exc})"
+    dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise DataError(payload[0])
+    return payload[0]
+
+
 def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int) -> DataStream:
+    window = cfg.shuffle_window_groups if cfg.shuffle == "row_groups" else 1
     dataset = ParquetLatentDataset(
         cfg.data_path, text_len=cfg.text_len, cfg_rate=cfg.training_cfg_rate, seed=cfg.seed,
         latent_shape=cfg.latent_shape, skip_bad_rows=cfg.skip_bad_rows,
-        cache_bytes=cfg.row_group_cache_mb << 20,
+        cache_bytes=cfg.row_group_cache_mb << 20, min_cached_groups=window,
+        index=shared_index(cfg, rank=rank, world_size=world_size),
     )
     return DataStream(dataset, cfg, rank=rank, world_size=world_size)
