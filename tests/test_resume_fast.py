@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from conftest import run_recipe_main
 
@@ -70,3 +71,33 @@ def test_resume_reproduces_the_uninterrupted_losses(toy_root: Path, tmp_path: Pa
             assert after[step] == pytest.approx(reference[step], rel=1e-5, abs=0), step
         else:
             assert after[step] == reference[step], step
+
+
+def test_a_data_position_saved_without_the_shuffle_keys_still_resumes(toy_root: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint written before ``shuffle`` / ``shuffle_window_groups`` / ``row_groups_sha256`` were part of the
+    data position (a row permutation then) loads: DCP is asked only for the saved entries, the epoch restarts."""
+    from fv_accel.data.loader import DataStream
+
+    new_keys = ("shuffle", "shuffle_window_groups", "row_groups_sha256")
+    full_state = DataStream.state_dict
+    monkeypatch.setattr(DataStream, "state_dict",
+                        lambda self: {k: v for k, v in full_state(self).items() if k not in new_keys})
+    data = tmp_path / "data"
+    data.mkdir()
+    for part in (toy_root / "data").glob("*.parquet"):
+        (data / part.name).symlink_to(part)
+    config = _config(toy_root, data, tmp_path / "old")
+    config["training"]["loop"]["max_train_steps"] = CHECKPOINT_STEP
+    _run(config, tmp_path / "old.yaml")
+    checkpoint = tmp_path / "old" / f"checkpoint-{CHECKPOINT_STEP}"
+    saved = set(dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    assert "dataloader.rank0.epoch" in saved and not any(k.endswith(".shuffle") for k in saved)
+
+    monkeypatch.setattr(DataStream, "state_dict", full_state)
+    config["training"]["loop"]["max_train_steps"] = CHECKPOINT_STEP + 1
+    with caplog.at_level("WARNING"):
+        _run(config, tmp_path / "resume.yaml", f"--training.checkpoint.resume_from_checkpoint={checkpoint}")
+    assert "restarting epoch" in caplog.text  # the old position meant a row permutation: another order
+    assert sorted(_losses(tmp_path / "old")) == list(range(1, CHECKPOINT_STEP + 2))

@@ -206,6 +206,21 @@ class _CallbackState(Stateful):
         self.callback.load_state_dict(state_dict)
 
 
+class _SavedKeysOnly(Stateful):
+    """A stateful whose load asks DCP only for the entries the checkpoint has: a data position saved before a
+    key existed (e.g. ``shuffle``) then loads, and the stream's ``load_state_dict`` fills in the old meaning."""
+
+    def __init__(self, inner: Any, saved: set[str]) -> None:
+        self.inner = inner
+        self.saved = saved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.inner.state_dict().items() if k in self.saved}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+
+
 #: Opt-in for reading random-state files written before RNG_FORMAT (plain pickles, which can run code).
 ALLOW_PICKLE_RNG_ENV = "FV_ACCEL_ALLOW_PICKLE_RNG"
 #: Version of the random-state file: tensors and plain data written by torch.save, read with weights_only.
@@ -571,6 +586,9 @@ class CheckpointManager:
             # The ranks consume in lockstep, so every rank saved the same position (rows consumed of the
             # epoch's order); a rank of the new world may have no key of its own: each reads rank 0's.
             states["dataloader.rank0"] = states.pop(key)
+        for name in [n for n in states if n.startswith("dataloader.")]:
+            states[name] = _SavedKeysOnly(states[name], {k[len(name) + 1:] for k in saved_keys
+                                                         if k.startswith(name + ".")})
         for name in [n for n in states if n.startswith("callbacks.")]:
             # A stateless callback saves nothing (nothing to say); EMA switched on for the resumed run starts
             # from the current weights.
