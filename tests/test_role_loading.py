@@ -1,0 +1,117 @@
+"""Memory-efficient role loading (fv_accel.build.load_roles → shard_roles): roles are built on ``meta``,
+sharded, then each rank fills its shards from the safetensors files.
+
+Oracles: a plain ``diffusers`` ``from_pretrained`` of the same directory (every parameter and buffer, dtype
+included, and the forward output), and the RSS of the same script on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ACCELERATE, CPU_2PROC, REPO, free_port, subprocess_env
+
+SCRIPT = str(REPO / "tests" / "dist_scripts" / "role_loading.py")
+HUB_ID = "fv-test/tiny-wan-critic"
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+#: ≥ 100 M parameters (147 M): big enough that a role's bytes dominate the interpreter's own RSS noise.
+BIG_WAN: dict[str, Any] = {"num_attention_heads": 8, "attention_head_dim": 128, "text_dim": 4096,
+                           "freq_dim": 256, "ffn_dim": 4096, "num_layers": 8, "rope_max_seq_len": 1024}
+
+
+def write_wan(root: Path, seed: int, overrides: dict[str, Any] | None = None) -> Path:
+    """A random Wan transformer in diffusers format at ``root/transformer``; parameters drawn directly (the
+    default initialisers of a 147 M model cost seconds)."""
+    from diffusers import WanTransformer3DModel
+
+    from fv_accel.models import TINY_WAN_CONFIG
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**{**TINY_WAN_CONFIG, **(overrides or {})})
+    gen = torch.Generator().manual_seed(seed)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    model.save_pretrained(root / "transformer")
+    return root
+
+
+def hub_cache(hf_home: Path, model_dir: Path) -> None:
+    """``model_dir`` laid out as huggingface_hub's cache holds a download of ``HUB_ID`` at ``main``."""
+    repo = hf_home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def launch(mode: str, init_dir: Path, out: Path, *extra: str, **env: str) -> list[dict[str, Any]]:
+    """The 3-role DMD2 build of ``tests/dist_scripts/role_loading.py`` on 2 CPU processes, bf16 (so the frozen
+    teacher is bf16); one report per rank."""
+    import subprocess
+
+    out.mkdir(parents=True)
+    cmd = [ACCELERATE, "launch", "--config_file", CPU_2PROC, "--main_process_port", str(free_port()),
+           "--mixed_precision", "bf16", SCRIPT, mode, str(init_dir), str(out), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.distributed
+def test_two_process_shards_equal_a_full_load(tmp_path: Path) -> None:
+    """Student (local dir, activation checkpointing), critic (Hub id from the offline cache, other weights),
+    frozen teacher (local dir, bf16 with diffusers' fp32-kept modules): every parameter and buffer (the RoPE
+    tables computed at construction) equals diffusers' own full load, before and after a forward; the
+    optimizers step the sharded parameters."""
+    local = write_wan(tmp_path / "local", seed=0)
+    hf_home = tmp_path / "hf"
+    hub_cache(hf_home, write_wan(tmp_path / "hub", seed=1))
+    reports = launch("compare", local, tmp_path / "out", HUB_ID, HF_HOME=str(hf_home))
+    for report in reports:
+        compare = report["compare"]
+        assert compare["optimizer_params"] == {"student": True, "critic": True}, report["rank"]
+        for role in ("student", "critic", "teacher"):
+            got = compare[role]
+            assert got["buffers"] == ["rope.freqs_cos", "rope.freqs_sin"]
+            assert got["num_compared"] > 60
+            for when in ("before_forward", "after_forward"):
+                assert got[when] == {"missing": [], "extra": [], "differ": []}, (report["rank"], role, when)
+
+
+def test_meta_build_matches_from_pretrained_in_one_process(toy_root: Path, tmp_path: Path,
+                                                           single_process_dist: Any) -> None:
+    """World size 1, fp32: the filled student computes what diffusers' full load computes, and its trainable
+    parameters are the optimizer's."""
+    from diffusers import WanTransformer3DModel
+
+    from fv_accel.build import build_run
+    from fv_accel.config import resolve_config
+
+    init = str(toy_root / "init")
+    cfg = resolve_config({
+        "models": {"student": {"init_from": init, "latent_stats": "identity"}},
+        "method": {"name": "finetune"},
+        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 1, "text_len": 8},
+                     "loop": {"max_train_steps": 1}, "tracker": {"backends": []},
+                     "checkpoint": {"output_dir": str(tmp_path / "out")}},
+    })
+    method = build_run(cfg, single_process_dist, with_data=False).method
+    [optimizer] = method.get_optimizers(1)
+    assert [id(p) for g in optimizer.param_groups for p in g["params"]] == [
+        id(p) for p in method.student.transformer.parameters()]
+    oracle = WanTransformer3DModel.from_pretrained(init, subfolder="transformer", torch_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 2, 4, 4, generator=gen)
+    t = torch.tensor([999.0, 250.0])
+    text = torch.randn(2, 8, 32, generator=gen)
+    with torch.no_grad():
+        got = method.student.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                                         return_dict=False)[0]
+        want = oracle(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
