@@ -64,9 +64,16 @@ def load_roles(cfg: RunConfig, mixed_precision: str) -> dict[str, ModelBase]:
     parameters the optimizer's parameters are remapped by ``data_ptr()``, which is 0 for every meta tensor (see
     :func:`shard_roles`). Reading slices with ``safetensors.safe_open(...).get_slice`` has none of these.
 
-    Measured (``tests/dist_scripts/role_loading.py``, 2 CPU ranks, bf16, 3 roles of a 147 M-parameter Wan,
-    0.59 GB per fp32 role; peak RSS above a tiny-model run): before RSS_BEFORE; after RSS_AFTER
-    (``benchmarks/RESULTS.md``).
+    Measured (``tests/dist_scripts/role_loading.py``, 2 CPU ranks, bf16, DMD2 with 3 roles of a 147 M-parameter
+    Wan, 0.59 GB per fp32 role; peak RSS above the same script on a tiny Wan, in fp32 roles, rank 0 / rank 1):
+    full loads first 3.50× / 3.34×; this path 1.29× / 1.29×, of which 1.25× are the rank's own shards (on CPU
+    the shards are host memory). 14B arithmetic (57 GB per fp32 role): before 143 GB per rank, 1.14 TB per
+    8-GPU node; now the shards go straight to the GPU and the host holds one slice of one tensor at a time
+    (the largest, a 13824 × 5120 fp32 FFN weight, is 283 MB whole, 35 MB per rank at 8 ranks). See
+    ``benchmarks/RESULTS.md``.
+
+    Tested on FSDP (1-D meshes, 1 and 2 ranks); :func:`fv_accel.models.sharded_load.local_index` also handles
+    HSDP's ``(Replicate, Shard)`` placements, untested.
     """
     # Statistics of every role first (Hub ones included): a missing or mismatched latent space stops the run
     # (exit 2) before any weights are read.

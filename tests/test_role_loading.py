@@ -63,6 +63,18 @@ def launch(mode: str, init_dir: Path, out: Path, *extra: str, **env: str) -> lis
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+def finetune_config(init: str, toy_root: Path, tmp_path: Path) -> Any:
+    from fv_accel.config import resolve_config
+
+    return resolve_config({
+        "models": {"student": {"init_from": init, "latent_stats": "identity"}},
+        "method": {"name": "finetune"},
+        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 1, "text_len": 8},
+                     "loop": {"max_train_steps": 1}, "tracker": {"backends": []},
+                     "checkpoint": {"output_dir": str(tmp_path / "out")}},
+    })
+
+
 @pytest.mark.distributed
 def test_two_process_shards_equal_a_full_load(tmp_path: Path) -> None:
     """Student (local dir, activation checkpointing), critic (Hub id from the offline cache, other weights),
@@ -91,16 +103,9 @@ def test_meta_build_matches_from_pretrained_in_one_process(toy_root: Path, tmp_p
     from diffusers import WanTransformer3DModel
 
     from fv_accel.build import build_run
-    from fv_accel.config import resolve_config
 
     init = str(toy_root / "init")
-    cfg = resolve_config({
-        "models": {"student": {"init_from": init, "latent_stats": "identity"}},
-        "method": {"name": "finetune"},
-        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 1, "text_len": 8},
-                     "loop": {"max_train_steps": 1}, "tracker": {"backends": []},
-                     "checkpoint": {"output_dir": str(tmp_path / "out")}},
-    })
+    cfg = finetune_config(init, toy_root, tmp_path)
     method = build_run(cfg, single_process_dist, with_data=False).method
     [optimizer] = method.get_optimizers(1)
     assert [id(p) for g in optimizer.param_groups for p in g["params"]] == [
@@ -128,3 +133,15 @@ def test_two_process_peak_rss_stays_within_one_and_a_half_roles(tmp_path: Path) 
     assert big[0]["num_params"] >= 100_000_000
     growth = [(b["peak_rss_bytes"] - t["peak_rss_bytes"]) / role_bytes for b, t in zip(big, tiny, strict=True)]
     assert all(g <= 1.5 for g in growth), f"peak RSS growth per rank, in fp32 roles: {growth}"
+
+
+def test_missing_weight_file_names_the_role(toy_root: Path, tmp_path: Path, single_process_dist: Any) -> None:
+    """A transformer directory with its config but no safetensors weights: CheckpointError naming the key."""
+    from fv_accel.build import build_run
+    from fv_accel.errors import CheckpointError
+
+    (tmp_path / "init" / "transformer").mkdir(parents=True)
+    shutil.copy(toy_root / "init" / "transformer" / "config.json", tmp_path / "init" / "transformer")
+    cfg = finetune_config(str(tmp_path / "init"), toy_root, tmp_path)
+    with pytest.raises(CheckpointError, match=r"models\.student\.init_from: .* has no diffusion_pytorch_model"):
+        build_run(cfg, single_process_dist, with_data=False)
