@@ -145,3 +145,57 @@ def test_missing_weight_file_names_the_role(toy_root: Path, tmp_path: Path, sing
     cfg = finetune_config(str(tmp_path / "init"), toy_root, tmp_path)
     with pytest.raises(CheckpointError, match=r"models\.student\.init_from: .* has no diffusion_pytorch_model"):
         build_run(cfg, single_process_dist, with_data=False)
+
+
+def test_roles_with_the_same_weights_read_each_tensor_once(toy_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp32 and a bf16 role built empty from one directory and filled together: each stored tensor is read
+    once, and both equal diffusers' full load in their dtype (fp32-kept modules included)."""
+    import safetensors
+    from diffusers import WanTransformer3DModel
+
+    from fv_accel.config import ModelConfig
+    from fv_accel.models import WanModel
+    from fv_accel.models.sharded_load import fill_from_safetensors, materialize
+
+    init = str(toy_root / "init")
+    cfg = ModelConfig(init_from=init, latent_stats="identity")
+    reads: list[str] = []
+    real_open = safetensors.safe_open
+
+    class CountingOpen:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self) -> Any:
+            inner = self.handle.__enter__()
+
+            class Handle:
+                def keys(self) -> list[str]:
+                    return inner.keys()
+
+                def get_slice(self, name: str) -> Any:
+                    reads.append(name)
+                    return inner.get_slice(name)
+
+                def get_tensor(self, name: str) -> Any:
+                    reads.append(name)
+                    return inner.get_tensor(name)
+
+            return Handle()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingOpen)
+    modules = {dtype: WanModel.empty_transformer(cfg, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for module in modules.values():
+        materialize(module, torch.device("cpu"))
+    fill_from_safetensors(list(modules.values()), WanModel.weight_files("student", cfg), key="models.student")
+    assert sorted(reads) == sorted(modules[torch.float32].state_dict())
+    for dtype, module in modules.items():
+        oracle = WanTransformer3DModel.from_pretrained(init, subfolder="transformer", torch_dtype=dtype)
+        want = {n: t for n, t in [*oracle.named_parameters(), *oracle.named_buffers()]}
+        got = {n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        assert sorted(got) == sorted(want)
+        assert {n for n in got if got[n].dtype != want[n].dtype or not torch.equal(got[n], want[n])} == set()
+    assert modules[torch.bfloat16].condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
