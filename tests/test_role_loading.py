@@ -174,8 +174,17 @@ def test_roles_with_the_same_weights_read_each_tensor_once(toy_root: Path, monke
                     return inner.keys()
 
                 def get_slice(self, name: str) -> Any:
-                    reads.append(name)
-                    return inner.get_slice(name)
+                    stored = inner.get_slice(name)
+
+                    class Slice:
+                        def get_shape(self) -> list[int]:
+                            return stored.get_shape()
+
+                        def __getitem__(self, index: Any) -> torch.Tensor:
+                            reads.append(name)
+                            return stored[index]
+
+                    return Slice()
 
                 def get_tensor(self, name: str) -> Any:
                     reads.append(name)
