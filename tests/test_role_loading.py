@@ -76,6 +76,7 @@ def finetune_config(init: str, toy_root: Path, tmp_path: Path) -> Any:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_process_shards_equal_a_full_load(tmp_path: Path) -> None:
     """Student (local dir, activation checkpointing), critic (Hub id from the offline cache, other weights),
     frozen teacher (local dir, bf16 with diffusers' fp32-kept modules): every parameter and buffer (the RoPE
@@ -123,6 +124,7 @@ def test_meta_build_matches_from_pretrained_in_one_process(toy_root: Path, tmp_p
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_two_process_peak_rss_stays_within_one_and_a_half_roles(tmp_path: Path) -> None:
     """3-role DMD2 build of a 147 M-parameter Wan (student and critic fp32, teacher bf16): each rank's peak RSS
     grows by at most 1.5 × one fp32 role over the same script on the tiny Wan. Its own shards are 1.25 roles
