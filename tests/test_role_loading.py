@@ -81,12 +81,13 @@ def test_two_process_shards_equal_a_full_load(tmp_path: Path) -> None:
     """Student (local dir, activation checkpointing), critic (Hub id from the offline cache, other weights),
     frozen teacher (local dir, bf16 with diffusers' fp32-kept modules): every parameter and buffer (the RoPE
     tables computed at construction) equals diffusers' own full load, before and after a forward; the
-    optimizers step the sharded parameters."""
+    optimizers step the sharded parameters. The shard offsets also hold for HSDP-shaped placements."""
     local = write_wan(tmp_path / "local", seed=0)
     hf_home = tmp_path / "hf"
     hub_cache(hf_home, write_wan(tmp_path / "hub", seed=1))
     reports = launch("compare", local, tmp_path / "out", HUB_ID, HF_HOME=str(hf_home))
     for report in reports:
+        assert report["hsdp_slices_match"], report["rank"]
         compare = report["compare"]
         assert compare["optimizer_params"] == {"student": True, "critic": True}, report["rank"]
         for role in ("student", "critic", "teacher"):

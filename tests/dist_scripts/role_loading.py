@@ -7,13 +7,15 @@
 ``rss``: every rank writes ``OUT_DIR/rank<r>.json`` with its peak RSS (``ru_maxrss``) after the build.
 ``compare``: every rank also loads each role in full with ``diffusers.from_pretrained`` (the oracle) and records,
 per role, the parameters and buffers whose full tensor or dtype differs, before and after a forward, and
-whether each optimizer holds its role's sharded parameters. ``CRITIC_INIT`` (optional): the critic's
+whether each optimizer holds its role's sharded parameters; and whether the shard offsets are right for
+HSDP-shaped placements. ``CRITIC_INIT`` (optional): the critic's
 ``init_from`` (a Hub id in the test).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -87,6 +89,24 @@ def compare(method: Any, cfg: RunConfig, mixed_precision: str) -> dict[str, Any]
     return report
 
 
+def hsdp_slices_match() -> bool:
+    """``local_index`` on HSDP-shaped placements ``(Replicate, Shard(0))`` over 2-D meshes (2 × 1 and 1 × 2),
+    uneven and empty shards included: the slice it names holds what DTensor itself put on this rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from fv_accel.models.sharded_load import local_index
+
+    ok = True
+    for mesh_shape in ((2, 1), (1, 2)):
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+        for shape in ((5, 3), (1, 4)):
+            full = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+            local, index = local_index(distribute_tensor(full, mesh, [Replicate(), Shard(0)]))
+            ok = ok and torch.equal(local, full[index])
+    return ok
+
+
 def main(mode: str, init_dir: str, out_dir: str, critic_init: str | None = None) -> None:
     from fv_accel.build import build_run
     from fv_accel.runtime import build_accelerator
@@ -101,6 +121,7 @@ def main(mode: str, init_dir: str, out_dir: str, critic_init: str | None = None)
                               "num_params": sum(p.numel() for p in built.method.student.transformer.parameters())}
     if mode == "compare":
         report["compare"] = compare(built.method, cfg, accelerator.mixed_precision)
+        report["hsdp_slices_match"] = hsdp_slices_match()
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
