@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,22 +82,35 @@ def local_index(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     return local, tuple(index)
 
 
+@contextmanager
+def _open(file: Path) -> Iterator[Any]:
+    """``safe_open``, naming the file in its errors (safetensors' own messages do not)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            yield handle
+    except CheckpointError:
+        raise
+    except Exception as exc:  # SafetensorError, OSError: unreadable or truncated file
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise OSError(f"{file}: {type(exc).__name__}: {first_line}") from exc
+
+
 def fill_from_safetensors(modules: Sequence[nn.Module], files: Sequence[Path], *, key: str) -> None:
     """Copy every parameter and persistent buffer of ``modules`` (same architecture, materialised) from
     ``files``, cast to each destination's dtype. Each slice is read once for all modules (roles with the same
     ``init_from``) and the file is mapped per tensor, so at most one slice sits in host memory."""
-    from safetensors import safe_open
-
     location: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with _open(file) as handle:
             location.update(dict.fromkeys(handle.keys(), file))
     states = [module.state_dict(keep_vars=True) for module in modules]
     with torch.no_grad():
         for name, first in states[0].items():
             if name not in location:
                 raise CheckpointError(f"{key}: {files[0].parent} has no tensor {name!r}")
-            with safe_open(str(location[name]), framework="pt") as handle:
+            with _open(location[name]) as handle:
                 stored = handle.get_slice(name)
                 if list(stored.get_shape()) != list(first.shape):
                     raise CheckpointError(f"{key}: {name!r} has shape {stored.get_shape()} in {location[name]}, "
