@@ -54,13 +54,13 @@ def differences(sharded: torch.nn.Module, oracle: torch.nn.Module) -> dict[str, 
     return {"missing": sorted(set(want) - set(got)), "extra": sorted(set(got) - set(want)), "differ": differ}
 
 
-def forward(module: torch.nn.Module, config: Any) -> torch.Tensor:
+def forward(model: Any, config: Any) -> torch.Tensor:
+    """Through the role's own call (it casts inputs for the compute dtype, as training does)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, config.in_channels, 2, 4, 4, generator=gen)
     text = torch.randn(1, 8, config.text_dim, generator=gen)
     with torch.no_grad():
-        return module(hidden_states=x, timestep=torch.tensor([750.0]), encoder_hidden_states=text,
-                      return_dict=False)[0]
+        return model.predict_noise(x, torch.tensor([750.0]), text)
 
 
 def compare(method: Any, cfg: RunConfig, mixed_precision: str) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def compare(method: Any, cfg: RunConfig, mixed_precision: str) -> dict[str, Any]
         dtype = torch.bfloat16 if (not mcfg.trainable and mixed_precision == "bf16") else torch.float32
         oracle = WanTransformer3DModel.from_pretrained(mcfg.init_from, subfolder=mcfg.subfolder, torch_dtype=dtype)
         before = differences(model.transformer, oracle)
-        forward(model.transformer, oracle.config)
+        forward(model, oracle.config)
         model.transformer.reshard()  # the root unit may stay unsharded (in the compute dtype) after a forward
         report[role] = {"before_forward": before, "after_forward": differences(model.transformer, oracle),
                         "num_compared": len([*oracle.parameters(), *oracle.buffers()]),
