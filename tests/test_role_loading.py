@@ -211,3 +211,24 @@ def test_roles_with_the_same_weights_read_each_tensor_once(toy_root: Path, monke
         assert sorted(got) == sorted(want)
         assert {n for n in got if got[n].dtype != want[n].dtype or not torch.equal(got[n], want[n])} == set()
     assert modules[torch.bfloat16].condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+
+
+def test_sharded_weight_files_through_their_index(toy_root: Path, tmp_path: Path) -> None:
+    """A transformer saved in several files with diffusers' index (how the 14B ships) fills like one file."""
+    from diffusers import WanTransformer3DModel
+
+    from fv_accel.config import ModelConfig
+    from fv_accel.models import WanModel
+    from fv_accel.models.sharded_load import WEIGHTS_INDEX, fill_from_safetensors, materialize
+
+    oracle = WanTransformer3DModel.from_pretrained(str(toy_root / "init"), subfolder="transformer")
+    oracle.save_pretrained(tmp_path / "sharded" / "transformer", max_shard_size="40KB")
+    cfg = ModelConfig(init_from=str(tmp_path / "sharded"), latent_stats="identity")
+    files = WanModel.weight_files("student", cfg)
+    assert (tmp_path / "sharded" / "transformer" / WEIGHTS_INDEX).is_file() and len(files) > 1
+    module = WanModel.empty_transformer(cfg, dtype=torch.float32)
+    materialize(module, torch.device("cpu"))
+    fill_from_safetensors([module], files, key="models.student")
+    got, want = module.state_dict(), oracle.state_dict()
+    assert got.keys() == want.keys()
+    assert [n for n in want if not torch.equal(got[n], want[n])] == []
