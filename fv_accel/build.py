@@ -19,7 +19,7 @@ from fv_accel.config import OptimizerConfig, RunConfig
 from fv_accel.data import DataStream, build_data_stream
 from fv_accel.errors import ConfigError, DataError
 from fv_accel.methods import TrainingMethod, method_class
-from fv_accel.models import ModelBase, load_role_model, resolve_latent_stats
+from fv_accel.models import ModelBase, is_on_meta, load_role_model, materialize_roles, resolve_latent_stats
 from fv_accel.runtime import FP32_POLICY, assert_fsdp2_sharded, compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -49,18 +49,48 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig, n
 
 
 def load_roles(cfg: RunConfig, mixed_precision: str) -> dict[str, ModelBase]:
+    """Every role's transformer on the ``meta`` device: no weight is read here. :func:`shard_roles` shards the
+    empty roles and then fills each rank's shards from the safetensors files (``fv_accel.models.sharded_load``).
+
+    Why: loading each role in full on every rank before sharding costs, for 14B DMD2, student 57 GB + critic
+    57 GB (fp32) + teacher 29 GB (bf16) = 143 GB of host RAM per rank, 1.14 TB per 8-GPU node. Now a rank holds
+    its shards and one tensor slice at a time; on GPUs the shards live on the device, so host RAM per rank is
+    one slice (≤ 0.6 GB at 14B).
+
+    Why not Accelerate's ``cpu_ram_efficient_loading`` (rank 0 loads the full model, the others build it on
+    ``meta``, ``fsdp2_load_full_state_dict`` broadcasts it after ``fully_shard``): (1) rank 0 still holds a full
+    role beside the shards already built (on CPU with 2 ranks: 2.0× a role while the critic loads, above the
+    1.5× budget of ``tests/test_role_loading.py``); (2) every parameter is broadcast in full to every rank;
+    (3) each role reads its files again (no sharing between roles with the same ``init_from``); (4) with meta
+    parameters the optimizer's parameters are remapped by ``data_ptr()``, which is 0 for every meta tensor (see
+    :func:`shard_roles`). Reading slices with ``safetensors.safe_open(...).get_slice`` has none of these.
+
+    Measured (``tests/dist_scripts/role_loading.py``, 2 CPU ranks, bf16, DMD2 with 3 roles of a 147 M-parameter
+    Wan, 0.59 GB per fp32 role; peak RSS above the same script on a tiny Wan, in fp32 roles, rank 0 / rank 1):
+    full loads first 3.50× / 3.34×; this path 1.29× / 1.29×, of which 1.25× are the rank's own shards (on CPU
+    the shards are host memory). 14B arithmetic (57 GB per fp32 role): before 143 GB per rank, 1.14 TB per
+    8-GPU node; now the shards go straight to the GPU and the host holds one slice of one tensor at a time
+    (the largest, a 13824 × 5120 fp32 FFN weight, is 283 MB whole, 35 MB per rank at 8 ranks). See
+    ``benchmarks/RESULTS.md``.
+
+    Tested on FSDP (1-D meshes, 1 and 2 ranks); :func:`fv_accel.models.sharded_load.local_index` also handles
+    HSDP's ``(Replicate, Shard)`` placements, untested.
+    """
     # Statistics of every role first (Hub ones included): a missing or mismatched latent space stops the run
     # (exit 2) before any weights are read.
     stats = resolve_latent_stats(cfg.models)
-    return {role: load_role_model(role, mcfg, mixed_precision=mixed_precision, latent_stats=stats[role])
+    return {role: load_role_model(role, mcfg, mixed_precision=mixed_precision, latent_stats=stats[role],
+                                  on_meta=True)
             for role, mcfg in cfg.models.items()}
 
 
 def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig) -> None:
     """FSDP2-shard every role: each trainable role in its own ``prepare()`` call with its optimizer and
-    scheduler; frozen roles with the same plugin but no optimizer, kept out of Accelerate's saved models."""
+    scheduler; frozen roles with the same plugin but no optimizer, kept out of Accelerate's saved models.
+    Roles still on ``meta`` (:func:`load_roles`) are sharded empty, then filled from their files."""
     opt_cfgs = method.optimizer_configs()
     plugin = accelerator.state.fsdp_plugin
+    optimizer_names: dict[str, tuple[Any, list[list[str]]]] = {}
     for role, model in method.role_models.items():
         plugin.transformer_cls_names_to_wrap = list(model.block_class_names)
         stored_dtypes = shard_fp32_modules(accelerator, model)
@@ -71,7 +101,10 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
             optimizer = build_optimizer(params, opt_cfgs[role])
             num_steps = method.num_optimizer_steps(role, cfg.training.loop.max_train_steps)
             scheduler = build_lr_scheduler(optimizer, opt_cfgs[role], num_steps)
+            names = {id(p): n for n, p in model.transformer.named_parameters()}
+            group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
             transformer, optimizer, scheduler = accelerator.prepare(model.transformer, optimizer, scheduler)
+            optimizer_names[role] = (optimizer, group_names)
             method.attach_prepared(role, transformer, optimizer, scheduler)
         else:
             transformer = fsdp2_prepare_model(accelerator, model.transformer)
@@ -81,6 +114,18 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
             method.role_modules[role]["transformer"] = transformer
         finish_prepare(accelerator, role, model, stored_dtypes)
         assert_fsdp2_sharded(role, model.transformer)
+    if any(is_on_meta(model.transformer) for model in method.role_models.values()):
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offloaded = isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+        materialize_roles(method.role_models, torch.device("cpu") if offloaded else accelerator.device)
+    # Accelerate maps an optimizer's parameters to the sharded ones by data_ptr(), which is 0 for every meta
+    # tensor (all would map to one parameter), and materialising replaces the parameter objects: point each
+    # optimizer at its role's final parameters by name (names survive sharding).
+    for role, (optimizer, group_names) in optimizer_names.items():
+        sharded = dict(method.role_models[role].transformer.named_parameters())
+        for group, group_params in zip(optimizer.param_groups, group_names, strict=True):
+            group["params"] = [sharded[n] for n in group_params]
 
 
 def shard_fp32_modules(accelerator: Accelerator, model: ModelBase) -> dict[str, torch.dtype]:

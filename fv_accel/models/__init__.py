@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 
@@ -30,26 +31,61 @@ def resolve_latent_stats(models: dict[str, ModelConfig], *, include_hub: bool = 
 
 
 def load_role_model(role: str, model_cfg: ModelConfig, *, mixed_precision: str,
-                    latent_stats: LatentStats | None = None) -> ModelBase:
+                    latent_stats: LatentStats | None = None, on_meta: bool = False) -> ModelBase:
     """Load one role's transformer. Trainable roles hold fp32 master weights; frozen roles may stay bf16.
-    ``latent_stats`` already resolved (:func:`resolve_latent_stats`); None: the family resolves them."""
+    ``latent_stats`` already resolved (:func:`resolve_latent_stats`); None: the family resolves them.
+    ``on_meta``: read no weights, parameters on the ``meta`` device (shard, then :func:`materialize_roles`)."""
     dtype = torch.float32
     if not model_cfg.trainable and mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16":
         dtype = torch.bfloat16
     family = FAMILIES[model_cfg.family]
     try:
         model = family.from_config(role, model_cfg, dtype=dtype,  # type: ignore[attr-defined]
-                                   latent_stats=latent_stats)
+                                   latent_stats=latent_stats, on_meta=on_meta)
     except FvAccelError:
         raise
     except Exception as exc:  # diffusers/safetensors/huggingface_hub raise many types for unusable weights
-        logger.debug("loading models.%s failed", role, exc_info=True)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"models.{role}.init_from {model_cfg.init_from!r}: cannot load the transformer "
-                              f"({type(exc).__name__}: {first_line})") from None
+        raise _load_error(role, model_cfg, exc) from None
     model.transformer.requires_grad_(model_cfg.trainable)
     model.transformer.train(model_cfg.trainable)
     return model
+
+
+def _load_error(role: str, model_cfg: ModelConfig, exc: Exception) -> CheckpointError:
+    logger.debug("loading models.%s failed", role, exc_info=True)
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return CheckpointError(f"models.{role}.init_from {model_cfg.init_from!r}: cannot load the transformer "
+                           f"({type(exc).__name__}: {first_line})")
+
+
+def is_on_meta(module: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> None:
+    """Allocate on ``device`` and fill from ``init_from`` every role built ``on_meta`` (and sharded since).
+    Roles with the same weights (DMD2's student, critic and teacher) share one read of each slice; every rank
+    reads only the rows of its own shards."""
+    from fv_accel.models.sharded_load import fill_from_safetensors, materialize
+
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for role, model in models.items():
+        if is_on_meta(model.transformer):
+            cfg = model.config
+            groups.setdefault((cfg.family, cfg.init_from, cfg.subfolder), []).append(role)
+    for (family, _, _), roles in groups.items():
+        first = models[roles[0]]
+        try:
+            files = FAMILIES[family].weight_files(roles[0], first.config)  # type: ignore[attr-defined]
+            for role in roles:
+                materialize(models[role].transformer, device)
+            fill_from_safetensors([models[role].transformer for role in roles], files,
+                                  key=f"models.{roles[0]}.init_from")
+        except FvAccelError:
+            raise
+        except Exception as exc:  # safetensors/huggingface_hub errors for unusable weights
+            raise _load_error(roles[0], first.config, exc) from None
+        logger.info("filled %s from %s (%d file(s))", ", ".join(roles), files[0].parent, len(files))
 
 
 __all__ = [
@@ -60,6 +96,8 @@ __all__ = [
     "LatentStats",
     "ModelBase",
     "WanModel",
+    "is_on_meta",
     "load_role_model",
+    "materialize_roles",
     "resolve_latent_stats",
 ]

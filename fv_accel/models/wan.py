@@ -171,16 +171,52 @@ class WanModel(ModelBase):
 
     @classmethod
     def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype,
-                    latent_stats: LatentStats | None = None) -> WanModel:
+                    latent_stats: LatentStats | None = None, on_meta: bool = False) -> WanModel:
         """Load ``init_from``; the statistics are resolved first (when not given), so a role without them stops
-        before its weights are read."""
+        before its weights are read. ``on_meta``: build the transformer without reading any weight (see
+        :meth:`empty_transformer`); :func:`fv_accel.build.shard_roles` fills it after sharding."""
         from diffusers import WanTransformer3DModel
 
         stats = latent_stats or read_latent_stats(role, model_cfg)
-        transformer = WanTransformer3DModel.from_pretrained(
-            model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
-        )
+        if on_meta:
+            transformer = cls.empty_transformer(model_cfg, dtype=dtype)
+        else:
+            transformer = WanTransformer3DModel.from_pretrained(
+                model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
+            )
         return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats)
+
+    @staticmethod
+    def empty_transformer(model_cfg: ModelConfig, *, dtype: torch.dtype) -> torch.nn.Module:
+        """The transformer ``from_pretrained(init_from, torch_dtype=dtype)`` returns, with its parameters on the
+        ``meta`` device: same default dtype at construction, same fp32 parameters (``_keep_in_fp32_modules``),
+        and the buffers computed on the host as its constructor computes them (the non-persistent RoPE tables,
+        which no weight file holds). Reads ``config.json`` only."""
+        from accelerate import init_empty_weights
+        from diffusers import WanTransformer3DModel
+
+        config = WanTransformer3DModel.load_config(model_cfg.init_from, subfolder=model_cfg.subfolder or None)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with init_empty_weights(include_buffers=False):
+                transformer = WanTransformer3DModel.from_config(config)
+        finally:
+            torch.set_default_dtype(previous)
+        keep_fp32 = set(transformer._keep_in_fp32_modules or ())
+        for name, param in transformer.named_parameters():
+            if param.is_floating_point():
+                wanted = torch.float32 if keep_fp32 & set(name.split(".")) else dtype
+                param.data = param.data.to(wanted)
+        transformer.register_to_config(_name_or_path=model_cfg.init_from)
+        return transformer.eval()
+
+    @classmethod
+    def weight_files(cls, role: str, model_cfg: ModelConfig) -> list[Path]:
+        """The safetensors files :meth:`empty_transformer`'s parameters are filled from."""
+        from fv_accel.models.sharded_load import diffusers_weight_files
+
+        return diffusers_weight_files(model_cfg.init_from, model_cfg.subfolder, key=f"models.{role}.init_from")
 
     @classmethod
     def from_transformer(
