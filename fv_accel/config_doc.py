@@ -286,7 +286,8 @@ def _block(name: str, body: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fv_accel.config_doc", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fv_accel.config_doc",
+                                     description="Render the key tables of docs/configuration.md from the schema.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help=f"rewrite {DOC_PATH} in place")
     mode.add_argument("--check", action="store_true", help="exit 1 when the committed doc is out of date")
