@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fv_accel_installed
 export HF_HUB_OFFLINE ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-fast lint bench mutate
+.PHONY: install demo test test-fast lint docs bench mutate
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check fv_accel recipes tests benchmarks
+
+# Regenerate the key tables of docs/configuration.md from the schema's field docstrings (fv_accel/config.py);
+# tests/test_config_doc.py fails when the committed doc is stale.
+docs: install
+	$(BIN)/python -m fv_accel.config_doc --write
 
 # Mutation testing of the core modules against the fast tier (pyproject [tool.mutmut]); outside CI: tens of
 # minutes on 2 cores. Results: `$(BIN)/mutmut results`, one mutant: `$(BIN)/mutmut show NAME`; docs/testing.md.

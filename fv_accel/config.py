@@ -30,7 +30,9 @@ from fv_accel.errors import ConfigError
 
 class _Strict(BaseModel):
     # strict=True: "3" is not an int, 1 is not a bool; floats accept ints (pydantic's strict float rule).
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # use_attribute_docstrings: the docstring under each field is its description, the single source of the
+    # key tables in docs/configuration.md (fv_accel/config_doc.py renders them).
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Strict):
@@ -43,10 +45,14 @@ class ModelConfig(_Strict):
     subfolder: str = "transformer"
     """Subfolder of ``init_from`` holding the transformer (``""`` for a bare model directory)."""
     trainable: bool = True
+    """Train this role (fp32 master weights, own optimizer); false = frozen, sharded without an optimizer and left
+    out of checkpoints."""
     flow_shift: float = Field(3.0, gt=0)
     """Timestep shift ``s·u / (1 + (s − 1)·u)`` used when this role samples training timesteps."""
     frozen_dtype: Literal["bf16", "fp32"] = "bf16"
-    """Storage dtype of a frozen role under bf16 mixed precision (ignored in fp32 runs and for trainable roles)."""
+    """Storage dtype of a frozen role under bf16 mixed precision (ignored in fp32 runs and for trainable roles).
+    Either way it computes in bf16, except the modules diffusers keeps in fp32 ([README](../README.md#real-use),
+    **Precision**)."""
     activation_checkpointing: Literal["off", "full", "selective"] = "off"
     """Trainable roles only. ``full``: recompute each transformer block in backward; ``selective``: keep the
     outputs of matmuls and attention, recompute the rest (norms, activations, rotary, modulation)."""
@@ -54,7 +60,7 @@ class ModelConfig(_Strict):
     """With ``full`` or ``selective``: checkpoint blocks 0, N, 2N, ... only (1 = every block); the other blocks
     keep all their activations (faster, more memory)."""
     attention_backend: str | None = None
-    """diffusers attention backend for this role (e.g. ``flash``, ``_native_cudnn``); None keeps the default."""
+    """diffusers attention backend for this role (e.g. ``flash``, ``_native_cudnn``); null keeps the default."""
     compile: Literal["off", "regional"] = "off"
     """``regional``: ``torch.compile`` each transformer block before sharding (torchtitan-style); compiles
     once per block shape, so the first steps are slow."""
@@ -64,13 +70,15 @@ class ModelConfig(_Strict):
     download); ``identity``: the data is already in the transformer's space (mean 0, std 1; validation then
     draws latents without a VAE); anything else: a pipeline or VAE directory, or Hub id, whose ``vae/config.json``
     (or ``config.json``) holds ``latents_mean`` and ``latents_std`` (its VAE decodes validation videos). All
-    roles share one latent space: different statistics between roles are an error."""
+    roles share one latent space: different statistics between roles are an error (exit 2). A local source is
+    checked when the config is resolved, a Hub id when the roles load; both before any weight is read."""
 
 
 class FinetuneMethodConfig(_Strict):
     """Flow-matching supervised fine-tuning of the student."""
 
     name: Literal["finetune"]
+    """Selects this method; keys of other methods are unknown keys here."""
     weighting_scheme: Literal["uniform", "logit_normal"] = "uniform"
     """How training timesteps u ∈ (0, 1) are drawn before the student's flow shift is applied."""
     logit_mean: float = 0.0
@@ -81,12 +89,20 @@ class FinetuneMethodConfig(_Strict):
 
 
 class OptimizerConfig(_Strict):
+    """AdamW and its learning-rate schedule, for one trainable role."""
+
     learning_rate: float = Field(1e-4, gt=0)
+    """AdamW learning rate (the peak of the schedule)."""
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    """AdamW (beta1, beta2), each in [0, 1)."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
     eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    """diffusers schedule, stepped once per optimizer step of the role."""
     lr_warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 over this many optimizer steps."""
     fused: bool = False
     """Use the fused AdamW kernel (CUDA only)."""
 
@@ -102,13 +118,20 @@ class DMD2MethodConfig(_Strict):
     """Distribution matching distillation (DMD2) with a trainable critic ("fake score")."""
 
     name: Literal["dmd2"]
+    """Selects this method; keys of other methods are unknown keys here."""
     rollout_mode: Literal["simulate", "data_latent"] = "simulate"
+    """How the student's input is made: ``simulate`` runs the few-step student sampler from noise (data-free);
+    ``data_latent`` noises dataset latents."""
     dmd_denoising_steps: list[int] = Field(default_factory=lambda: [1000, 750, 500, 250])
+    """The student's timesteps, strictly descending in (0, 1000]."""
     generator_update_interval: int = Field(5, ge=1)
+    """The student (generator) steps every N iterations; the critic every iteration."""
     real_score_guidance_scale: float = Field(4.5, ge=0)
     """Teacher CFG scale in the standard form uncond + w·(cond − uncond). FastVideo's legacy w = this − 1."""
     min_timestep_ratio: float = Field(0.02, ge=0, le=1)
+    """Lower end of the score timestep window, as a fraction of 1000."""
     max_timestep_ratio: float = Field(0.98, ge=0, le=1)
+    """Upper end of that window (must be > ``min_timestep_ratio``)."""
     score_timestep_shift: float = Field(3.0, gt=0)
     """Shift applied to the score (teacher/critic) timestep before clamping to the window."""
     uncond: Literal["zeros", "negative_prompt"] = "zeros"
@@ -116,6 +139,8 @@ class DMD2MethodConfig(_Strict):
     critic_optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(learning_rate=4e-5, betas=[0.0, 0.999])
     )
+    """The critic's optimizer (``training.optimizer`` is the student's); its defaults differ in the learning
+    rate and beta1."""
     critic_warmup_steps: int = Field(0, ge=0)
     """Critic-only iterations before the first student update."""
     reuse_generator_rollout_for_critic: bool = False
@@ -146,6 +171,7 @@ class DataConfig(_Strict):
     """Parquet directory or file (FastVideo T2V or text-only schema), a list of them, or a mapping
     ``{path: repeat_count}`` (a path with count 3 appears three times per epoch)."""
     seed: int = 0
+    """Seed of the data order (per-epoch reshuffle), CFG dropout and the method's generator."""
     train_batch_size: int = Field(1, ge=1)
     """Per process."""
     training_cfg_rate: float = Field(0.0, ge=0, le=1)
@@ -153,6 +179,7 @@ class DataConfig(_Strict):
     text_len: int = Field(512, ge=1)
     """Text embeddings are padded with zeros / truncated to this many tokens."""
     num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank; 0 loads in the training process."""
     latent_shape: list[int] | None = None
     """[C, T, H, W] of generated latents when the dataset has no latents (text-only, data-free DMD2)."""
     skip_bad_rows: bool = False
@@ -160,7 +187,8 @@ class DataConfig(_Strict):
     shuffle: Literal["rows", "row_groups"] = "row_groups"
     """Epoch order. ``row_groups``: a permutation of the parquet row groups, rows shuffled within windows of
     ``shuffle_window_groups`` consecutive groups, so each group is read once per pass. ``rows``: one permutation
-    of all rows (most random; a sample may cost a whole row-group read, fine when the data fits the cache)."""
+    of all rows (most random; a sample may cost a whole row-group read, fine when the data fits the cache).
+    See [data.md](data.md#loading-sharding-shuffling-resume)."""
     shuffle_window_groups: int = Field(4, ge=1)
     """With ``shuffle: row_groups``: rows are shuffled within this many consecutive groups of the epoch's group
     order. Larger = more mixing, more memory: each loader process caches one window (W × row-group size)."""
@@ -182,16 +210,23 @@ class DataConfig(_Strict):
 
 class LoopConfig(_Strict):
     max_train_steps: int = Field(1000, ge=1)
+    """Number of optimizer steps (the loop's ``step`` runs 1..N)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step; the loss is divided by this so gradients are the mean."""
     max_grad_norm: float = 1.0
     """Clip each clip target to this global norm; <= 0 disables clipping (norms are still logged)."""
     nonfinite: Literal["stop", "skip"] = "stop"
+    """On a NaN/Inf loss or gradient norm (checked on every rank before any update): ``stop`` exits with code 3
+    naming the step and role; ``skip`` drops the update and counts it in ``nonfinite_skips``."""
     max_consecutive_skips: int = Field(10, ge=1)
-    """With nonfinite=skip: stop (exit code 3) after this many skipped steps in a row."""
+    """With ``nonfinite: skip``: stop (exit code 3) after this many skipped steps in a row."""
 
 
 class CheckpointConfig(_Strict):
     output_dir: str = "outputs/run"
+    """Where ``resolved_config.yaml``, ``metrics.jsonl``, ``checkpoint-<step>/``, ``validation/`` and ``logs/``
+    go. Must be one directory seen by every node (a shared filesystem): checked at start, exit 2 naming the
+    ranks that cannot see it."""
     save_steps: int = Field(0, ge=0)
     """Save every N steps; 0 = only at the end."""
     keep_last: int = Field(0, ge=0)
@@ -201,38 +236,52 @@ class CheckpointConfig(_Strict):
     async_save: bool | Literal["auto"] = "auto"
     """Periodic saves copy the state to CPU memory and write it in a background thread while training goes on;
     a checkpoint becomes complete (renamed into place) at the first step boundary after every rank's write
-    finished. "auto" = on when CUDA is available, off on CPU. Preemption and end-of-run saves always block."""
+    finished. "auto" = on when CUDA is available, off on CPU. Preemption and end-of-run saves always block.
+    See [resume.md](resume.md#async-saves)."""
     on_newer: Literal["abandon", "refuse"] = "abandon"
-    """Resuming from a checkpoint older than complete ones in output_dir (a rollback): ``abandon`` renames those
-    to ``checkpoint-<N>.abandoned-<timestamp>/`` (never deleted automatically), ``refuse`` exits 2 naming them."""
+    """Resuming from a checkpoint older than complete ones in ``output_dir`` (a rollback): ``abandon`` renames the
+    newer ones to ``checkpoint-<N>.abandoned-<timestamp>/`` (never deleted automatically) so that retention,
+    ``latest`` and the Hub push see only the resumed timeline; ``refuse`` exits 2 naming them."""
 
 
 class TrackerConfig(_Strict):
     backends: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers; files go under ``<output_dir>/logs``. ``[]`` = none (``metrics.jsonl`` is always
+    written)."""
     project_name: str = "fv_accel"
+    """Tracker project / run group name."""
     peak_tflops_per_device: float | None = Field(None, gt=0)
-    """Peak TFLOP/s of one device for the MFU metric; None = the bf16 table in ``fv_accel/flops.py`` for
+    """Peak TFLOP/s of one device for the MFU metric; null = the bf16 table in ``fv_accel/flops.py`` for
     known GPUs in bf16 runs, else no MFU (achieved ``tflops_per_device`` is still logged)."""
 
 
 class TrainingConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
+    """The training dataset and how it is batched, shuffled and loaded ([data.md](data.md))."""
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The student's optimizer and learning-rate schedule (DMD2's critic has its own,
+    ``method.critic_optimizer``)."""
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    """Length of the run, gradient accumulation, clipping and non-finite handling."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Where the run writes, how often it saves, and resuming ([resume.md](resume.md))."""
     tracker: TrackerConfig = Field(default_factory=TrackerConfig)
+    """Metric trackers and the MFU peak ([monitoring.md](monitoring.md))."""
     target_device_memory_gib: float | None = Field(None, gt=0)
-    """Device memory (GiB) the ``--dry-run`` estimate is checked against, e.g. 79.6 for an 80 GB GPU or 140.4
-    for an H200 (``fv_accel.memory.GPU_MEMORY_GIB``); None = the CUDA device's own, none on CPU."""
+    """Device memory (GiB) the ``--dry-run`` peak-memory estimate is checked against, e.g. 79.6 for an 80 GB GPU
+    or 140.4 for an H200 (``fv_accel.memory.GPU_MEMORY_GIB``); null = the CUDA device's own, none on CPU."""
 
 
 class EMAConfig(_Strict):
     decay: float = Field(0.99, gt=0, lt=1)
+    """After each student step: ema ← decay·ema + (1 − decay)·student."""
     start_step: int = Field(0, ge=0)
+    """First step at which the EMA updates; its first update copies the student's weights."""
     device: Literal["gpu", "cpu"] = "gpu"
     """Where the fp32 shadow lives. ``gpu``: on the training device (4 bytes per student parameter / shards of
-    device memory). ``cpu``: in host memory (pinned when CUDA is available), updated from a small pinned staging
-    buffer: no device memory, 4 bytes per local parameter of PCIe traffic per update, a CPU lerp."""
+    device memory). ``cpu``: host memory (pinned when CUDA is available), updated through two pinned staging
+    buckets (device → host ``non_blocking``, lerp on the CPU): no device memory, 4 bytes per local parameter of
+    PCIe traffic per update, 4 bytes per local parameter of host RAM."""
 
 
 class ValidationConfig(_Strict):
@@ -250,9 +299,9 @@ class ValidationConfig(_Strict):
     prompts: list[str] = Field(default_factory=list)
     """Captions, encoded once by the student pipeline's text encoder (``models.student.init_from`` must be a
     pipeline with ``tokenizer/`` and ``text_encoder/``) into ``<output_dir>/validation/prompts.parquet``;
-    used instead of data rows (all of them; ``num_samples`` does not apply)."""
+    used instead of data rows (all of them; ``num_samples`` does not apply). Not together with ``data_path``."""
     num_inference_steps: int = Field(8, ge=1)
-    """Euler steps for methods that sample with the flow ODE (finetune); DMD2 uses method.dmd_denoising_steps."""
+    """Euler steps for methods that sample with the flow ODE (finetune); DMD2 uses ``method.dmd_denoising_steps``."""
     guidance_scale: float = Field(1.0, ge=0)
     """CFG scale (uncond + w·(cond − uncond)) of the flow-ODE sampler; 1 = no guidance."""
     fps: int = Field(16, ge=1)
@@ -269,21 +318,34 @@ class ValidationConfig(_Strict):
 
 class CallbacksConfig(_Strict):
     ema: EMAConfig | None = None
+    """Exponential moving average (EMA) of the student's weights, kept in checkpoints
+    ([resume.md](resume.md)). Off (null) until any key below is set."""
     validation: ValidationConfig | None = None
+    """Validation videos sampled while training ([monitoring.md](monitoring.md#validation-videos-callbacksvalidation)).
+    Off (null) until any key below is set."""
 
 
 class HubConfig(_Strict):
     repo_id: str | None = None
+    """Hub repository to push exports to; null = no pushing."""
     push_every_checkpoint: bool = False
+    """Also push an export at every checkpoint (not just at the end)."""
     private: bool = True
+    """Create the Hub repository as private."""
 
 
 class RunConfig(_Strict):
     models: dict[str, ModelConfig]
+    """One entry per role; ``student`` is required, the other roles are the ones the method asks for (dmd2:
+    ``teacher``, frozen, and ``critic``, by default a trainable copy of the teacher's entry)."""
     method: MethodConfig
+    """The training method, selected by ``method.name``."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Settings every method shares: data, optimizer, loop, checkpoints and trackers (sections of their own)."""
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+    """Optional callbacks, each off until one of its keys is set."""
     hub: HubConfig = Field(default_factory=HubConfig)
+    """Pushing exports to the Hugging Face Hub ([export.md](export.md#pushing))."""
 
     @model_validator(mode="before")
     @classmethod
