@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Iterator
+import signal
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,13 +67,26 @@ class EpochShardSampler(Sampler[int]):
         return self.num_samples
 
 
+def ignore_stop_signals(worker_id: int, *, signums: tuple[int, ...]) -> None:
+    """``worker_init_fn``: a loader worker ignores the stop signals.
+
+    Launchers (torchrun's ``killpg``), Slurm and Ctrl-C signal a rank's whole process group, workers included.
+    A worker that dies of it makes the rank raise "DataLoader worker ... is killed by signal" mid-step, before
+    the loop can reach the step boundary where it saves; the rank's own shutdown ends the workers instead.
+    Seeding is untouched: torch seeds each worker before calling this.
+    """
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 _WORKER_ERROR = re.compile(r"DataError: (.*)\s*$", re.S)
 
 
 class DataStream:
     """An endless iterator of batches whose position (epoch + loader state) can be saved and restored."""
 
-    def __init__(self, dataset: ParquetLatentDataset, cfg: DataConfig, *, rank: int, world_size: int) -> None:
+    def __init__(self, dataset: ParquetLatentDataset, cfg: DataConfig, *, rank: int, world_size: int,
+                 stop_signals: Sequence[str] = ()) -> None:
         self.dataset = dataset
         self.sampler = EpochShardSampler(len(dataset), rank=rank, world_size=world_size, seed=cfg.seed)
         if len(self.sampler) < cfg.train_batch_size:
@@ -96,6 +110,9 @@ class DataStream:
             # torch RNG would make that RNG depend on where a run was resumed (the rows are a pure function
             # of (seed, epoch, index) either way).
             generator=torch.Generator().manual_seed(cfg.seed),
+            # SIGTERM/SIGINT always, plus training.checkpoint.preempt_signals
+            worker_init_fn=functools.partial(ignore_stop_signals, signums=tuple(sorted(
+                {signal.SIGTERM, signal.SIGINT} | {signal.Signals[name] for name in stop_signals}))),
         )
         self.uncond_ld = load_negative_prompt(cfg.negative_prompt_path, cfg.text_len) if cfg.negative_prompt_path \
             else None
@@ -165,10 +182,11 @@ class DataStream:
         self._iter = None
 
 
-def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int) -> DataStream:
+def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int, stop_signals: Sequence[str] = ()) -> DataStream:
+    """``stop_signals``: signal names the loader workers ignore besides SIGTERM and SIGINT."""
     dataset = ParquetLatentDataset(
         cfg.data_path, text_len=cfg.text_len, cfg_rate=cfg.training_cfg_rate, seed=cfg.seed,
         latent_shape=cfg.latent_shape, skip_bad_rows=cfg.skip_bad_rows,
         cache_bytes=cfg.row_group_cache_mb << 20,
     )
-    return DataStream(dataset, cfg, rank=rank, world_size=world_size)
+    return DataStream(dataset, cfg, rank=rank, world_size=world_size, stop_signals=stop_signals)
