@@ -15,10 +15,12 @@ the rows already seen, so no row of the epoch is repeated or skipped (the exact 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import re
 import signal
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -72,11 +74,13 @@ def ignore_stop_signals(worker_id: int, *, signums: tuple[int, ...]) -> None:
 
     Launchers (torchrun's ``killpg``), Slurm and Ctrl-C signal a rank's whole process group, workers included.
     A worker that dies of it makes the rank raise "DataLoader worker ... is killed by signal" mid-step, before
-    the loop can reach the step boundary where it saves; the rank's own shutdown ends the workers instead.
-    Seeding is untouched: torch seeds each worker before calling this.
+    the loop can reach the step boundary where it saves; the rank shuts its workers down itself. The worker
+    starts with these signals blocked (see ``DataStream.__next__``): one sent during its start-up stays pending
+    and is discarded here. Seeding is untouched: torch seeds each worker before calling this.
     """
     for signum in signums:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
 
 
 _WORKER_ERROR = re.compile(r"DataError: (.*)\s*$", re.S)
@@ -96,6 +100,9 @@ class DataStream:
             )
         self.batch_size = cfg.train_batch_size
         self.world_size = world_size
+        # what the workers ignore: SIGTERM/SIGINT always, plus training.checkpoint.preempt_signals
+        self._stop_signums = tuple(sorted({signal.SIGTERM, signal.SIGINT} |
+                                          {signal.Signals[name] for name in stop_signals}))
         self.loader = DataLoader(
             dataset,
             batch_size=cfg.train_batch_size,
@@ -110,9 +117,7 @@ class DataStream:
             # torch RNG would make that RNG depend on where a run was resumed (the rows are a pure function
             # of (seed, epoch, index) either way).
             generator=torch.Generator().manual_seed(cfg.seed),
-            # SIGTERM/SIGINT always, plus training.checkpoint.preempt_signals
-            worker_init_fn=functools.partial(ignore_stop_signals, signums=tuple(sorted(
-                {signal.SIGTERM, signal.SIGINT} | {signal.Signals[name] for name in stop_signals}))),
+            worker_init_fn=functools.partial(ignore_stop_signals, signums=self._stop_signums),
         )
         self.uncond_ld = load_negative_prompt(cfg.negative_prompt_path, cfg.text_len) if cfg.negative_prompt_path \
             else None
@@ -120,6 +125,21 @@ class DataStream:
         self.rows_consumed = 0  # of the current epoch's order, by all ranks together
         self.num_bad_rows_skipped = 0
         self._iter: Iterator[LatentBatch] | None = None
+        if cfg.num_workers > 0:
+            # The workers ignore SIGTERM, so multiprocessing's exit handler (terminate every worker, then join)
+            # would wait for them forever if this stream lived until interpreter exit; atexit runs the
+            # handlers registered last first, so this one shuts them down before that.
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Shut the loader's worker processes down now; the stream cannot be used afterwards.
+
+        Freeing the loader's iterator is what ends torch's workers (it sends each its stop message and joins
+        it), and the DataLoader holds the iterator of persistent workers, so both references go.
+        """
+        self._iter = None
+        if hasattr(self, "loader"):
+            del self.loader
 
     def __iter__(self) -> DataStream:
         return self
@@ -128,7 +148,13 @@ class DataStream:
         while True:
             if self._iter is None:
                 self.sampler.set_epoch(self.epoch, consumed=self.rows_consumed)
-                self._iter = iter(self.loader)
+                # Forked workers inherit this thread's signal mask: blocked until their worker_init_fn ignores
+                # the stop signals. A signal meant for this process stays pending until the unblock below.
+                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._stop_signums)
+                try:
+                    self._iter = iter(self.loader)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             try:
                 batch = next(self._iter)
             except StopIteration:
@@ -180,6 +206,12 @@ class DataStream:
                         "continues after the %d rows already seen", *saved_layout, self.world_size,
                         self.batch_size, self.epoch, self.rows_consumed)
         self._iter = None
+
+
+def _close_at_exit(stream_ref: weakref.ref[DataStream]) -> None:
+    stream = stream_ref()
+    if stream is not None:
+        stream.close()
 
 
 def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int, stop_signals: Sequence[str] = ()) -> DataStream:
