@@ -43,10 +43,11 @@ NUM_WORKERS = "--training.data.num_workers=2"
 
 
 def _signal_self_then_init(worker_id: int, *, init: Any, signums: tuple[int, ...]) -> None:
-    """A worker that is signalled during its start-up, before the loader's own worker_init_fn runs."""
+    """A worker that is signalled during its start-up, before the loader's own worker_init_fn (if any) runs."""
     for signum in signums:
         os.kill(os.getpid(), signum)
-    init(worker_id)
+    if init is not None:
+        init(worker_id)
 
 
 def _mask(pid: int, field: str) -> set[int]:
