@@ -177,7 +177,8 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = Tru
     data = None
     if with_data:
         data = build_data_stream(cfg.training.data, rank=accelerator.process_index,
-                                 world_size=accelerator.num_processes)
+                                 world_size=accelerator.num_processes,
+                                 stop_signals=cfg.training.checkpoint.preempt_signals)
         check_latent_patching(method.role_models, data)
     return BuiltRun(method=method, data=data)
 

@@ -242,6 +242,23 @@ class CheckpointConfig(_Strict):
     """Resuming from a checkpoint older than complete ones in ``output_dir`` (a rollback): ``abandon`` renames the
     newer ones to ``checkpoint-<N>.abandoned-<timestamp>/`` (never deleted automatically) so that retention,
     ``latest`` and the Hub push see only the resumed timeline; ``refuse`` exits 2 naming them."""
+    preempt_signals: list[str] = Field(default_factory=lambda: ["SIGTERM", "SIGINT"])
+    """Signals that stop the run at the next step boundary with a checkpoint and exit 143 (names as in Python's
+    ``signal`` module, e.g. ``SIGUSR1`` for Slurm's ``--signal=USR1@120``); DataLoader workers ignore them."""
+
+    @field_validator("preempt_signals")
+    @classmethod
+    def _catchable_signals(cls, value: list[str]) -> list[str]:
+        import signal
+
+        uncatchable = (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)  # SIGCHLD reports DataLoader worker exits
+        signums = [getattr(signal, name, None) for name in value]
+        for name, signum in zip(value, signums, strict=True):
+            if not isinstance(signum, signal.Signals) or signum in uncatchable:
+                raise ValueError(f"{name!r} is not a signal name that can be caught (e.g. SIGTERM, SIGUSR1)")
+        if len(set(signums)) != len(signums):
+            raise ValueError("lists a signal twice")
+        return value
 
 
 class TrackerConfig(_Strict):

@@ -69,9 +69,11 @@ def peak_memory_metrics(device: torch.device) -> dict[str, float]:
 
 
 class _StopSignal:
-    """Remembers SIGTERM/SIGINT; the loop acts on it at the next step boundary, on every rank together."""
+    """Remembers the preemption signals (``training.checkpoint.preempt_signals``); the loop acts on them at the
+    next step boundary, on every rank together."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: list[str]) -> None:
+        self.signals = [signal.Signals[name] for name in signals]
         self.received: int | None = None
         # Set only from the all-reduced flag of a step's host sync, so every rank sees the same value at the
         # same step. ``received`` is per rank and may flip between the sync and the step boundary on one rank
@@ -80,7 +82,7 @@ class _StopSignal:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
@@ -122,7 +124,7 @@ class Trainer:
         self.step = 0
         self.num_skipped = 0
         self._consecutive_skips = 0
-        self._stop = _StopSignal()
+        self._stop = _StopSignal(cfg.training.checkpoint.preempt_signals)
         # MFU: FLOPs from the passes each method reports (python ints: no extra host sync).
         self._step_flops = StepFlops(method.role_models)
         self._peak_tflops = peak_tflops_per_device(accelerator.device, accelerator.mixed_precision,

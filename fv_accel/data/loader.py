@@ -36,10 +36,13 @@ exists: the other ranks neither list the data path nor read a footer.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import logging
 import re
+import signal
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -132,13 +135,47 @@ class EpochShardSampler(Sampler[int]):
         return max(self.num_rows - self.consumed, 0) // self.world_size
 
 
+#: Loader worker processes started by this process. They ignore SIGTERM, so multiprocessing's exit handler
+#: (terminate, then join) would wait for them forever if no stream shut them down first (a stream kept alive by
+#: a traceback, or collected while a reference cycle still holds its iterator).
+_WORKERS: dict[int, Any] = {}
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, after the streams' own ``close`` (registered later, so run earlier): SIGKILL what is left. The
+    workers only read data, so nothing is lost."""
+    for worker in _WORKERS.values():
+        if worker.is_alive():
+            worker.kill()
+    for worker in _WORKERS.values():
+        worker.join(timeout=5)
+
+
+atexit.register(_kill_leftover_workers)  # torch imported multiprocessing first: this runs before its handler
+
+
+def ignore_stop_signals(worker_id: int, *, signums: tuple[int, ...]) -> None:
+    """``worker_init_fn``: a loader worker ignores the stop signals.
+
+    Launchers (torchrun's ``killpg``), Slurm and Ctrl-C signal a rank's whole process group, workers included.
+    A worker that dies of it makes the rank raise "DataLoader worker ... is killed by signal" mid-step, before
+    the loop can reach the step boundary where it saves; the rank shuts its workers down itself. The worker
+    starts with these signals blocked (see ``DataStream.__next__``): one sent during its start-up stays pending
+    and is discarded here. Seeding is untouched: torch seeds each worker before calling this.
+    """
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+
+
 _WORKER_ERROR = re.compile(r"DataError: (.*)\s*$", re.S)
 
 
 class DataStream:
     """An endless iterator of batches whose position (epoch + loader state) can be saved and restored."""
 
-    def __init__(self, dataset: ParquetLatentDataset, cfg: DataConfig, *, rank: int, world_size: int) -> None:
+    def __init__(self, dataset: ParquetLatentDataset, cfg: DataConfig, *, rank: int, world_size: int,
+                 stop_signals: Sequence[str] = ()) -> None:
         self.dataset = dataset
         self.sampler = EpochShardSampler(
             len(dataset), rank=rank, world_size=world_size, seed=cfg.seed,
@@ -151,6 +188,9 @@ class DataStream:
             )
         self.batch_size = cfg.train_batch_size
         self.world_size = world_size
+        # what the workers ignore: SIGTERM/SIGINT always, plus training.checkpoint.preempt_signals
+        self._stop_signums = tuple(sorted({signal.SIGTERM, signal.SIGINT} |
+                                          {signal.Signals[name] for name in stop_signals}))
         self.loader = DataLoader(
             dataset,
             batch_size=cfg.train_batch_size,
@@ -165,6 +205,7 @@ class DataStream:
             # torch RNG would make that RNG depend on where a run was resumed (the rows are a pure function
             # of (seed, epoch, index) either way).
             generator=torch.Generator().manual_seed(cfg.seed),
+            worker_init_fn=functools.partial(ignore_stop_signals, signums=self._stop_signums),
         )
         self.uncond_ld = load_negative_prompt(cfg.negative_prompt_path, cfg.text_len) if cfg.negative_prompt_path \
             else None
@@ -172,6 +213,29 @@ class DataStream:
         self.rows_consumed = 0  # of the current epoch's order, by all ranks together
         self.num_bad_rows_skipped = 0
         self._iter: Iterator[LatentBatch] | None = None
+        if cfg.num_workers > 0:
+            # The workers ignore SIGTERM, so multiprocessing's exit handler (terminate every worker, then join)
+            # would wait for them forever if this stream lived until interpreter exit; atexit runs the
+            # handlers registered last first, so this one shuts them down before that.
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Shut the loader's worker processes down now; the stream cannot be used afterwards.
+
+        Freeing the loader's iterator is what ends torch's workers (it sends each its stop message and joins
+        it), and the DataLoader holds the iterator of persistent workers, so both references go.
+        """
+        # Explicitly, not only by dropping references: a traceback (a failed step, a test) can keep the iterator
+        # alive, and workers that ignore SIGTERM would then outlive the process's exit handlers.
+        # ``_shutdown_workers`` is what the iterator's own ``__del__`` runs (stop message, join); idempotent.
+        loader_iter = getattr(getattr(self, "loader", None), "_iterator", None)
+        for it in (self._iter, loader_iter):
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._iter = None
+        if hasattr(self, "loader"):
+            del self.loader
 
     def __iter__(self) -> DataStream:
         return self
@@ -180,7 +244,15 @@ class DataStream:
         while True:
             if self._iter is None:
                 self.sampler.set_epoch(self.epoch, consumed=self.rows_consumed)
-                self._iter = iter(self.loader)
+                # Forked workers inherit this thread's signal mask: blocked until their worker_init_fn ignores
+                # the stop signals. A signal meant for this process stays pending until the unblock below.
+                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._stop_signums)
+                try:
+                    self._iter = iter(self.loader)
+                    for worker in getattr(self._iter, "_workers", []):  # torch's worker Process objects
+                        _WORKERS[worker.pid] = worker
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
             try:
                 batch = next(self._iter)
             except StopIteration:
@@ -259,7 +331,14 @@ def shared_index(cfg: DataConfig, *, rank: int, world_size: int) -> DatasetIndex
     return payload[0]
 
 
-def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int) -> DataStream:
+def _close_at_exit(stream_ref: weakref.ref[DataStream]) -> None:
+    stream = stream_ref()
+    if stream is not None:
+        stream.close()
+
+
+def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int, stop_signals: Sequence[str] = ()) -> DataStream:
+    """``stop_signals``: signal names the loader workers ignore besides SIGTERM and SIGINT."""
     window = cfg.shuffle_window_groups if cfg.shuffle == "row_groups" else 1
     dataset = ParquetLatentDataset(
         cfg.data_path, text_len=cfg.text_len, cfg_rate=cfg.training_cfg_rate, seed=cfg.seed,
@@ -267,4 +346,4 @@ def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int) -> DataStr
         cache_bytes=cfg.row_group_cache_mb << 20, min_cached_groups=window,
         index=shared_index(cfg, rank=rank, world_size=world_size),
     )
-    return DataStream(dataset, cfg, rank=rank, world_size=world_size)
+    return DataStream(dataset, cfg, rank=rank, world_size=world_size, stop_signals=stop_signals)
