@@ -33,6 +33,8 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check fv_accel recipes tests benchmarks
+	# Type check of fv_accel/ and recipes/ (settings: pyproject [tool.mypy]).
+	$(BIN)/mypy
 
 # Mutation testing of the core modules against the fast tier (pyproject [tool.mutmut]); outside CI: tens of
 # minutes on 2 cores. Results: `$(BIN)/mutmut results`, one mutant: `$(BIN)/mutmut show NAME`; docs/testing.md.
