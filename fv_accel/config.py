@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -207,8 +208,11 @@ class CheckpointConfig(_Strict):
     to ``checkpoint-<N>.abandoned-<timestamp>/`` (never deleted automatically), ``refuse`` exits 2 naming them."""
 
 
+TrackerBackend = Literal["tensorboard", "wandb", "trackio"]
+
+
 class TrackerConfig(_Strict):
-    backends: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])
+    backends: list[TrackerBackend] = Field(default_factory=lambda: list[TrackerBackend](["tensorboard"]))
     project_name: str = "fv_accel"
     peak_tflops_per_device: float | None = Field(None, gt=0)
     """Peak TFLOP/s of one device for the MFU metric; None = the bf16 table in ``fv_accel/flops.py`` for
@@ -476,7 +480,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def resolve_config(base: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> RunConfig:  # type: ignore[assignment]
+def resolve_config(base: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ()) -> RunConfig:
     """Apply overrides to a raw config tree, validate it, and check every model source exists."""
     import copy
 
