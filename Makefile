@@ -33,6 +33,8 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check fv_accel recipes tests benchmarks
+	# Type check of fv_accel/ and recipes/ (settings: pyproject [tool.mypy]).
+	$(BIN)/mypy
 
 # Regenerate the key tables of docs/configuration.md from the schema's field docstrings (fv_accel/config.py);
 # tests/test_config_doc.py fails when the committed doc is stale.

@@ -39,7 +39,7 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimizerConfig) -> t
         # FSDP2 parameters are DTensors: the per-tensor loop (PyTorch's CPU default) pays DTensor dispatch for
         # every op of every parameter; the foreach kernels dispatch once per op for the whole list.
         kwargs["foreach"] = True
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.betas),  # type: ignore[arg-type]
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.betas[0], cfg.betas[1]),
                              weight_decay=cfg.weight_decay, eps=cfg.eps, **kwargs)
 
 
@@ -111,7 +111,7 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
             transformer.requires_grad_(False)
             transformer.eval()
             model.transformer = transformer
-            method.role_modules[role]["transformer"] = transformer
+            method.role_modules[role].add_module("transformer", transformer)  # ModuleDict item assignment
         finish_prepare(accelerator, role, model, stored_dtypes)
         assert_fsdp2_sharded(role, model.transformer)
     if any(is_on_meta(model.transformer) for model in method.role_models.values()):

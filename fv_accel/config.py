@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -261,8 +262,11 @@ class CheckpointConfig(_Strict):
         return value
 
 
+TrackerBackend = Literal["tensorboard", "wandb", "trackio"]
+
+
 class TrackerConfig(_Strict):
-    backends: list[Literal["tensorboard", "wandb", "trackio"]] = Field(default_factory=lambda: ["tensorboard"])
+    backends: list[TrackerBackend] = Field(default_factory=lambda: list[TrackerBackend](["tensorboard"]))
     """Accelerate trackers; files go under ``<output_dir>/logs``. ``[]`` = none (``metrics.jsonl`` is always
     written)."""
     project_name: str = "fv_accel"
@@ -555,7 +559,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def resolve_config(base: dict[str, Any], overrides: list[tuple[str, Any]] = ()) -> RunConfig:  # type: ignore[assignment]
+def resolve_config(base: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ()) -> RunConfig:
     """Apply overrides to a raw config tree, validate it, and check every model source exists."""
     import copy
 

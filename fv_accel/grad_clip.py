@@ -10,19 +10,26 @@ in place: the same numbers as the DTensor path, one collective per call.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DeviceMesh, Placement
+
+#: A DTensor gradient's (mesh, placements); None for a plain tensor.
+_Layout: TypeAlias = "tuple[DeviceMesh, tuple[Placement, ...]] | None"
+
 
 def _local_grads_and_groups(
     params: Iterable[torch.Tensor],
-) -> tuple[list[torch.Tensor], list[tuple[object, list[int]]]]:
+) -> tuple[list[torch.Tensor], list[tuple[_Layout, list[int]]]]:
     """Local gradient tensors, and their indices grouped by (mesh, placements) (plain tensors: layout None)."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    layouts: dict[object, int] = {}
-    groups: list[tuple[object, list[int]]] = []
+    layouts: dict[_Layout, int] = {}
+    groups: list[tuple[_Layout, list[int]]] = []
     local: list[torch.Tensor] = []
     for p in params:
         grad = p.grad
@@ -31,7 +38,7 @@ def _local_grads_and_groups(
         if isinstance(grad, DTensor):
             if not all(isinstance(pl, (Shard, Replicate)) for pl in grad.placements):
                 raise NotImplementedError(f"gradient placements {grad.placements} (Partial) are not supported")
-            key: object = (grad.device_mesh, tuple(grad.placements))
+            key: _Layout = (grad.device_mesh, tuple(grad.placements))
             # The local shard itself: ``to_local()`` is an autograd Function call per gradient (~20 µs each),
             # pointless under no_grad; in-place scaling of this tensor scales the DTensor.
             grad = grad._local_tensor
@@ -63,7 +70,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
         norms = torch._foreach_norm([local[i] for i in members], 2.0)
         sq = torch.stack([n.float() for n in norms]).square().sum()
         if layout is not None:
-            mesh, placements = layout  # type: ignore[misc]
+            mesh, placements = layout
             for dim, placement in enumerate(placements):
                 if isinstance(placement, Shard) and mesh.size(dim) > 1:
                     dist.all_reduce(sq, group=mesh.get_group(dim))

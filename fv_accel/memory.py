@@ -192,10 +192,11 @@ def wan_role_spec(config: Mapping[str, Any], *, num_params: int, block_params: i
                   attention_backend: str | None = None) -> RoleSpec:
     """A Wan role from its diffusers ``config`` and its parameter counts."""
     heads = int(config["num_attention_heads"])
+    patch_t, patch_h, patch_w = (int(x) for x in config["patch_size"])
     return RoleSpec(trainable=trainable, num_params=num_params, num_blocks=int(config["num_layers"]),
                     block_params=block_params, hidden_dim=heads * int(config["attention_head_dim"]),
                     ffn_dim=int(config["ffn_dim"]), num_heads=heads,
-                    patch_size=tuple(int(x) for x in config["patch_size"]),  # type: ignore[arg-type]
+                    patch_size=(patch_t, patch_h, patch_w),
                     weight_bytes=weight_bytes, activation_checkpointing=activation_checkpointing,
                     checkpoint_every=checkpoint_every, attention_backend=attention_backend)
 

@@ -31,7 +31,7 @@ def conditioning(data_dir: str | os.PathLike[str], rows: Sequence[int], text_len
     """Text embeddings [N, L, D] of ``rows`` and the dataset's latent shape [C, T, H, W]."""
     dataset = ParquetLatentDataset(str(data_dir), text_len=text_len)
     text = torch.stack([dataset.load(i).text_embeds_ld for i in rows])
-    return text, tuple(dataset.latent_shape)  # type: ignore[return-value]
+    return text, dataset.latent_shape
 
 
 @torch.no_grad()
@@ -44,14 +44,15 @@ def sample_stored(model: ModelBase, text_bld: torch.Tensor, latent_shape: Sequen
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed)
     text = text_bld.to(device)
-    if sampler == "dmd":
-        x0 = dmd_sample(model, text, latent_shape=latent_shape, denoising_steps=list(steps),  # type: ignore[arg-type]
+    if sampler == "dmd" and not isinstance(steps, int):
+        x0 = dmd_sample(model, text, latent_shape=latent_shape, denoising_steps=list(steps),
                         generator=gen)
-    elif sampler == "euler":
-        x0 = euler_sample(model, text, latent_shape=latent_shape, num_steps=int(steps),  # type: ignore[arg-type]
+    elif sampler == "euler" and isinstance(steps, int):
+        x0 = euler_sample(model, text, latent_shape=latent_shape, num_steps=steps,
                           shift=model.flow_shift, generator=gen)
     else:
-        raise ValueError(f"unknown sampler {sampler!r}")
+        raise ValueError(f"sampler {sampler!r} with steps {steps!r}: expected 'dmd' with a list of timesteps or "
+                         "'euler' with a step count")
     return model.denormalize_latents(x0.float()).float().cpu()
 
 
@@ -64,7 +65,7 @@ def toy_quality(student: ModelBase, teacher: ModelBase, data_dir: str | os.PathL
     text, shape = conditioning(data_dir, rows, text_len)
     index = torch.tensor(rows, dtype=torch.int64)
     k = len(dmd_denoising_steps)
-    runs = {
+    runs: dict[str, tuple[ModelBase, str, Sequence[int] | int]] = {
         f"student@{k}": (student, "dmd", list(dmd_denoising_steps)),
         f"teacher@{k}": (teacher, "euler", k),
         f"teacher@{teacher_many_steps}": (teacher, "euler", teacher_many_steps),

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch
 def build_accelerator(
     *,
     block_class_names: tuple[str, ...] = ("WanTransformerBlock",),
-    log_with: list[str] | None = None,
+    log_with: Sequence[str] | None = None,
     project_dir: str | None = None,
 ) -> Accelerator:
     """Build the Accelerator from what ``accelerate launch`` passed (or a single local process).

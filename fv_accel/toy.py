@@ -169,7 +169,8 @@ TOY_TEACHER_WAN_OVERRIDES: dict[str, Any] = {"num_attention_heads": 4, "ffn_dim"
 def ensure_init_transformer(root: Path = TOY_ROOT, seed: int = 0, *, name: str = "init",
                             overrides: dict[str, Any] | None = None) -> Path:
     """A randomly initialised tiny Wan transformer in diffusers format (``<root>/<name>/transformer``)."""
-    from diffusers import WanTransformer3DModel
+    # The defining module: diffusers' top-level name is typed as its dummy (torch-less) stand-in.
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
     from fv_accel.models import TINY_WAN_CONFIG
 
@@ -197,7 +198,7 @@ def distance_to_data(latents: torch.Tensor, data_index: torch.Tensor, data_dir: 
     world = load_world(data_dir)
     dataset = ParquetLatentDataset(str(data_dir), text_len=1)
     cond_of_row = world["row_condition"]
-    data = torch.stack([dataset[i].latents_cthw for i in range(len(dataset))])  # type: ignore[misc]
+    data = torch.stack([dataset[i].latents_cthw for i in range(len(dataset))])  # type: ignore[misc]  # toy data is T2V: every row has latents
     dim = latents[0].numel()
     out = torch.empty(latents.shape[0])
     for n in range(latents.shape[0]):

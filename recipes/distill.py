@@ -71,7 +71,7 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
     method = trainer.method
     ema = trainer.callbacks.get("ema")
     # Every rank samples (FSDP2 forwards are collectives); the EMA swap is per rank too.
-    with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # type: ignore[attr-defined]
+    with ema.swapped_in() if ema is not None else contextlib.nullcontext():
         results = toy_quality(method.student, method.role_models["teacher"], data_dir,
                               dmd_denoising_steps=cfg.method.dmd_denoising_steps,
                               text_len=cfg.training.data.text_len)

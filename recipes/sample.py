@@ -18,10 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from fv_accel.errors import EXIT_OK, CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from fv_accel.config import RunConfig
+    from fv_accel.models.base import ModelBase
 
 #: samples per forward batch (bounds memory; the result does not depend on it only through the noise order)
 CHUNK = 16
@@ -43,13 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_model(cfg: object, checkpoint: Path, role: str) -> object:
+def load_model(cfg: RunConfig, checkpoint: Path, role: str) -> ModelBase:
     """The role's model (family wrapper with latent normalisation) holding the checkpoint's weights."""
     from fv_accel.export import load_ema_role_state_dict, load_role_state_dict
     from fv_accel.models import load_role_model
 
     model_role = "teacher" if role == "teacher" else "student"
-    models = cfg.models  # type: ignore[attr-defined]
+    models = cfg.models
     if model_role not in models:
         raise ConfigError(f"{checkpoint}: the run's config has no models.{model_role}")
     mcfg = models[model_role].model_copy(update={"trainable": False})
@@ -92,18 +97,18 @@ def sample(checkpoint: Path, role: str, steps: int, num_samples: int, seed: int)
                               f"{len(dmd_steps)}-step schedule method.dmd_denoising_steps={dmd_steps}")
     model = load_model(cfg, checkpoint, role)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.transformer.to(device).eval()  # type: ignore[attr-defined]
+    model.transformer.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, num_samples, CHUNK):
         chunk = text[start:start + CHUNK].to(device)
         if dmd_steps is not None:
-            x0 = dmd_sample(model, chunk, latent_shape=shape, denoising_steps=dmd_steps,  # type: ignore[arg-type]
+            x0 = dmd_sample(model, chunk, latent_shape=shape, denoising_steps=dmd_steps,
                             generator=gen)
         else:
-            x0 = euler_sample(model, chunk, latent_shape=shape, num_steps=steps,  # type: ignore[arg-type]
-                              shift=model.flow_shift, generator=gen)  # type: ignore[attr-defined]
-        out.append(model.denormalize_latents(x0.float()).float().cpu())  # type: ignore[attr-defined]
+            x0 = euler_sample(model, chunk, latent_shape=shape, num_steps=steps,
+                              shift=model.flow_shift, generator=gen)
+        out.append(model.denormalize_latents(x0.float()).float().cpu())
     return {"latents": torch.cat(out).contiguous(), "data_index": torch.tensor(rows, dtype=torch.int64)}
 
 

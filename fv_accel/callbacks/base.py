@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class CallbackList:
         if len(set(names)) != len(names):
             raise ValueError(f"callback names must be unique: {names}")
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Callback]:
         return iter(self.callbacks)
 
     def get(self, name: str) -> Callback | None:

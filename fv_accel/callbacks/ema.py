@@ -250,9 +250,10 @@ class EMACallback(Callback):
     @staticmethod
     def _as_param_layout(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """The shadow shard as a DTensor laid out like ``param`` (plain tensor when ``param`` is plain)."""
-        if not hasattr(param, "device_mesh"):
-            return local
         from torch.distributed.tensor import DTensor
+
+        if not isinstance(param, DTensor):
+            return local
 
         if local.device.type != param.device_mesh.device_type:
             # A host shadow (device=cpu) on a CUDA mesh: from_local would copy it to the device. Build the
@@ -262,7 +263,7 @@ class EMACallback(Callback):
 
             spec = DTensorSpec(param.device_mesh, tuple(param.placements),
                                tensor_meta=TensorMeta(param.shape, param.stride(), local.dtype))
-            return DTensor(local, spec, requires_grad=False)  # type: ignore[call-arg]
+            return DTensor(local, spec, requires_grad=False)
         return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                   shape=param.shape, stride=param.stride())
 

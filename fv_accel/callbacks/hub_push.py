@@ -178,7 +178,8 @@ class HubPushCallback(Callback):
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending is not None)
-                step, snapshot = self._pending  # type: ignore[misc]
+                assert self._pending is not None  # the wait's predicate, under the same lock
+                step, snapshot = self._pending
                 self._pending = None
                 self._busy = True
             try:

@@ -116,11 +116,11 @@ class ValidationCallback(Callback):
 
         data_cfg = self.run_config.training.data
         if self.config.prompts:
-            path = self.encode_captions(trainer)
+            prompts_file = self.encode_captions(trainer)
             latent_shape = data_cfg.latent_shape
             if latent_shape is None and trainer is not None and trainer.data is not None:
                 latent_shape = list(trainer.data.dataset.latent_shape)
-            dataset = ParquetLatentDataset(str(path), text_len=data_cfg.text_len, latent_shape=latent_shape)
+            dataset = ParquetLatentDataset(str(prompts_file), text_len=data_cfg.text_len, latent_shape=latent_shape)
             self.rows = list(range(len(dataset)))
             self.where = [f"prompt {i}: {p}" for i, p in enumerate(self.config.prompts)]
         else:
@@ -129,7 +129,7 @@ class ValidationCallback(Callback):
             self.rows = evenly_spaced_rows(len(dataset), self.config.num_samples)
             self.where = [dataset.where(i) for i in self.rows]
         samples = [dataset[i] for i in self.rows]
-        batch = collate_latents(samples, tuple(dataset.latent_shape))
+        batch = collate_latents(samples, dataset.latent_shape)
         if data_cfg.negative_prompt_path:
             # As fv_accel.data.DataStream does for training batches: CFG at validation pushes away from the same
             # unconditional embedding the model was trained against.
@@ -192,7 +192,7 @@ class ValidationCallback(Callback):
         variants: list[tuple[str, Any]] = [("student", contextlib.nullcontext)]
         ema = trainer.callbacks.get("ema")
         if ema is not None:
-            variants.append(("ema", ema.swapped_in))  # type: ignore[attr-defined]
+            variants.append(("ema", ema.swapped_in))  # type: ignore[attr-defined]  # found by name: any callback named "ema" swaps in EMA weights
         return variants
 
     @torch.no_grad()

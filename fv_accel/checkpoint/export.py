@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -11,7 +12,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the full (unsharded) state dict on rank 0 (on CPU), an empty dict on other ranks."""
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # full_state_dict gathers every DTensor into a plain tensor: a model's entries are all tensors.
+    return cast(dict[str, torch.Tensor],
+                get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
 
 
 def save_transformer_pretrained(

@@ -231,7 +231,9 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) container; the old files were b
 def capture_rng_state(method: TrainingMethod) -> dict[str, Any]:
     """This rank's RNG states as tensors and plain data only, so the file loads with ``weights_only=True``."""
     py_version, py_words, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    np_state = np.random.get_state()
+    assert isinstance(np_state, tuple), "numpy's global RandomState is MT19937: its legacy state is a tuple"
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np_state
     state: dict[str, Any] = {
         "format": RNG_FORMAT,
         # Mersenne Twister words are < 2**32: int64 holds them exactly.
@@ -419,6 +421,8 @@ class CheckpointManager:
             start = time.perf_counter()
             future = dcp.async_save(states, storage_writer=writer, process_group=group,
                                     async_checkpointer_type=AsyncCheckpointerType.THREAD)
+            # An AsyncSaveResponse only comes back with asynchronous staging, which DCP's default stager skips.
+            assert isinstance(future, Future), f"dcp.async_save returned {type(future).__name__}"
             if _rank() == 0:
                 logger.info("checkpoint-%d: state staged in %.2f s; writing in the background", step,
                             time.perf_counter() - start)

@@ -182,7 +182,8 @@ class DatasetIndex:
         for f in self.files:
             entry = self.entries[f]
             if entry.latent_shape is not None:
-                return tuple(entry.latent_shape)  # type: ignore[return-value]
+                c, t, h, w = entry.latent_shape
+                return c, t, h, w
             if any(n for n, _ in entry.row_groups):
                 return None
         return None
@@ -391,7 +392,8 @@ class ParquetLatentDataset(Dataset[LatentSample]):
             if latent_shape is None or len(latent_shape) != 4:
                 raise DataError(f"{self.files[0]}: text-only data needs training.data.latent_shape = [C, T, H, W] "
                                 "(the shape of the latents the student generates)")
-            self.latent_shape = tuple(int(x) for x in latent_shape)
+            c, t, h, w = (int(x) for x in latent_shape)
+            self.latent_shape: tuple[int, int, int, int] = (c, t, h, w)
         else:
             first = index.latent_shape
             assert first is not None, "build_index reads the first row's latent shape of T2V data"
@@ -561,7 +563,7 @@ def collate_latents(samples: list[LatentSample], latent_shape: tuple[int, int, i
     """Stack samples into a batch, zero-padding each text embedding to the mask's length (``text_len``)."""
     latents = None
     if samples[0].latents_cthw is not None:
-        latents = torch.stack([s.latents_cthw for s in samples])  # type: ignore[misc]
+        latents = torch.stack([s.latents_cthw for s in samples])  # type: ignore[misc]  # a dataset's rows all have latents (T2V) or none
     # numpy's zeros is calloc: fresh pages come zeroed from the kernel and the padding is never written here
     # (torch.zeros memsets: at 4 × 512 × 4096 floats that memset was most of the loader's time).
     shape = (len(samples), samples[0].text_mask_l.shape[0], samples[0].text_embeds_ld.shape[1])

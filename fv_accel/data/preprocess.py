@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,9 @@ from fv_accel.config import check_pipeline_components
 from fv_accel.data.dataset import T2V_COLUMNS, TEXT_ONLY_COLUMNS
 from fv_accel.errors import ConfigError, DataError
 from fv_accel.models.wan import WanModel
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +251,7 @@ class Encoders:
 
     tokenizer: Any
     text_encoder: torch.nn.Module
-    vae: torch.nn.Module | None
+    vae: AutoencoderKLWan | None
     device: torch.device
     text_len: int
 
@@ -259,7 +262,8 @@ class Encoders:
 
         check_model_source(model, ["tokenizer", "text_encoder"] + (["vae"] if with_vae else []))
         tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=text_dtype)
+        text_encoder: torch.nn.Module = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder",
+                                                                         torch_dtype=text_dtype)
         text_encoder.to(device).eval().requires_grad_(False)
         vae = None
         if with_vae:
@@ -438,7 +442,7 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
     from tqdm.auto import tqdm
 
     text_only = opts.videos is None
-    if not text_only and not opts.videos.is_dir():  # type: ignore[union-attr]
+    if opts.videos is not None and not opts.videos.is_dir():
         raise ConfigError(f"--videos: {opts.videos} is not a directory")
     # Checked before anything is loaded or written: a wrong size would otherwise surface at training step 1.
     frames_step, multiple = WanModel.vae_temporal_factor, WanModel.pixel_multiple()
@@ -480,7 +484,7 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
                     try:
                         # Encoded as soon as decoded, never bound to a name: one decoded clip alive at a time.
                         latents[entry.id] = encoders.encode_video(load_clip(
-                            opts.videos / entry.path, height=opts.height,  # type: ignore[operator]
+                            opts.videos / entry.path, height=opts.height,  # type: ignore[operator]  # with --videos, read_captions(need_paths=True) gave every entry a path
                             width=opts.width, num_frames=opts.num_frames, fps=opts.fps))
                     except SkipClip as exc:
                         summary.skip(exc)

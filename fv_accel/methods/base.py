@@ -164,7 +164,7 @@ class TrainingMethod(nn.Module, ABC):
     def attach_prepared(self, role: str, transformer: nn.Module, optimizer: Any, scheduler: Any) -> None:
         """Record a role's prepared (sharded) transformer, optimizer and LR scheduler."""
         self._role_models[role].transformer = transformer
-        self.role_modules[role]["transformer"] = transformer
+        self.role_modules[role].add_module("transformer", transformer)  # what ModuleDict's item assignment does
         self._optimizer_dict[role] = optimizer
         self._lr_scheduler_dict[role] = scheduler
 
@@ -217,8 +217,8 @@ class TrainingMethod(nn.Module, ABC):
         pending = [loss for name, loss in output.losses.items() if name not in output.backpropagated]
         if not pending:
             return
-        total = sum(pending)
-        (total / grad_accum_rounds).backward()  # type: ignore[union-attr]
+        total = sum(pending[1:], pending[0])
+        (total / grad_accum_rounds).backward()
 
     def get_optimizers(self, iteration: int) -> Sequence[Any]:
         """Only the optimizers that step at ``iteration``. Default: every trainable role's."""

@@ -40,7 +40,7 @@ def load_role_model(role: str, model_cfg: ModelConfig, *, mixed_precision: str,
         dtype = torch.bfloat16
     family = FAMILIES[model_cfg.family]
     try:
-        model = family.from_config(role, model_cfg, dtype=dtype,  # type: ignore[attr-defined]
+        model = family.from_config(role, model_cfg, dtype=dtype,
                                    latent_stats=latent_stats, on_meta=on_meta)
     except FvAccelError:
         raise

@@ -9,12 +9,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fv_accel import flow
 from fv_accel.config import ModelConfig
 from fv_accel.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fv_accel.data.dataset import LatentBatch
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,13 @@ class ModelBase(ABC):
         Every family that loads from ``init_from`` implements it."""
         raise NotImplementedError(f"{cls.__name__} does not resolve latent statistics")
 
+    @classmethod
+    def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype,
+                    latent_stats: LatentStats | None = None, on_meta: bool = False) -> ModelBase:
+        """Load ``init_from`` in ``dtype`` (``fv_accel.models.load_role_model``); with ``on_meta`` build it without
+        reading weights (parameters on the meta device, filled after sharding). Every family implements it."""
+        raise NotImplementedError(f"{cls.__name__} does not load from init_from")
+
     @abstractmethod
     def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         """Dataset latents (as stored by preprocessing) → the space the transformer is trained in."""
@@ -128,22 +139,22 @@ class ModelBase(ABC):
     def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`normalize_latents`."""
 
-    def prepare_batch(self, raw: object, device: torch.device) -> ConditionBatch:
+    def prepare_batch(self, raw: LatentBatch, device: torch.device) -> ConditionBatch:
         """Move a collated :class:`fv_accel.data.LatentBatch` to ``device`` and normalise its latents. Methods
         call it on one role for all: every role has the same statistics (:func:`check_shared_latent_space`)."""
-        latents = raw.latents_bcthw  # type: ignore[attr-defined]
+        latents = raw.latents_bcthw
         if latents is not None:
             latents = self.normalize_latents(latents.to(device, torch.float32, non_blocking=True))
-        text = raw.text_embeds_bld.to(device, non_blocking=True)  # type: ignore[attr-defined]
-        uncond = raw.uncond_embeds_bld  # type: ignore[attr-defined]
+        text = raw.text_embeds_bld.to(device, non_blocking=True)
+        uncond = raw.uncond_embeds_bld
         uncond = torch.zeros_like(text) if uncond is None else uncond.to(device, non_blocking=True)
         return ConditionBatch(
             latents_bcthw=latents,
             text_embeds_bld=text,
-            text_mask_bl=raw.text_mask_bl.to(device, non_blocking=True),  # type: ignore[attr-defined]
+            text_mask_bl=raw.text_mask_bl.to(device, non_blocking=True),
             uncond_embeds_bld=uncond,
-            index=raw.index,  # type: ignore[attr-defined]
-            latent_shape=tuple(raw.latent_shape),  # type: ignore[attr-defined]
+            index=raw.index,
+            latent_shape=raw.latent_shape,
         )
 
     # -- flow matching ------------------------------------------------------------------------------------

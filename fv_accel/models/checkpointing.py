@@ -13,11 +13,13 @@ ATen op whether its output is saved or recomputed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 #: ATen ops whose outputs selective checkpointing keeps (those a block spends its FLOPs in); names that a
 #: build of PyTorch lacks are skipped.
@@ -49,17 +51,17 @@ def _selective_context() -> Any:
     return create_selective_checkpoint_contexts(_policy)
 
 
-def selective_checkpoint(module: Callable[..., Any], *args: Any) -> Any:
+def selective_checkpoint(module: torch.nn.Module, *args: Any) -> Any:
     """diffusers' ``gradient_checkpointing_func`` signature: run ``module(*args)`` under selective checkpointing."""
     return checkpoint(module.__call__, *args, use_reentrant=False, context_fn=_selective_context)
 
 
-def full_checkpoint(module: Callable[..., Any], *args: Any) -> Any:
+def full_checkpoint(module: torch.nn.Module, *args: Any) -> Any:
     """diffusers' ``gradient_checkpointing_func`` signature: run ``module(*args)`` keeping only its inputs."""
     return checkpoint(module.__call__, *args, use_reentrant=False)
 
 
-def apply_activation_checkpointing(transformer: torch.nn.Module, mode: str, every: int = 1) -> None:
+def apply_activation_checkpointing(transformer: ModelMixin, mode: str, every: int = 1) -> None:
     """Set a diffusers transformer's block checkpointing: ``off``, ``full`` or ``selective``, applied to blocks
     0, ``every``, 2·``every``, ... of ``transformer.blocks`` (the others run as usual)."""
     if mode == "off":
@@ -70,9 +72,9 @@ def apply_activation_checkpointing(transformer: torch.nn.Module, mode: str, ever
         raise ValueError(f"activation checkpointing every {every} blocks: expected >= 1")
     policy = full_checkpoint if mode == "full" else selective_checkpoint
     # Blocks keep their identity through FSDP2's fully_shard and Module.compile (both act in place).
-    chosen = {id(block) for i, block in enumerate(transformer.blocks) if i % every == 0}  # type: ignore[arg-type]
+    chosen = {id(block) for i, block in enumerate(transformer.blocks) if i % every == 0}
 
     def checkpoint_some(module: Any, *args: Any) -> Any:
         return policy(module, *args) if id(module) in chosen else module(*args)
 
-    transformer.enable_gradient_checkpointing(checkpoint_some if every > 1 else policy)  # type: ignore[operator]
+    transformer.enable_gradient_checkpointing(checkpoint_some if every > 1 else policy)

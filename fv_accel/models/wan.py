@@ -7,7 +7,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from fv_accel.config import ModelConfig, is_hub_id
 from fv_accel.errors import CheckpointError, ConfigError
 from fv_accel.models.base import LatentStats, ModelBase
 from fv_accel.models.checkpointing import apply_activation_checkpointing
+
+if TYPE_CHECKING:
+    from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,7 @@ def read_latent_stats(role: str, model_cfg: ModelConfig, *, include_hub: bool = 
     choice = model_cfg.latent_stats
     if choice == "identity":
         return LatentStats(mean=None, std=None, origin="identity")
+    names: tuple[str, ...]  # config files that may hold the statistics, in order
     if choice == "auto":
         source, names = model_cfg.init_from, ("vae/config.json",)
         missing = (f"'auto' needs vae/config.json with latents_mean/latents_std in models.{role}.init_from "
@@ -124,6 +128,7 @@ def read_latent_stats(role: str, model_cfg: ModelConfig, *, include_hub: bool = 
 
 class WanModel(ModelBase):
     block_class_names = ("WanTransformerBlock",)
+    transformer: WanTransformer3DModel
     #: Wan's VAE (``AutoencoderKLWan``) maps 8×8 pixels to one latent cell and 4 frames to one latent frame
     #: (the first frame alone: clips have 4k+1 frames).
     vae_spatial_factor = 8
@@ -140,21 +145,21 @@ class WanModel(ModelBase):
 
     @property
     def latent_patch_size(self) -> tuple[int, int, int]:
-        t, h, w = (int(p) for p in self.transformer.config.patch_size)
+        t, h, w = (int(p) for p in self.transformer.config["patch_size"])
         return t, h, w
 
     def __init__(
         self,
         *,
         role: str,
-        transformer: torch.nn.Module,
+        transformer: WanTransformer3DModel,
         config: ModelConfig,
         latent_stats: LatentStats | None = None,
     ) -> None:
         super().__init__(role=role, transformer=transformer, config=config)
         self.latent_stats = latent_stats or LatentStats(mean=None, std=None, origin="identity")
         """Statistics of this model's latent space (``models.<role>.latent_stats``); None given: identity."""
-        channels = transformer.config.in_channels
+        channels = transformer.config["in_channels"]
         mean_c, std_c = self.latent_stats.values(channels)
         mean = torch.tensor(mean_c, dtype=torch.float32)
         std = torch.tensor(std_c, dtype=torch.float32)
@@ -187,7 +192,7 @@ class WanModel(ModelBase):
         return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats)
 
     @staticmethod
-    def empty_transformer(model_cfg: ModelConfig, *, dtype: torch.dtype) -> torch.nn.Module:
+    def empty_transformer(model_cfg: ModelConfig, *, dtype: torch.dtype) -> WanTransformer3DModel:
         """The transformer ``from_pretrained(init_from, torch_dtype=dtype)`` returns, with its parameters on the
         ``meta`` device: same default dtype at construction, same fp32 parameters (``_keep_in_fp32_modules``),
         and the buffers computed on the host as its constructor computes them (the non-persistent RoPE tables,
@@ -222,7 +227,7 @@ class WanModel(ModelBase):
     def from_transformer(
         cls,
         role: str,
-        transformer: torch.nn.Module,
+        transformer: WanTransformer3DModel,
         model_cfg: ModelConfig,
         *,
         latent_stats: LatentStats | None = None,
