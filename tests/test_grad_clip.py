@@ -121,3 +121,15 @@ def test_fsdp2_dtensor_gradients_match_torch_on_a_plain_copy(single_process_dist
         if scale < 1:  # below max_norm: untouched, bit for bit
             assert torch.equal(got, src.grad)
         torch.testing.assert_close(got, ref.grad, rtol=1e-6, atol=0)
+
+
+def test_parameters_without_gradients_are_skipped_not_the_end_of_the_list() -> None:
+    """A frozen parameter (no gradient) before trainable ones must not end the scan: every later gradient counts
+    in the norm and is scaled (found by mutation testing: ``continue`` → ``break`` survived)."""
+    frozen = nn.Parameter(torch.ones(3))
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    norm = clip_grad_norm_([frozen, a, b], max_norm=1.0)
+    assert norm is not None and norm.item() == pytest.approx(5.0)  # sqrt(3² + 4²) by hand
+    coef = 1.0 / (5.0 + 1e-6)
+    assert torch.allclose(a.grad, torch.tensor([3.0 * coef, 0.0])) and torch.allclose(b.grad, torch.tensor([0.0, 4.0 * coef]))
