@@ -91,8 +91,9 @@ def _plain(p: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.distributed
 def test_validation_two_processes(toy_root, tmp_path):
-    """Both ranks run the sharded forwards (a rank that skipped them would deadlock the other); rank 0 writes.
-    3 prompts in chunks of the batch size 2 and the EMA pass: uneven chunks, two variants, at step 0 too."""
+    """Rank r samples prompts r, r + W, ... (padded so both ranks run the same sharded forwards; a rank that
+    skipped them would deadlock the other); rank 0 gathers and writes. 3 prompts in chunks of the batch size 2
+    and the EMA pass: uneven shares, two variants, at step 0 too."""
     out = tmp_path / "run"
     args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
             f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}",
