@@ -206,6 +206,44 @@ def test_failing_run_lets_the_write_end_and_leaves_a_partial(single_process_dist
     assert resolve_checkpoint("latest", out) is None
 
 
+def test_preemption_while_a_write_is_in_flight_saves_both(single_process_dist: Any, tmp_path: Path) -> None:
+    """SIGTERM right after save 2 went async (its write held back): the stop agreed at step 3 must finalise
+    save 2, then write checkpoint-3 completely, before Preempted (exit 143) leaves fit(); `latest` is 3."""
+    from fv_accel.errors import EXIT_PREEMPTED, Preempted
+
+    setup = build(single_process_dist, tmp_path, async_save=True, gated=True)
+    manager, out = setup.manager, setup.out
+    # The writer of save 2 holds the probe's gate; the probe would open it at step 3's on_step_end, which could
+    # let the step boundary finalise save 2 before the stop. Hand the probe a dummy: this test opens the gate
+    # only once the preemption save has begun, so save 2 is certainly still in flight then.
+    gate, setup.probe.gate = setup.probe.gate, threading.Event()
+    calls: list[tuple[int, bool, int | None]] = []
+    save = manager.save
+
+    def recording_save(step: int, *, blocking: bool = False) -> Path:
+        calls.append((step, blocking, manager.pending_step))
+        if step != SAVE_STEPS:
+            gate.set()  # the save after save 2 has begun
+        path = save(step, blocking=blocking)
+        if step == SAVE_STEPS and not blocking:
+            signal.raise_signal(signal.SIGTERM)  # handled (by the trainer's handler) before this returns
+        return path
+
+    manager.save = recording_save  # type: ignore[method-assign]
+    with pytest.raises(Preempted, match=r"after step 3; checkpoint: .*checkpoint-3\b") as info:
+        setup.trainer.fit()
+    assert info.value.exit_code == EXIT_PREEMPTED == 143
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # no .partial
+    assert is_complete(out / "checkpoint-2") and is_complete(out / "checkpoint-3")
+    assert resolve_checkpoint("latest", out) == out / "checkpoint-3"
+    assert_holds(out / "checkpoint-2", setup.probe.snapshots[2])  # staged at step 2, written during the stop
+    assert_holds(out / "checkpoint-3", setup.probe.snapshots[3])
+    assert manager.pending_step is None
+    # The scenario really happened: save 2 async, the preemption save at step 3 begun while save 2 was pending.
+    assert calls == [(SAVE_STEPS, False, None), (SAVE_STEPS + 1, True, SAVE_STEPS)]
+    assert setup.log == ["written", "written"]  # save 2's write (released by the preemption save), then save 3's
+
+
 def test_async_and_sync_checkpoints_load_to_identical_state(single_process_dist: Any, tmp_path: Path) -> None:
     async_out, async_probe, _ = run(single_process_dist, tmp_path, async_save=True, gated=True)
     sync_out, sync_probe, _ = run(single_process_dist, tmp_path, async_save=False, gated=False)
