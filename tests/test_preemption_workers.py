@@ -57,6 +57,7 @@ def _mask(pid: int, field: str) -> set[int]:
     return {n for n in range(1, 65) if bits >> (n - 1) & 1}
 
 
+@pytest.mark.timeout(120)  # a deadlocked worker must fail this test, not stall the suite for 10 minutes
 def test_loader_workers_outlive_stop_signals(toy_root: Path) -> None:
     """Workers ignore SIGTERM, SIGINT and the configured SIGUSR1, also when one arrives during their start-up
     (before worker_init_fn); they keep producing the epoch's order, and close() still ends them."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import hashlib
 import logging
 import re
@@ -163,6 +164,10 @@ def ignore_stop_signals(worker_id: int, *, signums: tuple[int, ...]) -> None:
     starts with these signals blocked (see ``DataStream.__next__``): one sent during its start-up stays pending
     and is discarded here. Seeding is untouched: torch seeds each worker before calling this.
     """
+    # Objects inherited from the parent are never collected here: a forked copy of, e.g., a leaked process group
+    # would run a destructor that joins threads this process does not have (a hang), and collecting them only
+    # dirties copy-on-write pages. The parent collects its garbage right before forking (``__next__``).
+    gc.freeze()
     for signum in signums:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
@@ -246,6 +251,8 @@ class DataStream:
                 self.sampler.set_epoch(self.epoch, consumed=self.rows_consumed)
                 # Forked workers inherit this thread's signal mask: blocked until their worker_init_fn ignores
                 # the stop signals. A signal meant for this process stays pending until the unblock below.
+                if self.loader.num_workers > 0:  # workers may be forked now (once per epoch at most: ~ms)
+                    gc.collect()  # so garbage is destroyed here, where the threads its destructors join exist
                 old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._stop_signums)
                 try:
                     self._iter = iter(self.loader)
