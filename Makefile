@@ -46,7 +46,8 @@ docs: install
 mutate: install
 	$(BIN)/python -m pip install --quiet 'mutmut==3.8.1'
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children $(or $(MUTATE_JOBS),2)
+	# PYTHONPATH: tests that start a subprocess (a recipe run) import the mutated copy too, never the checkout
+	PYTHONPATH=$(CURDIR)/mutants $(BIN)/mutmut run --max-children $(or $(MUTATE_JOBS),2)
 	$(BIN)/mutmut export-cicd-stats
 	$(BIN)/python -c "import json; s = json.load(open('mutants/mutmut-cicd-stats.json')); \
 	t = s['total'] - s['skipped']; print('mutation score: %d killed (+%d timeouts) of %d tested = %.1f%%' \
