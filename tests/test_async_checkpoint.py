@@ -409,7 +409,7 @@ def test_writer_fails_when_a_write_thread_fails(tmp_path: Path) -> None:
 def test_two_process_async_checkpoints_equal_sync(toy_root: Path, tmp_path: Path) -> None:
     """2-process FSDP2 DMD2 (DTensor shards, EMA, two data positions, per-rank RNG), saves at 4 and 8: with
     async_save the losses and both checkpoints are bit for bit those of the synchronous run."""
-    from test_resume import assert_same_checkpoint, assert_same_losses, launch, metrics, rng_states
+    from test_resume import assert_same_checkpoint, assert_same_losses, assert_same_rng, launch, metrics, rng_states
 
     runs = {}
     for mode in ("false", "true"):
@@ -427,5 +427,5 @@ def test_two_process_async_checkpoints_equal_sync(toy_root: Path, tmp_path: Path
     differ = [k for k in a if not (torch.equal(a[k], s[k]) if torch.is_tensor(a[k]) else a[k] == s[k])]
     assert not differ, differ
     for x, y in zip(rng_states(async_ / "checkpoint-4"), rng_states(sync / "checkpoint-4"), strict=True):
-        assert torch.equal(x["torch"], y["torch"]) and x["python"] == y["python"]
+        assert_same_rng(x, y, "random_state")
     assert_same_checkpoint(sync / "checkpoint-8", async_ / "checkpoint-8")

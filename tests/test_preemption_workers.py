@@ -197,7 +197,7 @@ def assert_preempted_then_resumes_exactly(reference: Path, toy_root: Path, out: 
     assert proc.returncode != 0
     assert log.count("exitcode  : 143") == 2, log[-4000:]  # the launcher's report: both ranks exited 143
     assert (ckpt / ".metadata").is_file() and not list(out.glob("*.partial"))
-    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert {p.name.split("_")[2] for p in ckpt.glob("*.distcp")} == {"0", "1"}  # both ranks' shards
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 1))
     assert_same_losses(reference, metrics(out))
 

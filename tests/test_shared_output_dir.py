@@ -47,7 +47,7 @@ def test_ranks_that_see_different_output_dirs_exit_2_at_start(toy_root, tmp_path
     shared, own = tmp_path / "rank0-disk" / "run", tmp_path / "rank1-disk" / "run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
-        "models": {"student": {"init_from": str(toy_root / "init")}},
+        "models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
         "method": {"name": "finetune"},
         "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 4, "text_len": 8},
                      "loop": {"max_train_steps": 2},
