@@ -409,7 +409,14 @@ def test_writer_fails_when_a_write_thread_fails(tmp_path: Path) -> None:
 def test_two_process_async_checkpoints_equal_sync(toy_root: Path, tmp_path: Path) -> None:
     """2-process FSDP2 DMD2 (DTensor shards, EMA, two data positions, per-rank RNG), saves at 4 and 8: with
     async_save the losses and both checkpoints are bit for bit those of the synchronous run."""
-    from test_resume import assert_same_checkpoint, assert_same_losses, assert_same_rng, launch, metrics, rng_states
+    from test_resume import (
+        assert_same_checkpoint,
+        assert_same_losses,
+        assert_same_rng,
+        launch,
+        metrics,
+        rng_states,
+    )
 
     runs = {}
     for mode in ("false", "true"):
