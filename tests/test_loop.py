@@ -457,3 +457,19 @@ def test_nonfinite_on_one_rank_is_decided_on_the_reduced_losses(tmp_path: Path) 
         stop = r["stop"]
         assert stop["outcome"] == "nonfinite" and stop["step"] == 2, (r["rank"], stop)
         assert "non-finite value at step 2: loss (role student)" in stop["message"]
+
+
+def test_metrics_rows_after_the_resume_step_are_dropped(tmp_path: Path) -> None:
+    """A resume from step 3 drops the rows the interrupted run logged after it (steps 4, 5), keeps the others
+    as they were, and appends after them (found by mutation testing: nothing in the fast tier read the rows)."""
+    from fv_accel.trainer import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": s / 10} for s in range(1, 6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")  # a blank line, as a crash may leave
+    writer = MetricsWriter(path, enabled=True)
+    writer.truncate_after(3)
+    writer.write({"step": 4, "loss": 0.44})
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [*rows[:3], {"step": 4, "loss": 0.44}]
+    MetricsWriter(tmp_path / "other.jsonl", enabled=False).truncate_after(0)  # disabled rank: nothing to do
+    assert not (tmp_path / "other.jsonl").exists()
