@@ -8,7 +8,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fv_accel.config import (
     CheckpointConfig,
@@ -188,6 +188,21 @@ def train(cfg: RunConfig, accelerator: Any, *, dry_run: bool = False) -> Any:
                       callbacks=callbacks, checkpoints=checkpoints)
     trainer.fit(resume_path=resume)
     return trainer
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a recipe's process with ``code``: the atexit handlers (loggers, trackers, loader workers) run and the
+    streams are flushed, then ``os._exit`` skips the interpreter's own teardown. About 10–20% of FSDP2-on-gloo
+    processes abort there after ``destroy_process_group`` ("terminate called without an active exception",
+    exit -6) although everything before it was correct, which turns a finished run into a failed one for the
+    launcher."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_main(body: Callable[[], int], *, rank: int = 0) -> int:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
-from fv_accel.cli import run_recipe
+from fv_accel.cli import exit_process, run_recipe
 from fv_accel.config import RunConfig
 
 logger = logging.getLogger("fv_accel")
@@ -86,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

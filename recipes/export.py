@@ -10,9 +10,8 @@ See docs/export.md.
 
 from __future__ import annotations
 
-import sys
-
+from fv_accel.cli import exit_process
 from fv_accel.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -8,10 +8,9 @@ Without --config it fine-tunes a tiny Wan on the embedded toy world into outputs
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from fv_accel.cli import run_recipe
+from fv_accel.cli import exit_process, run_recipe
 from fv_accel.toy import finetune_default_config
 
 
@@ -25,4 +24,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from fv_accel.cli import exit_process
 from fv_accel.errors import EXIT_FAILURE, EXIT_OK
 
 
@@ -109,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -16,12 +16,12 @@ Output: ``latents`` float32 [N, C, T, H, W] in the dataset's stored (unnormalise
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from fv_accel.cli import exit_process
 from fv_accel.errors import EXIT_OK, CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -137,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
