@@ -191,4 +191,7 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    from fv_accel.cli import exit_process
+
     main(sys.argv[1])
+    exit_process(0)  # skip the interpreter teardown where FSDP2-on-gloo processes may abort (-6)

@@ -108,4 +108,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
+    from fv_accel.cli import exit_process
+
     main(Path(sys.argv[1]))
+    exit_process(0)  # skip the interpreter teardown where FSDP2-on-gloo processes may abort (-6)

@@ -76,4 +76,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fv_accel.cli import exit_process
+
+    exit_process(main())  # skip the teardown where gloo processes may abort

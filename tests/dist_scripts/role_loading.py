@@ -128,4 +128,7 @@ def main(mode: str, init_dir: str, out_dir: str, critic_init: str | None = None)
 
 
 if __name__ == "__main__":
+    from fv_accel.cli import exit_process
+
     main(*sys.argv[1:])
+    exit_process(0)  # skip the interpreter teardown where FSDP2-on-gloo processes may abort (-6)
