@@ -9,14 +9,13 @@ fp32 tensor being read and one safetensors shard being written).
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_module
 from safetensors.torch import load_file
 
 from fv_accel.export import export_checkpoint
@@ -26,11 +25,7 @@ KEEP_FP32 = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")  #
 
 
 def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("export_memory", REPO / "benchmarks" / "export_memory.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "benchmarks" / "export_memory.py", "export_memory")
 
 
 def _read_fp32(checkpoint: Path, prefix: str) -> dict[str, torch.Tensor]:

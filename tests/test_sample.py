@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, run_python
+from conftest import REPO, load_module, run_python
 from safetensors.torch import load_file
 from test_dmd2_distributed import write_recipe
 
@@ -28,11 +27,7 @@ def dmd2_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _load_recipe() -> Any:
-    spec = importlib.util.spec_from_file_location("sample_recipe", REPO / "recipes" / "sample.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "recipes" / "sample.py", "sample_recipe")
 
 
 SAMPLE = _load_recipe()

@@ -27,23 +27,14 @@ from fv_accel.build import build_lr_scheduler, build_optimizer
 from fv_accel.config import RunConfig
 from fv_accel.errors import NonFiniteError
 from fv_accel.methods import StepOutput, TrainingMethod
-from fv_accel.models import ModelBase
 from fv_accel.runtime import build_accelerator
 from fv_accel.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the loop tests' one-Linear role
+from test_loop import LinearModel  # noqa: E402
+
 NAN_STEP = 2
 NUM_STEPS = 3
-
-
-class LinearModel(ModelBase):
-    def normalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
-        return latents_bcthw
-
-    def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
-        return latents_bcthw
-
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
-        return self.transformer(x_t)
 
 
 class NaNOnRankZero(TrainingMethod):
