@@ -25,7 +25,7 @@ EMA shadow (``callbacks.ema``)         4·P_student/S on the device; 0 with ``ca
 **FSDP2 working set** (unsharded, not divided by S): the block being computed plus the one prefetched,
 all-gathered in the compute dtype, 2·c·B_blk (largest block over the roles; one role computes at a time); one
 block's unsharded gradient before its reduce-scatter, 4·B_blk (fp32 reduce dtype, during backward); and each
-role's root unit, c·P_root, which FSDP2 does not reshard after forward.
+role's root unit, c·P_root, gathered from its forward through its backward.
 
 **Activations** of one graded forward (per rank: not divided by S). Bytes per token saved by one Wan block for
 its backward, counted with ``torch.autograd.graph.saved_tensors_hooks`` on ``WanTransformerBlock`` (diffusers

@@ -144,3 +144,17 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def reshard_all(module: torch.nn.Module) -> None:
+    """Put every FSDP2 unit of ``module`` back into its sharded state.
+
+    A no-grad forward may leave units unsharded (FSDP2 keeps the root unsharded for the backward it expects;
+    every unit with ``reshard_after_forward=False``), and their next forward then runs on those unsharded
+    copies without gathering again: an in-place edit of the sharded parameters only takes effect after this.
+    Collective-free (it frees the gathered copies). No-op for a plain module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()

@@ -183,10 +183,18 @@ class _RecordingApi:
         return SimpleNamespace(commit_url="http://hub.test/commit/1")
 
 
+def _large_folder_signature(*, repo_id: str, folder_path: str, repo_type: str, revision: str | None = None,
+                            private: bool | None = None, allow_patterns: object = None,
+                            ignore_patterns: object = None, num_workers: int | None = None,
+                            print_report: bool = True, print_report_every: int = 60) -> None:
+    """The keyword-only parameters of ``HfApi.upload_large_folder`` in huggingface_hub 0.25–1.x."""
+
+
 class _RecordingLargeApi(_RecordingApi):
     """``HfApi`` of huggingface_hub 0.25 to 1.x: also has ``upload_large_folder`` (keyword arguments only)."""
 
     def upload_large_folder(self, **kwargs: object) -> None:
+        _large_folder_signature(**kwargs)  # a keyword the real method does not take is a TypeError
         self.calls.append(("upload_large_folder", kwargs))
 
 

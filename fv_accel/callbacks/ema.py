@@ -41,6 +41,7 @@ from torch import nn
 
 from fv_accel.callbacks.base import Callback
 from fv_accel.config import EMAConfig
+from fv_accel.runtime import reshard_all
 
 if TYPE_CHECKING:
     from fv_accel.methods import TrainingMethod
@@ -70,20 +71,6 @@ def clean_fqn(name: str) -> str:
 #: size of one pinned staging bucket of the ``device: cpu`` update (two are allocated); a parameter shard larger
 #: than this gets a bucket of its own size
 STAGING_BUCKET_BYTES = 64 * 2**20
-
-
-def reshard_all(module: nn.Module) -> None:
-    """Put every FSDP2 unit of ``module`` back into its sharded state.
-
-    A no-grad forward may leave units unsharded (FSDP2 keeps the root unsharded for the backward it expects;
-    every unit with ``reshard_after_forward=False``), and their next forward then runs on those unsharded
-    copies without gathering again: an in-place edit of the sharded parameters only takes effect after this.
-    Collective-free (it frees the gathered copies). No-op for a plain module."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for sub in module.modules():
-        if isinstance(sub, FSDPModule):
-            sub.reshard()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -215,7 +202,7 @@ class EMACallback(Callback):
         Before the first active step the EMA is the weights themselves, so nothing is swapped. Collective-free:
         each rank swaps its own shards; call it on every rank (the forwards inside are collectives). The swap
         writes the sharded parameters, so every FSDP2 unit is resharded on entry and on exit (see
-        :func:`reshard_all`), whatever ``reshard_after_forward`` says."""
+        :func:`fv_accel.runtime.reshard_all`), whatever ``reshard_after_forward`` says."""
         self._ensure_bound()
         if not self.initialized:
             yield

@@ -34,6 +34,7 @@ from fv_accel.flops import PassCount
 from fv_accel.methods import register_method
 from fv_accel.methods.base import StepOutput, TrainingMethod, ValidationSampler
 from fv_accel.models.base import ConditionBatch, ModelBase
+from fv_accel.runtime import reshard_all
 
 
 def is_generator_step(iteration: int, *, interval: int, warmup: int = 0) -> bool:
@@ -222,12 +223,10 @@ class DMD2Method(TrainingMethod):
             rollout, num_forwards = self._rollout(cond, grad=False)
             student_passes += PassCount(forward=num_forwards * b)
             if backpropagated:
-                # FSDP2 never reshards the root unit after a forward, so after this no-grad forward the student
-                # would expose its unsharded root parameters, which do not hold the gradients just computed (the
-                # sharded ones do), to clipping. Resharding puts the sharded parameters back.
-                reshard = getattr(self.student.transformer, "reshard", None)
-                if reshard is not None:
-                    reshard()
+                # A unit this no-grad forward left unsharded (reshard_after_forward false) would expose its
+                # gathered parameters, which do not hold the gradients just computed (the sharded ones do), to
+                # clipping: put every unit back. (The root reshards by itself: build.finish_prepare.)
+                reshard_all(self.student.transformer)
         losses["critic_loss"] = self.critic_loss(rollout, cond)
         loss_roles["critic_loss"] = "critic"
         critic_passes += PassCount(forward=b, backward=b)
