@@ -57,7 +57,7 @@ def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
     bf16: parameters all-gathered and computed in bf16, gradients reduced in fp32 (Accelerate's default policy
     would reduce in bf16). ``cast_forward_inputs=False``: FSDP2 would otherwise cast every floating input of
     every unit to bf16, the timestep included (750 → 752, which the exported pipeline never sees) and the
-    RoPE tables passed to each block. The family wrapper (``predict_noise``) casts hidden states and
+    RoPE tables passed to each block. The family wrapper (``predict_velocity``) casts hidden states and
     text embeddings itself.
     """
     if mixed_precision == "bf16":

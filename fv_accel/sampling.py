@@ -44,9 +44,9 @@ def _velocity(
     guidance_scale: float,
 ) -> torch.Tensor:
     if uncond is None or guidance_scale == 1.0:
-        return model.predict_noise(x, t, text)
+        return model.predict_velocity(x, t, text)
     # cond and uncond in one batched forward; standard CFG: uncond + w·(cond − uncond)
-    v = model.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, uncond]))
+    v = model.predict_velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, uncond]))
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
 

@@ -151,13 +151,13 @@ def test_teacher_cfg_is_one_batched_forward(toy_root: Path, tmp_path: Path, sing
     method = build_run(cfg, single_process_dist, with_data=False).method
     teacher = method.role_models["teacher"]
     calls: list[int] = []
-    original = teacher.predict_noise
+    original = teacher.predict_velocity
 
     def counting(x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         calls.append(x_t.shape[0])
         return original(x_t, t, text)
 
-    teacher.predict_noise = counting  # type: ignore[method-assign]
+    teacher.predict_velocity = counting  # type: ignore[method-assign]
     gen = torch.Generator().manual_seed(0)
     x_t = torch.randn(2, 16, 2, 8, 8, generator=gen)
     t = torch.tensor([300.0, 800.0])

@@ -30,7 +30,7 @@ class AffineX0Model(ModelBase):
     def x0_of(self, x_t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         return 0.5 * x_t + text_embeds_bld.float().mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         sigma = (t.float() / 1000).view(-1, 1, 1, 1, 1)
         return (x_t.float() - self.x0_of(x_t, text_embeds_bld)) / sigma
 
@@ -58,7 +58,7 @@ def _pipeline_loop(model: ModelBase, text: torch.Tensor, seed: int,
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((text.shape[0], *SHAPE), generator=gen)
     for t in scheduler.timesteps:
-        v = model.predict_noise(x, t.expand(text.shape[0]), text)
+        v = model.predict_velocity(x, t.expand(text.shape[0]), text)
         out = scheduler.step(v, t, x, generator=gen, return_dict=False)[0]
         if record is not None:
             record.append((x, v, out))

@@ -35,7 +35,7 @@ class RecordingModel(ModelBase):
     def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         return latents_bcthw
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         self.calls.append((x_t.detach().clone(), t.detach().clone(), text_embeds_bld.detach().clone()))
         return self.transformer.slope * x_t.float() + BIAS
 

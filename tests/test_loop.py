@@ -35,7 +35,7 @@ class LinearModel(ModelBase):
     def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         return latents_bcthw
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         return self.transformer(x_t).float()
 
 

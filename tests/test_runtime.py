@@ -51,9 +51,9 @@ def test_unsupported_mixed_precision_is_refused(fresh_world, monkeypatch) -> Non
         build_accelerator()
 
 
-def test_predict_noise_returns_a_tensor_of_its_own(single_process_dist) -> None:
+def test_predict_velocity_returns_a_tensor_of_its_own(single_process_dist) -> None:
     """FSDP2 warns when a wrapped module returns a view (an in-place op on it would drop the pre-backward hook).
-    WanModel.predict_noise hands out its own tensor, so an in-place op there keeps the gradients right."""
+    WanModel.predict_velocity hands out its own tensor, so an in-place op there keeps the gradients right."""
     from fv_accel.config import ModelConfig
     from fv_accel.models.wan import WanModel
 
@@ -62,7 +62,7 @@ def test_predict_noise_returns_a_tensor_of_its_own(single_process_dist) -> None:
         model = WanModel.from_transformer("student", _plain_tiny_wan(), ModelConfig(init_from="unused"))
         model.transformer = _prepare(single_process_dist, model.transformer)
         x = torch.randn(2, 16, 2, 8, 8, generator=torch.Generator().manual_seed(1))
-        v = model.predict_noise(x, torch.tensor([100.0, 900.0]), torch.ones(2, 8, 32))
+        v = model.predict_velocity(x, torch.tensor([100.0, 900.0]), torch.ones(2, 8, 32))
         assert not v._is_view()
         if in_place:
             v.mul_(2.0)

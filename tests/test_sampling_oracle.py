@@ -30,7 +30,7 @@ class TextMeanModel(ModelBase):
     def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         return latents_bcthw
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         m = text_embeds_bld.float().mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
         return A * x_t.float() + m
 

@@ -32,9 +32,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
-from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageWriter
 
+from fv_accel.checkpoint.states import CallbackState, SavedKeysOnly
 from fv_accel.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -195,32 +195,6 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable metadata.json ({exc})") from None
 
 
-class _CallbackState(Stateful):
-    def __init__(self, callback: Any) -> None:
-        self.callback = callback
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.callback.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.callback.load_state_dict(state_dict)
-
-
-class _SavedKeysOnly(Stateful):
-    """A stateful whose load asks DCP only for the entries the checkpoint has: a data position saved before a
-    key existed (e.g. ``shuffle``) then loads, and the stream's ``load_state_dict`` fills in the old meaning."""
-
-    def __init__(self, inner: Any, saved: set[str]) -> None:
-        self.inner = inner
-        self.saved = saved
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.inner.state_dict().items() if k in self.saved}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
-
-
 #: Opt-in for reading random-state files written before RNG_FORMAT (plain pickles, which can run code).
 ALLOW_PICKLE_RNG_ENV = "FV_ACCEL_ALLOW_PICKLE_RNG"
 #: Version of the random-state file: tensors and plain data written by torch.save, read with weights_only.
@@ -364,7 +338,7 @@ class CheckpointManager:
     def _states(self) -> dict[str, Any]:
         states: dict[str, Any] = dict(self.method.checkpoint_state())
         for cb in self.callbacks:
-            states[f"callbacks.{cb.name}"] = _CallbackState(cb)
+            states[f"callbacks.{cb.name}"] = CallbackState(cb)
         if self.data is not None:
             # The loader position is per rank (each rank has its own shard).
             states[f"dataloader.rank{_rank()}"] = self.data
@@ -591,7 +565,7 @@ class CheckpointManager:
             # epoch's order); a rank of the new world may have no key of its own: each reads rank 0's.
             states["dataloader.rank0"] = states.pop(key)
         for name in [n for n in states if n.startswith("dataloader.")]:
-            states[name] = _SavedKeysOnly(states[name], {k[len(name) + 1:] for k in saved_keys
+            states[name] = SavedKeysOnly(states[name], {k[len(name) + 1:] for k in saved_keys
                                                          if k.startswith(name + ".")})
         for name in [n for n in states if n.startswith("callbacks.")]:
             # A stateless callback saves nothing (nothing to say); EMA switched on for the resumed run starts

@@ -25,15 +25,15 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from fv_accel.checkpoint.states import (
+    ModelState,
+    OptimizerState,
+    RoleModuleContainer,
+    SchedulerState,
+    unwrap_optimizer,
+)
 from fv_accel.config import OptimizerConfig, RunConfig
 from fv_accel.flops import PassCount
 from fv_accel.models.base import ModelBase
@@ -63,54 +63,6 @@ class StepOutput:
 #: model's normalised latent space, float32 [B, C, T, H, W]; runs under ``torch.no_grad`` on every rank.
 #: ``generator``: one for the batch or one per sample (validation passes one per prompt).
 ValidationSampler = Callable[[ModelBase, torch.Tensor, torch.Tensor, Sequence[int], Generators], torch.Tensor]
-
-
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """Accelerate wraps optimizers; DCP helpers need the torch optimizer underneath."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-class RoleModuleContainer(nn.Module):
-    """Ephemeral root holding every module an optimizer owns, so DCP sees all of its parameters."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        super().__init__()
-        for name, module in modules.items():
-            self.add_module(name, module)
-
-
-class ModelState(Stateful):
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.module)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.module, state_dict, options=StateDictOptions(strict=True))
-
-
-class OptimizerState(Stateful):
-    def __init__(self, container: nn.Module, optimizer: Any) -> None:
-        self.container = container
-        self.optimizer = _unwrap_optimizer(optimizer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.container, self.optimizer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.container, self.optimizer, state_dict)
-
-
-class SchedulerState(Stateful):
-    def __init__(self, scheduler: Any) -> None:
-        self.scheduler = getattr(scheduler, "scheduler", scheduler)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scheduler.load_state_dict(state_dict["scheduler"])
 
 
 class TrainingMethod(nn.Module, ABC):
@@ -295,7 +247,7 @@ class TrainingMethod(nn.Module, ABC):
         state. One step with zero gradients and lr 0 creates it; parameters and grads are left as they were.
         """
         for optimizer in self._optimizer_dict.values():
-            opt = _unwrap_optimizer(optimizer)
+            opt = unwrap_optimizer(optimizer)
             params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
             if all(len(opt.state.get(p, {})) > 0 for p in params):
                 continue
@@ -314,5 +266,5 @@ class TrainingMethod(nn.Module, ABC):
 
     def check_optimizer_state_loaded(self) -> None:
         for role, optimizer in self._optimizer_dict.items():
-            if len(_unwrap_optimizer(optimizer).state) == 0:
+            if len(unwrap_optimizer(optimizer).state) == 0:
                 raise RuntimeError(f"optimizer state of role {role!r} is empty after loading the checkpoint")

@@ -191,7 +191,7 @@ class DMD2Method(TrainingMethod):
         t = score_timesteps(x0.shape[0], self.config, generator=gen, device=x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
         x_t = self.critic.add_noise(x0, noise, t)
-        v = self.critic.predict_noise(x_t, t, cond.text_embeds_bld)
+        v = self.critic.predict_velocity(x_t, t, cond.text_embeds_bld)
         return torch.mean((v - flow.velocity_target(x0, noise)) ** 2)
 
     # -- the step -----------------------------------------------------------------------------------------------

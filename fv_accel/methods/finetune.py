@@ -38,7 +38,7 @@ class FinetuneMethod(TrainingMethod):
             device=x0.device, logit_mean=self.config.logit_mean, logit_std=self.config.logit_std,
         )
         x_t = student.add_noise(x0, noise, t)
-        v_pred = student.predict_noise(x_t, t, cond.text_embeds_bld)
+        v_pred = student.predict_velocity(x_t, t, cond.text_embeds_bld)
         loss = torch.mean((v_pred - flow.velocity_target(x0, noise)) ** 2)
         b = x0.shape[0]
         return StepOutput(losses={"loss": loss}, loss_roles={"loss": "student"},

@@ -90,7 +90,7 @@ class ModelBase(ABC):
         self.flow_shift = config.flow_shift
         self.compute_dtype = torch.float32
         """The dtype the transformer's blocks compute in (set when it is sharded: bf16 under bf16 mixed
-        precision). ``predict_noise`` casts hidden states and text to it; FSDP2 does not cast inputs."""
+        precision). ``predict_velocity`` casts hidden states and text to it; FSDP2 does not cast inputs."""
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def init_preprocessors(self, training_config: object) -> None:  # noqa: B027 - optional hook
@@ -105,6 +105,21 @@ class ModelBase(ABC):
         """Submodules that store and compute in fp32 under bf16 mixed precision (each becomes its own FSDP2
         unit with an fp32 policy). Default: none."""
         return []
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The role's trainable/shardable modules by name: ``transformer``, plus ``transformer_2`` for a family
+        with a second expert. Methods, checkpoints, EMA and export iterate over this, never assume one."""
+        return {"transformer": self.transformer}
+
+    @classmethod
+    def diffusers_model_class(cls) -> str:
+        """Name of the diffusers class an exported transformer is written as (``diffusers.<name>``)."""
+        raise NotImplementedError(f"{cls.__name__} names no diffusers model class")
+
+    @classmethod
+    def diffusers_pipeline_class(cls) -> str:
+        """Name of the diffusers pipeline class that runs an exported transformer (used in the model card)."""
+        raise NotImplementedError(f"{cls.__name__} names no diffusers pipeline class")
 
     @property
     def device(self) -> torch.device:
@@ -162,8 +177,8 @@ class ModelBase(ABC):
         return flow.add_noise(x0, noise, t)
 
     @abstractmethod
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         """The transformer's velocity prediction v̂ ≈ ε − x0, returned in float32."""
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
-        return flow.x0_from_velocity(x_t.float(), self.predict_noise(x_t, t, text_embeds_bld), t)
+        return flow.x0_from_velocity(x_t.float(), self.predict_velocity(x_t, t, text_embeds_bld), t)

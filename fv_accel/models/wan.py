@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Only WanModel.predict_noise calls the transformer, and it never hands out the output view (see there).
+# Only WanModel.predict_velocity calls the transformer, and it never hands out the output view (see there).
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPWanTransformer3DModel\) returned a view",
                         category=UserWarning)
 
@@ -135,6 +135,14 @@ class WanModel(ModelBase):
     vae_temporal_factor = 4
     #: ``patch_size`` (t, h, w) of every published Wan 2.1 / 2.2 transformer.
     default_patch_size = (1, 2, 2)
+
+    @classmethod
+    def diffusers_model_class(cls) -> str:
+        return "WanTransformer3DModel"
+
+    @classmethod
+    def diffusers_pipeline_class(cls) -> str:
+        return "WanPipeline"
 
     @classmethod
     def pixel_multiple(cls, patch_size: tuple[int, ...] | None = None) -> int:
@@ -278,7 +286,7 @@ class WanModel(ModelBase):
                 found.append((name, module))
         return [module for _, module in found]
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         # FSDP2 leaves inputs alone (runtime.mixed_precision_policy): the latents and text go in the blocks'
         # compute dtype, the timestep in fp32 exactly as given (the sinusoidal embedding at t ≈ 1000 changes
         # completely with a bf16 rounding of t).

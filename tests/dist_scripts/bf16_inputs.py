@@ -86,7 +86,7 @@ def global_batch() -> dict[str, torch.Tensor]:
 
 
 def loss_of(model: ModelBase, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.mean((model.predict_noise(batch["x_t"], batch["t"], batch["text"]) - batch["target"]) ** 2)
+    return torch.mean((model.predict_velocity(batch["x_t"], batch["t"], batch["text"]) - batch["target"]) ** 2)
 
 
 def dtype_name(value: Any) -> str:
@@ -165,7 +165,7 @@ def main(out_dir: str) -> None:
     for role, model in (("student", student), ("teacher", teacher_model)):
         probes = Probes(model.transformer)
         with torch.no_grad():
-            v = model.predict_noise(x, torch.tensor([PROBE_T]), text)
+            v = model.predict_velocity(x, torch.tensor([PROBE_T]), text)
         probes.remove()
         report[f"{role}_seen"] = probes.seen
         report[f"{role}_output_dtype"] = dtype_name(v)

@@ -81,9 +81,9 @@ class TwoRoleMethod(TrainingMethod):
         x0, noise, t, text = batch["x0"], batch["noise"], batch["t"], batch["text"]
         x_t = flow.add_noise(x0, noise, t)
         with torch.no_grad():
-            v_teacher = roles["teacher"].predict_noise(x_t, t, text)
-        student_loss = torch.mean((roles["student"].predict_noise(x_t, t, text) - v_teacher) ** 2)
-        critic_loss = torch.mean((roles["critic"].predict_noise(x_t, t, text) - flow.velocity_target(x0, noise)) ** 2)
+            v_teacher = roles["teacher"].predict_velocity(x_t, t, text)
+        student_loss = torch.mean((roles["student"].predict_velocity(x_t, t, text) - v_teacher) ** 2)
+        critic_loss = torch.mean((roles["critic"].predict_velocity(x_t, t, text) - flow.velocity_target(x0, noise)) ** 2)
         return StepOutput(losses={"student_loss": student_loss, "critic_loss": critic_loss},
                           loss_roles={"student_loss": "student", "critic_loss": "critic"})
 

@@ -60,7 +60,7 @@ def forward(model: Any, config: Any) -> torch.Tensor:
     x = torch.randn(1, config.in_channels, 2, 4, 4, generator=gen)
     text = torch.randn(1, 8, config.text_dim, generator=gen)
     with torch.no_grad():
-        return model.predict_noise(x, torch.tensor([750.0]), text)
+        return model.predict_velocity(x, torch.tensor([750.0]), text)
 
 
 def compare(method: Any, cfg: RunConfig, mixed_precision: str) -> dict[str, Any]:
