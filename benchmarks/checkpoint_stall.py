@@ -39,7 +39,7 @@ import torch.distributed as dist  # noqa: E402
 from fv_accel.callbacks import CallbackList  # noqa: E402
 from fv_accel.checkpoint import CheckpointManager  # noqa: E402
 from fv_accel.checkpoint.manager import WRITER_THREADS  # noqa: E402
-from fv_accel.methods.base import ModelState, OptimizerState, RoleModuleContainer  # noqa: E402
+from fv_accel.checkpoint.states import ModelState, OptimizerState, RoleModuleContainer  # noqa: E402
 
 
 class OneRole:
@@ -48,7 +48,9 @@ class OneRole:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        self._optimizer_dict = {"student": self.optimizer}
+
+    def optimizers(self) -> dict[str, Any]:
+        return {"student": self.optimizer}
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"roles.student.transformer": ModelState(self.model),

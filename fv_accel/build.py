@@ -91,10 +91,14 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
     opt_cfgs = method.optimizer_configs()
     plugin = accelerator.state.fsdp_plugin
     optimizer_names: dict[str, tuple[Any, list[list[str]]]] = {}
-    for role, model in method.role_models.items():
+    for role, record in method.roles.items():
+        model = record.model
+        if list(model.modules()) != ["transformer"]:
+            raise ConfigError(f"models.{role}: a role with modules {list(model.modules())} cannot be sharded yet "
+                              "(one transformer per role)")
         plugin.transformer_cls_names_to_wrap = list(model.block_class_names)
         stored_dtypes = shard_fp32_modules(accelerator, model)
-        if model._trainable:
+        if record.trainable:
             if role not in opt_cfgs:
                 raise ValueError(f"method {method.name!r} gives no optimizer settings for trainable role {role!r}")
             params = [p for p in model.transformer.parameters() if p.requires_grad]
@@ -105,13 +109,12 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
             group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
             transformer, optimizer, scheduler = accelerator.prepare(model.transformer, optimizer, scheduler)
             optimizer_names[role] = (optimizer, group_names)
-            method.attach_prepared(role, transformer, optimizer, scheduler)
+            method.attach_prepared(role, {"transformer": transformer}, optimizer, scheduler)
         else:
             transformer = fsdp2_prepare_model(accelerator, model.transformer)
             transformer.requires_grad_(False)
             transformer.eval()
-            model.transformer = transformer
-            method.role_modules[role].add_module("transformer", transformer)  # ModuleDict item assignment
+            method.attach_prepared(role, {"transformer": transformer})
         finish_prepare(accelerator, role, model, stored_dtypes)
         assert_fsdp2_sharded(role, model.transformer)
     if any(is_on_meta(model.transformer) for model in method.role_models.values()):

@@ -17,10 +17,19 @@ import re
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from fv_accel.errors import ConfigError
 
@@ -75,20 +84,6 @@ class ModelConfig(_Strict):
     checked when the config is resolved, a Hub id when the roles load; both before any weight is read."""
 
 
-class FinetuneMethodConfig(_Strict):
-    """Flow-matching supervised fine-tuning of the student."""
-
-    name: Literal["finetune"]
-    """Selects this method; keys of other methods are unknown keys here."""
-    weighting_scheme: Literal["uniform", "logit_normal"] = "uniform"
-    """How training timesteps u ∈ (0, 1) are drawn before the student's flow shift is applied."""
-    logit_mean: float = 0.0
-    """logit_normal only: mean of z ~ N(mean, std); σ = shift(1 − sigmoid(z)) as in diffusers' and FastVideo's
-    training scripts, so a positive mean favours *low* noise (mean 1, shift 3: median t ≈ 525)."""
-    logit_std: float = Field(1.0, gt=0)
-    """logit_normal only: standard deviation of z."""
-
-
 class OptimizerConfig(_Strict):
     """AdamW and its learning-rate schedule, for one trainable role."""
 
@@ -115,56 +110,14 @@ class OptimizerConfig(_Strict):
         return value
 
 
-class DMD2MethodConfig(_Strict):
-    """Distribution matching distillation (DMD2) with a trainable critic ("fake score")."""
+class MethodConfigBase(_Strict):
+    """What every method's ``Config`` (declared in its own file under ``fv_accel/methods``) derives from."""
 
-    name: Literal["dmd2"]
-    """Selects this method; keys of other methods are unknown keys here."""
-    rollout_mode: Literal["simulate", "data_latent"] = "simulate"
-    """How the student's input is made: ``simulate`` runs the few-step student sampler from noise (data-free);
-    ``data_latent`` noises dataset latents."""
-    dmd_denoising_steps: list[int] = Field(default_factory=lambda: [1000, 750, 500, 250])
-    """The student's timesteps, strictly descending in (0, 1000]."""
-    generator_update_interval: int = Field(5, ge=1)
-    """The student (generator) steps every N iterations; the critic every iteration."""
-    real_score_guidance_scale: float = Field(4.5, ge=0)
-    """Teacher CFG scale in the standard form uncond + w·(cond − uncond). FastVideo's legacy w = this − 1."""
-    min_timestep_ratio: float = Field(0.02, ge=0, le=1)
-    """Lower end of the score timestep window, as a fraction of 1000."""
-    max_timestep_ratio: float = Field(0.98, ge=0, le=1)
-    """Upper end of that window (must be > ``min_timestep_ratio``)."""
-    score_timestep_shift: float = Field(3.0, gt=0)
-    """Shift applied to the score (teacher/critic) timestep before clamping to the window."""
-    uncond: Literal["zeros", "negative_prompt"] = "zeros"
-    """Unconditional branch of the teacher: zero text embeddings, or the dataset's negative-prompt embedding."""
-    critic_optimizer: OptimizerConfig = Field(
-        default_factory=lambda: OptimizerConfig(learning_rate=4e-5, betas=[0.0, 0.999])
-    )
-    """The critic's optimizer (``training.optimizer`` is the student's); its defaults differ in the learning
-    rate and beta1."""
-    critic_warmup_steps: int = Field(0, ge=0)
-    """Critic-only iterations before the first student update."""
-    reuse_generator_rollout_for_critic: bool = False
-    """Train the critic on the generator iteration's detached rollout instead of a fresh one (saves forwards,
-    changes the algorithm; off by default)."""
-
-    @field_validator("dmd_denoising_steps")
-    @classmethod
-    def _steps_descending(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("needs at least one step")
-        if any(not 0 < s <= 1000 for s in value) or any(a <= b for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError("must be strictly descending integers in (0, 1000]")
-        return value
-
-    @model_validator(mode="after")
-    def _window(self) -> DMD2MethodConfig:
-        if self.min_timestep_ratio >= self.max_timestep_ratio:
-            raise ValueError("min_timestep_ratio must be < max_timestep_ratio")
-        return self
+    name: str
+    """Selects the method (``fv_accel/methods/registry.py``); keys of other methods are unknown keys here."""
 
 
-MethodConfig = Annotated[FinetuneMethodConfig | DMD2MethodConfig, Field(discriminator="name")]
+
 
 
 class DataConfig(_Strict):
@@ -356,11 +309,15 @@ class HubConfig(_Strict):
 
 
 class RunConfig(_Strict):
+    plugins: list[str] = Field(default_factory=list)
+    """Python modules imported before the rest of this configuration is read, e.g. a project's own method
+    (registered with ``fv_accel.methods.register_method``) so that ``method.name`` can select it. They must be
+    importable on every node (installed, or on ``PYTHONPATH``)."""
     models: dict[str, ModelConfig]
     """One entry per role; ``student`` is required, the other roles are the ones the method asks for (dmd2:
     ``teacher``, frozen, and ``critic``, by default a trainable copy of the teacher's entry)."""
-    method: MethodConfig
-    """The training method, selected by ``method.name``."""
+    method: SerializeAsAny[MethodConfigBase]
+    """The training method, selected by ``method.name``; its keys are its ``Config``'s (one per method file)."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     """Settings every method shares: data, optimizer, loop, checkpoints and trackers (sections of their own)."""
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
@@ -370,30 +327,58 @@ class RunConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_critic(cls, data: Any) -> Any:
-        """dmd2 without ``models.critic``: the critic starts from the teacher's weights and is trainable."""
-        if not isinstance(data, dict):
+    def _method_default_roles(cls, data: Any) -> Any:
+        """The method's role defaults (dmd2: the critic as a trainable copy of the teacher)."""
+        if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
             return data
-        method, models = data.get("method"), data.get("models")
-        if (isinstance(method, dict) and method.get("name") == "dmd2" and isinstance(models, dict)
-                and "critic" not in models and isinstance(models.get("teacher"), dict)):
-            data = {**data, "models": {**models, "critic": {**models["teacher"], "trainable": True}}}
-        return data
+        method = _registered_method(data.get("method"))
+        if method is None:
+            return data
+        return {**data, "models": method.default_roles(data["models"])}
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_config(cls, value: Any) -> Any:
+        """Validate ``method`` as the ``Config`` of the method its ``name`` selects."""
+        if isinstance(value, MethodConfigBase) or not isinstance(value, dict):
+            return value
+        if "name" not in value:
+            raise PydanticCustomError("method_name_missing", "required value is missing")
+        from fv_accel.methods.registry import METHODS, method_class
+
+        try:
+            method = method_class(value["name"])
+        except KeyError:
+            raise PydanticCustomError(
+                "method_unknown", "no method named {name!r} (registered: {known}; a project's own method is "
+                "imported through the plugins key)", {"name": value["name"], "known": ", ".join(sorted(METHODS))},
+            ) from None
+        return method.Config.model_validate(value)
 
     @model_validator(mode="after")
     def _roles(self) -> RunConfig:
         if "student" not in self.models:
             raise ValueError("models.student is required")
-        teacher = self.models.get("teacher")
-        if isinstance(self.method, DMD2MethodConfig) and teacher is None:
-            raise ValueError("models.teacher is required for method.name=dmd2")
-        if isinstance(self.method, DMD2MethodConfig) and teacher is not None and teacher.trainable:
-            raise ValueError("models.teacher.trainable must be false for method.name=dmd2 (the teacher is frozen)")
-        if (isinstance(self.method, DMD2MethodConfig) and self.method.uncond == "negative_prompt"
-                and not self.training.data.negative_prompt_path):
-            raise ValueError("method.uncond=negative_prompt needs training.data.negative_prompt_path (a text-only "
-                             "parquet with the negative-prompt embedding); or set method.uncond=zeros")
+        method = _registered_method(self.method.name)
+        if method is not None:
+            problems = method.role_errors({role: m.trainable for role, m in self.models.items()})
+            if problems:
+                raise ValueError(problems[0])
+            method.check_config(self)
         return self
+
+
+def _registered_method(method: Any) -> Any:
+    """The registered method class ``method`` (a ``method`` mapping or a name) selects, else None."""
+    name = method.get("name") if isinstance(method, dict) else method
+    if not isinstance(name, str):
+        return None
+    from fv_accel.methods.registry import method_class
+
+    try:
+        return method_class(name)
+    except KeyError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -526,18 +511,15 @@ def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         # Discriminated unions insert the tag name ("dmd2") into the location; drop it from the key path.
-        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("finetune", "dmd2"))]
+        loc = [str(p) for p in err["loc"]]
         path = ".".join(loc) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required value is missing"
-        elif err["type"] in ("union_tag_not_found", "union_tag_invalid"):
-            # The culprit is the discriminator key itself (method.name), not the whole section.
-            tag = err.get("ctx", {}).get("discriminator", "name").strip("'")
-            path = f"{path}.{tag}"
-            msg = "required value is missing" if err["type"] == "union_tag_not_found" else msg
+        elif err["type"] in ("method_name_missing", "method_unknown"):
+            path = f"{path}.name"  # the culprit is the key that selects the method, not the whole section
         elif isinstance(err.get("input"), (str, int, float, bool)):
             msg = f"{msg} (got {err['input']!r})"  # e.g. the string "10" where an int was expected
         lines.append(f"{path}: {msg}")
@@ -566,6 +548,7 @@ def resolve_config(base: dict[str, Any], overrides: Sequence[tuple[str, Any]] = 
     tree = copy.deepcopy(base)
     for key, value in overrides:
         _set_dotted(tree, key, value)
+    import_plugins(tree.get("plugins", []))
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as exc:
@@ -575,6 +558,22 @@ def resolve_config(base: dict[str, Any], overrides: Sequence[tuple[str, Any]] = 
     check_latent_stats(cfg)
     check_validation_prompts(cfg)
     return cfg
+
+
+def import_plugins(modules: Any) -> None:
+    """Import the modules of the ``plugins`` key (a project's own methods register on import); exit 2 naming
+    the module that cannot be imported. A wrong type is left to the schema's own error."""
+    import importlib
+
+    if not isinstance(modules, list):
+        return
+    for index, name in enumerate(modules):
+        if not isinstance(name, str):
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or any error the module raises while it is imported
+            raise ConfigError(f"plugins.{index}: cannot import {name!r} ({type(exc).__name__}: {exc})") from None
 
 
 def check_validation_prompts(cfg: RunConfig) -> None:

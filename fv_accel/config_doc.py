@@ -7,7 +7,7 @@ hand-written prose; only the blocks between ``<!-- BEGIN GENERATED: <section> --
 docs``); ``tests/test_config_doc.py`` fails when the committed doc differs.
 
 Sections: the tree is split into one table per model reached from ``RunConfig`` through plain nested models
-(``training.data``, ``callbacks.ema``, ...); a union member (each method, by its ``name`` literal) or the model
+(``training.data``, ``callbacks.ema``, ...); a method (each registered method's ``Config``, by its ``name`` literal), a union member or the model
 of a mapping (``models.<role>``) is one table, its own nested models flattened into it.
 """
 
@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
-from fv_accel.config import RunConfig
+from fv_accel.config import MethodConfigBase, RunConfig
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 WRITE_COMMAND = "python -m fv_accel.config_doc --write"
@@ -88,8 +88,13 @@ def _model_of(tp: Any) -> tuple[type[BaseModel] | None, bool]:
 
 
 def _union_members(tp: Any) -> list[type[BaseModel]]:
-    """The members of a union of two or more models (a tagged union such as ``method``), else []."""
+    """The members of a union of two or more models, or the registered methods' ``Config`` classes for the
+    ``method`` section (validated by its ``name``; ``fv_accel/methods/registry.py``), else []."""
     args = [a for a in _union_args(tp) if a is not type(None)]
+    if args == [MethodConfigBase]:
+        from fv_accel.methods.registry import METHODS
+
+        return [METHODS[name].Config for name in sorted(METHODS)]
     return args if len(args) > 1 and all(_is_model(a) for a in args) else []
 
 
@@ -136,8 +141,8 @@ def _split(model: type[BaseModel], prefix: str, default: BaseModel | None, intro
     for name, info in model.model_fields.items():
         key = f"{prefix}.{name}" if prefix else name
         has_default, value = _default(info, default, name)
-        sub = _model_of(info.annotation)[0]
         members = _union_members(info.annotation)
+        sub = _model_of(info.annotation)[0] if not members else None
         mapped = _mapping_model(info.annotation)
         if sub is not None:
             _split(sub, key, value if isinstance(value, BaseModel) else None, _description(info), out)

@@ -214,7 +214,7 @@ class Trainer:
         self._consecutive_skips = 0
 
         t_opt = time.perf_counter()
-        stepped_roles = [r for r, o in method._optimizer_dict.items() if o in list(method.get_optimizers(step))]
+        stepped_roles = [r for r in method.stepping_roles(step) if method.roles[r].optimizer is not None]
         for optimizer in method.get_optimizers(step):
             optimizer.step()
         for scheduler in method.get_lr_schedulers(step):
@@ -225,8 +225,9 @@ class Trainer:
 
         global_batch = self.cfg.training.data.train_batch_size * accum * self.world_size
         row: dict[str, Any] = {"step": step, **reduced}
-        for role, sched in method._lr_scheduler_dict.items():
-            row[f"lr/{role}"] = float(sched.get_last_lr()[0])
+        for name, role in method.roles.items():
+            if role.scheduler is not None:
+                row[f"lr/{name}"] = float(role.scheduler.get_last_lr()[0])
         for role, value in norms.items():
             row[f"grad_norm/{role}"] = value
         row["step_time_s"] = t_end - t_start

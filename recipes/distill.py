@@ -61,7 +61,7 @@ def _toy_data_dir(cfg: RunConfig) -> Path | None:
 
 def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
     """After a toy-world distillation: the quality table (EMA student when EMA is on), on stdout and in JSON."""
-    from fv_accel.config import DMD2MethodConfig
+    from fv_accel.methods.dmd2 import DMD2MethodConfig
     from fv_accel.quality import format_quality_table, toy_quality, write_quality_json
 
     data_dir = _toy_data_dir(cfg)

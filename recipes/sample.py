@@ -72,8 +72,9 @@ def load_model(cfg: RunConfig, checkpoint: Path, role: str) -> ModelBase:
 @torch.no_grad()
 def sample(checkpoint: Path, role: str, steps: int, num_samples: int, seed: int) -> dict[str, torch.Tensor]:
     from fv_accel.checkpoint.manager import read_metadata
-    from fv_accel.config import DMD2MethodConfig, RunConfig
+    from fv_accel.config import RunConfig
     from fv_accel.data import ParquetLatentDataset
+    from fv_accel.methods.dmd2 import DMD2MethodConfig
     from fv_accel.quality import spread_rows
     from fv_accel.sampling import dmd_sample, euler_sample
 

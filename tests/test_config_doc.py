@@ -25,9 +25,19 @@ def test_committed_doc_is_regenerated() -> None:
 
 def _schema_keys() -> dict[str, str | None]:
     """Every dotted key of RunConfig from pydantic's JSON schema (a walk independent of config_doc): leaf keys
-    map to their description, section keys to the marker "<section>"; a mapping's key is ``*``."""
+    map to their description, section keys to the marker "<section>"; a mapping's key is ``*``. ``method`` is
+    validated as the Config of the registered method its name selects: each Config's own schema is walked."""
+    from fv_accel.methods.registry import METHODS
+
     schema = RunConfig.model_json_schema()
-    defs = schema.get("$defs", {})
+    defs = dict(schema.get("$defs", {}))
+    method_refs = []
+    for cls in METHODS.values():
+        sub = cls.Config.model_json_schema()
+        defs.update(sub.pop("$defs", {}))
+        defs[cls.Config.__name__] = sub
+        method_refs.append({"$ref": f"#/$defs/{cls.Config.__name__}"})
+    schema["properties"]["method"] = {"anyOf": method_refs}
 
     def objects(node: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if "$ref" in node:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from fv_accel import flow
-from fv_accel.config import DMD2MethodConfig, RunConfig, resolve_config
+from fv_accel.config import RunConfig, resolve_config
 from fv_accel.errors import ConfigError
 from fv_accel.methods.dmd2 import (
+    DMD2MethodConfig,
     cfg_combine,
     dmd_gradient,
     dmd_loss,
@@ -139,8 +140,8 @@ def test_roles_step_only_when_gated(toy_root: Path, tmp_path: Path, single_proce
     for n, p in before["teacher"].items():
         assert torch.equal(history[-1]["teacher"][n], p)
     # each role's LR schedule counts its own steps: the student's scheduler stepped twice
-    assert method._lr_scheduler_dict["student"].scheduler.last_epoch == 2
-    assert method._lr_scheduler_dict["critic"].scheduler.last_epoch == 7
+    assert method.roles["student"].scheduler.scheduler.last_epoch == 2
+    assert method.roles["critic"].scheduler.scheduler.last_epoch == 7
 
 
 def test_teacher_cfg_is_one_batched_forward(toy_root: Path, tmp_path: Path, single_process_dist: Any) -> None:
@@ -234,7 +235,7 @@ def test_generator_first_backward_gives_the_combined_gradients_bitwise(
         method.eager_backward = eager  # type: ignore[misc]
         method.optimizers_zero_grad(3)
         method.on_train_start()  # the same seeds → the same rollout, timesteps and noise
-        out = method.single_train_step(batch, 3)  # a generator iteration (interval 3)
+        out = method.single_train_step(batch, 3)  # a generator step (interval 3)
         assert set(out.losses) == {"generator_loss", "critic_loss"}
         if eager:
             assert out.backpropagated == {"generator_loss"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,15 +58,15 @@ class FakeMethod(TrainingMethod):
     def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase], events: list[str]) -> None:
         super().__init__(cfg=cfg, role_models=role_models)
         self.events = events
-        self.step_roles: dict[int, list[str]] = {}  # iteration → roles whose optimizers step (default: all)
+        self.step_roles: dict[int, list[str]] = {}  # step → roles whose optimizers step (default: all)
         self.clip_roles: list[str] = ["student", "critic"]
-        self.nan_at: dict[int, str] = {}  # iteration → loss name made NaN
+        self.nan_at: dict[int, str] = {}  # step → loss name made NaN
         self.inf_grad_at: set[int] = set()
 
     def optimizer_configs(self) -> dict[str, Any]:
         return {"student": self.training_config.optimizer, "critic": self.training_config.optimizer}
 
-    def single_train_step(self, batch: tuple[torch.Tensor, torch.Tensor], iteration: int) -> StepOutput:
+    def single_train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> StepOutput:
         self.events.append("forward")
         x, y = batch
         student = self.role_models["student"].transformer
@@ -76,9 +75,9 @@ class FakeMethod(TrainingMethod):
             "critic_loss": critic_loss(self.role_models["critic"].transformer,
                                        self.role_models["teacher"].transformer, x),
         }
-        if self.nan_at.get(iteration):
-            losses[self.nan_at[iteration]] = losses[self.nan_at[iteration]] * float("nan")
-        if iteration in self.inf_grad_at:
+        if self.nan_at.get(step):
+            losses[self.nan_at[step]] = losses[self.nan_at[step]] * float("nan")
+        if step in self.inf_grad_at:
             # Finite loss, infinite gradient: only the grad-norm check can catch it.
             student.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
         return StepOutput(losses=losses, loss_roles={"student_loss": "student", "critic_loss": "critic"},
@@ -88,14 +87,8 @@ class FakeMethod(TrainingMethod):
         self.events.append("backward")
         super().backward(output, grad_accum_rounds=grad_accum_rounds)
 
-    def _roles_at(self, iteration: int) -> list[str]:
-        return self.step_roles.get(iteration, ["student", "critic"])
-
-    def get_optimizers(self, iteration: int) -> Sequence[Any]:
-        return [self._optimizer_dict[r] for r in self._roles_at(iteration)]
-
-    def get_lr_schedulers(self, iteration: int) -> Sequence[Any]:
-        return [self._lr_scheduler_dict[r] for r in self._roles_at(iteration)]
+    def stepping_roles(self, step: int) -> list[str]:
+        return self.step_roles.get(step, ["student", "critic"])
 
     def get_grad_clip_targets(self, iteration: int) -> dict[str, nn.Module]:
         return {r: self.role_models[r].transformer for r in self.clip_roles}
@@ -157,7 +150,7 @@ class Harness:
                                              self.events.append(f"optimizer.step:{role}"))
             scheduler = build_lr_scheduler(optimizer, opt_cfg, self.cfg.training.loop.max_train_steps)
             self._record_calls(scheduler, "step", f"scheduler.step:{role}")
-            self.method.attach_prepared(role, module, optimizer, scheduler)
+            self.method.attach_prepared(role, {"transformer": module}, optimizer, scheduler)
         self.batches = _batches()
         self.recorder = Recorder(self.events)
         self.trainer = Trainer(accelerator=accelerator, method=self.method, data=iter(self.batches), cfg=self.cfg,
@@ -257,7 +250,7 @@ def test_every_clip_target_is_clipped_to_its_own_norm(harness: Any) -> None:
     for role in ("student", "critic"):
         module = h.method.role_models[role].transformer
         sgd = torch.optim.SGD(module.parameters(), lr=lr)
-        h.method.attach_prepared(role, module, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0))
+        h.method.attach_prepared(role, {"transformer": module}, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda _: 1.0))
     ref = {r: copy.deepcopy(h.method.role_models[r].transformer) for r in ("student", "critic", "teacher")}
     x, y = h.batches[0]
     raw = {"student": torch.autograd.grad(student_loss(ref["student"], x, y), list(ref["student"].parameters())),
@@ -390,11 +383,11 @@ def test_nonfinite_skip_leaves_weights_and_counts(harness: Any) -> None:
     h.method.nan_at.update({2: "student_loss", 4: "critic_loss", 5: "critic_loss"})
     assert h.trainer.train_step(1) is not None
     before = {r: h.weights(r) for r in ("student", "critic")}
-    lr_before = h.method._lr_scheduler_dict["student"].get_last_lr()[0]
+    lr_before = h.method.roles["student"].scheduler.get_last_lr()[0]
     assert h.trainer.train_step(2) is None
     for role, weight in before.items():
         assert torch.equal(h.weights(role), weight), f"{role} moved on a skipped step"
-    assert h.method._lr_scheduler_dict["student"].get_last_lr()[0] == lr_before
+    assert h.method.roles["student"].scheduler.get_last_lr()[0] == lr_before
     # Gradients of the skipped step are dropped, not carried into the next one.
     assert all(m.transformer.weight.grad is None for m in h.method.role_models.values())
     row = h.trainer.train_step(3)

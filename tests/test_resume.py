@@ -252,7 +252,7 @@ def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Pat
     assert all(torch.equal(critic[k].full_tensor(), v) for k, v in critic_ref.items())
     shadow = ema_cb.shadow_full()  # type: ignore[attr-defined]
     assert all(torch.equal(shadow[k], ema_ref[k]) for k in ema_ref)
-    opt = built.method._optimizer_dict["student"].optimizer
+    opt = built.method.roles["student"].optimizer.optimizer
     assert all(float(s["step"]) == ROLE_STEPS["student"] for s in opt.state.values())
     exp_avg = {k: v for k, v in flat.items() if k.startswith("optimizers.student.") and k.endswith(".exp_avg")}
     assert len(exp_avg) == len(opt.state)

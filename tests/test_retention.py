@@ -18,8 +18,9 @@ import fv_accel.checkpoint.manager as manager_mod
 from fv_accel.callbacks import CallbackList
 from fv_accel.checkpoint import CheckpointManager, resolve_checkpoint
 from fv_accel.checkpoint.manager import is_complete, list_checkpoints, resume_command
+from fv_accel.checkpoint.states import ModelState, OptimizerState, RoleModuleContainer
 from fv_accel.errors import CheckpointError
-from fv_accel.methods.base import ModelState, OptimizerState, RoleModuleContainer, TrainingMethod
+from fv_accel.methods.base import TrainingMethod
 
 
 class TinyMethod:
@@ -30,7 +31,9 @@ class TinyMethod:
         with torch.no_grad():
             self.model.weight.fill_(fill)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
-        self._optimizer_dict = {"student": self.optimizer}
+
+    def optimizers(self) -> dict[str, Any]:
+        return {"student": self.optimizer}
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"roles.student.transformer": ModelState(self.model),

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.storage import StorageWriter
 
-from fv_accel.checkpoint.states import CallbackState, SavedKeysOnly
+from fv_accel.checkpoint.states import CallbackState, SavedKeysOnly, unwrap_optimizer
 from fv_accel.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -345,7 +345,7 @@ class CheckpointManager:
         return states
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {role: getattr(opt, "optimizer", opt) for role, opt in self.method._optimizer_dict.items()}
+        return {role: unwrap_optimizer(opt) for role, opt in self.method.optimizers().items()}
 
     def _stateless_optimizer_roles(self) -> list[str]:
         return [role for role, opt in self._optimizers().items() if not opt.state]

@@ -1,25 +1,17 @@
-"""Training methods. Adding a method = one file here + one registry entry."""
+"""Training methods. Adding a method is one file: its ``Config``, role rules and class, registered with
+``@register_method``; built-in ones are imported here, others through the config's ``plugins`` key."""
 
 from __future__ import annotations
 
-from fv_accel.methods.base import StepOutput, TrainingMethod
-from fv_accel.methods.finetune import FinetuneMethod
+from fv_accel.methods import dmd2 as _dmd2  # noqa: E402
 
-METHODS: dict[str, type[TrainingMethod]] = {"finetune": FinetuneMethod}
+# Imported for their registration.
+from fv_accel.methods import finetune as _finetune  # noqa: E402,I001
+from fv_accel.methods.base import Role, StepOutput, TrainingMethod
+from fv_accel.methods.registry import METHODS, method_class, register_method
 
+FinetuneMethod = _finetune.FinetuneMethod
+DMD2Method = _dmd2.DMD2Method
 
-def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
-    METHODS[cls.name] = cls
-    return cls
-
-
-def method_class(name: str) -> type[TrainingMethod]:
-    if name not in METHODS:
-        # Methods living in their own modules register on import.
-        import importlib
-
-        importlib.import_module(f"fv_accel.methods.{name}")
-    return METHODS[name]
-
-
-__all__ = ["METHODS", "FinetuneMethod", "StepOutput", "TrainingMethod", "method_class", "register_method"]
+__all__ = ["METHODS", "DMD2Method", "FinetuneMethod", "Role", "StepOutput", "TrainingMethod", "method_class",
+           "register_method"]

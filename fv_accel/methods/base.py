@@ -1,8 +1,16 @@
-"""The training-method seed API (DESIGN.md §2): a method owns role models, decides which of them step at each
-iteration, and exposes its whole state for distributed checkpointing.
+"""The training-method seed API (``docs/architecture.md``): a method owns role models, says which of them step
+at each step, and exposes its whole state for distributed checkpointing.
 
-A method never loops over data and never calls ``optimizer.step()``: the loop (``fv_accel/trainer.py``) does,
-using :meth:`get_optimizers`, :meth:`get_lr_schedulers` and :meth:`get_grad_clip_targets`.
+Roles are public records (:class:`Role`: name, model, trainable, optimizer, scheduler, modules) in
+``method.roles``. A method says which roles step at a step (:meth:`TrainingMethod.stepping_roles`); the
+optimizers, schedulers and clip targets the loop uses derive from that in this base class. A method never
+loops over data and never calls ``optimizer.step()``: the loop (``fv_accel/trainer.py``) does.
+
+A method is one file: its ``Config`` (a strict pydantic model deriving from
+:class:`fv_accel.config.MethodConfigBase`), its role rules (:attr:`TrainingMethod.required_roles`,
+:attr:`~TrainingMethod.trainable_roles`, :attr:`~TrainingMethod.frozen_roles`,
+:meth:`~TrainingMethod.default_roles`, :meth:`~TrainingMethod.check_config`) and the class, registered with
+``@register_method`` (``fv_accel/methods/registry.py``).
 
 Backward contract. Per micro-batch the loop calls ``out = single_train_step(batch, step)`` then
 ``backward(out, grad_accum_rounds=accum)``, and logs and checks every entry of ``out.losses`` for non-finite
@@ -18,7 +26,7 @@ Summing losses of disjoint graphs and differentiating them separately give bitwi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,7 +42,8 @@ from fv_accel.checkpoint.states import (
     SchedulerState,
     unwrap_optimizer,
 )
-from fv_accel.config import OptimizerConfig, RunConfig
+from fv_accel.config import MethodConfigBase, OptimizerConfig, RunConfig
+from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
 from fv_accel.models.base import ModelBase
 from fv_accel.sampling import Generators
@@ -59,6 +68,30 @@ class StepOutput:
     their values are detached and only logged and checked. See the module docstring's backward contract."""
 
 
+@dataclass
+class Role:
+    """One role of a method: its model and, for a trainable role once it is prepared, its optimizer and LR
+    scheduler (Accelerate-prepared objects). :func:`fv_accel.build.shard_roles` fills those in through
+    :meth:`TrainingMethod.attach_prepared`."""
+
+    name: str
+    model: ModelBase
+    trainable: bool
+    optimizer: Any | None = None
+    scheduler: Any | None = None
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """The role's modules by name (``transformer``, and ``transformer_2`` for a two-expert family)."""
+        return self.model.modules()
+
+    @property
+    def clip_target(self) -> nn.Module:
+        """The module whose gradients are clipped to one global norm: the only module, or all of them."""
+        modules = self.modules
+        return next(iter(modules.values())) if len(modules) == 1 else RoleModuleContainer(modules)
+
+
 #: ``sampler(model, text_embeds_bld, uncond_embeds_bld, latent_shape [C,T,H,W], generator)`` → x0 in the
 #: model's normalised latent space, float32 [B, C, T, H, W]; runs under ``torch.no_grad`` on every rank.
 #: ``generator``: one for the batch or one per sample (validation passes one per prompt).
@@ -70,40 +103,66 @@ class TrainingMethod(nn.Module, ABC):
 
     #: the ``method.name`` this class implements
     name: ClassVar[str]
-    #: roles the method needs, and which of them must be trainable
+    #: the method's own configuration section (``method``); the base class accepts any method's
+    Config: ClassVar[type[MethodConfigBase]] = MethodConfigBase
+    #: roles the method needs; which of them must be trainable, and which must be frozen
     required_roles: ClassVar[tuple[str, ...]] = ("student",)
     trainable_roles: ClassVar[tuple[str, ...]] = ("student",)
+    frozen_roles: ClassVar[tuple[str, ...]] = ()
 
     cuda_generator: torch.Generator | None = None
     choice_generator: torch.Generator | None = None
 
+    # -- role rules (read when the configuration is validated, and again at construction) --------------------
+    @classmethod
+    def default_roles(cls, models: dict[str, Any]) -> dict[str, Any]:
+        """``models`` (raw config entries) with the roles this method fills in when they are not given."""
+        return models
+
+    @classmethod
+    def role_errors(cls, trainable: Mapping[str, bool]) -> list[str]:
+        """What is wrong with roles ``{role: trainable}`` for this method (each a message naming the key)."""
+        errors = [f"models.{r} is required for method.name={cls.name}" for r in cls.required_roles
+                  if r not in trainable]
+        errors += [f"models.{r}.trainable must be true for method.name={cls.name}" for r in cls.trainable_roles
+                   if r in trainable and not trainable[r]]
+        errors += [f"models.{r}.trainable must be false for method.name={cls.name} (the {r} is frozen)"
+                   for r in cls.frozen_roles if trainable.get(r)]
+        return errors
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:  # noqa: B027 - optional hook
+        """Cross-field checks of a validated run for this method; raise ValueError naming the keys."""
+
     def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase]) -> None:
         super().__init__()
-        missing = [r for r in self.required_roles if r not in role_models]
-        if missing:
-            raise ValueError(f"method {self.name!r} needs roles {list(self.required_roles)}; missing {missing}")
-        for role in self.trainable_roles:
-            if not role_models[role]._trainable:
-                raise ValueError(f"method {self.name!r}: models.{role}.trainable must be true")
+        problems = self.role_errors({role: model.config.trainable for role, model in role_models.items()})
+        if problems:
+            raise ConfigError(problems[0])
+        if not isinstance(cfg.method, self.Config):
+            raise ConfigError(f"method {self.name!r} needs a {self.Config.__name__} method section "
+                              f"(got {type(cfg.method).__name__})")
         self.tracker: Any | None = None
-        self._role_models: dict[str, ModelBase] = dict(role_models)
+        self.roles: dict[str, Role] = {role: Role(role, model, model.config.trainable)
+                                       for role, model in role_models.items()}
         self.student = role_models["student"]
         self.cfg = cfg
+        self.config: MethodConfigBase = cfg.method
+        """This method's own typed configuration (``method``)."""
         self.training_config = cfg.training
         self.method_config: dict[str, Any] = cfg.method.model_dump()
+        """The seed API's plain-dict view of ``method``; code reads the typed :attr:`config`."""
         validation = cfg.callbacks.validation
         self.validation_config: dict[str, Any] = validation.model_dump() if validation is not None else {}
         self.role_modules = nn.ModuleDict(
-            {role: nn.ModuleDict({"transformer": model.transformer}) for role, model in role_models.items()}
+            {role: nn.ModuleDict(model.modules()) for role, model in role_models.items()}
         )
-        self._optimizer_dict: dict[str, Any] = {}
-        self._lr_scheduler_dict: dict[str, Any] = {}
         self.student.init_preprocessors(self.training_config)
 
     # -- roles, optimizers ----------------------------------------------------------------------------------
     @property
     def role_models(self) -> dict[str, ModelBase]:
-        return dict(self._role_models)
+        return {name: role.model for name, role in self.roles.items()}
 
     def optimizer_configs(self) -> dict[str, OptimizerConfig]:
         """Optimizer settings for each trainable role. Default: the student uses ``training.optimizer``."""
@@ -113,15 +172,36 @@ class TrainingMethod(nn.Module, ABC):
         """How many times ``role``'s optimizer steps in a run (sizes its LR schedule)."""
         return max_train_steps
 
-    def attach_prepared(self, role: str, transformer: nn.Module, optimizer: Any, scheduler: Any) -> None:
-        """Record a role's prepared (sharded) transformer, optimizer and LR scheduler."""
-        self._role_models[role].transformer = transformer
-        self.role_modules[role].add_module("transformer", transformer)  # what ModuleDict's item assignment does
-        self._optimizer_dict[role] = optimizer
-        self._lr_scheduler_dict[role] = scheduler
+    def attach_prepared(self, role: str, modules: Mapping[str, nn.Module], optimizer: Any = None,
+                        scheduler: Any = None) -> None:
+        """Record a role's prepared (sharded) modules and, for a trainable role, its optimizer and LR scheduler.
+        The one place where the model, ``role_modules`` and the role record learn the prepared modules."""
+        record = self.roles[role]
+        for name, module in modules.items():
+            setattr(record.model, name, module)
+            self.role_modules[role].add_module(name, module)  # what ModuleDict's item assignment does
+        record.optimizer = optimizer
+        record.scheduler = scheduler
 
     def set_tracker(self, tracker: Any) -> None:
         self.tracker = tracker
+
+    def stepping_roles(self, step: int) -> list[str]:
+        """The roles whose optimizers step at (1-based) ``step``. Default: every role that has an optimizer.
+        The optimizers, LR schedulers and clip targets of the step derive from it."""
+        return [name for name, role in self.roles.items() if role.optimizer is not None]
+
+    def get_optimizers(self, step: int) -> Sequence[Any]:
+        """The optimizers that step at ``step`` (those of :meth:`stepping_roles`)."""
+        return [self.roles[r].optimizer for r in self.stepping_roles(step) if self.roles[r].optimizer is not None]
+
+    def get_lr_schedulers(self, step: int) -> Sequence[Any]:
+        return [self.roles[r].scheduler for r in self.stepping_roles(step) if self.roles[r].scheduler is not None]
+
+    def get_grad_clip_targets(self, iteration: int) -> dict[str, nn.Module]:
+        """Modules whose gradients are clipped (each role to its own global norm) at step ``iteration`` (the
+        seed API's name for the loop's step): the stepping roles'."""
+        return {r: self.roles[r].clip_target for r in self.stepping_roles(iteration)}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -137,8 +217,8 @@ class TrainingMethod(nn.Module, ABC):
         self.choice_generator.manual_seed(self.training_config.data.seed * 1_000_003 + 7_919)
 
     @abstractmethod
-    def single_train_step(self, batch: Any, iteration: int) -> StepOutput:
-        """All forwards of one micro-batch; returns the losses to differentiate."""
+    def single_train_step(self, batch: Any, step: int) -> StepOutput:
+        """All forwards of one micro-batch of (1-based) ``step``; returns the losses to differentiate."""
 
     #: Whether :meth:`backward_now` differentiates at once. False defers every loss to :meth:`backward` (one
     #: combined backward, every role's graph alive until then): the same gradients, more peak memory.
@@ -172,17 +252,6 @@ class TrainingMethod(nn.Module, ABC):
         total = sum(pending[1:], pending[0])
         (total / grad_accum_rounds).backward()
 
-    def get_optimizers(self, iteration: int) -> Sequence[Any]:
-        """Only the optimizers that step at ``iteration``. Default: every trainable role's."""
-        return list(self._optimizer_dict.values())
-
-    def get_lr_schedulers(self, iteration: int) -> Sequence[Any]:
-        return list(self._lr_scheduler_dict.values())
-
-    def get_grad_clip_targets(self, iteration: int) -> dict[str, nn.Module]:
-        """Modules whose gradients are clipped (each to its own global norm) at ``iteration``."""
-        return {"student": self.student.transformer}
-
     def validation_sampler(self) -> ValidationSampler:
         """How this method's student generates a sample (used by the validation callback).
 
@@ -190,10 +259,11 @@ class TrainingMethod(nn.Module, ABC):
         student's shifted schedule (``fv_accel.sampling.euler_sample``). Few-step methods override it; DMD2
         samples with ``fv_accel.sampling.dmd_sample`` over ``method.dmd_denoising_steps``.
         """
+        from fv_accel.config import ValidationConfig
         from fv_accel.sampling import euler_sample
 
-        num_steps = int(self.validation_config.get("num_inference_steps", 8))
-        guidance = float(self.validation_config.get("guidance_scale", 1.0))
+        validation = self.cfg.callbacks.validation or ValidationConfig()
+        num_steps, guidance = validation.num_inference_steps, validation.guidance_scale
 
         def sample(model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor,
                    latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
@@ -203,8 +273,12 @@ class TrainingMethod(nn.Module, ABC):
 
         return sample
 
-    def optimizers_zero_grad(self, iteration: int) -> None:
-        for optimizer in self._optimizer_dict.values():
+    def optimizers(self) -> dict[str, Any]:
+        """Every role's optimizer (as prepared), by role."""
+        return {name: role.optimizer for name, role in self.roles.items() if role.optimizer is not None}
+
+    def optimizers_zero_grad(self, step: int) -> None:
+        for optimizer in self.optimizers().values():
             optimizer.zero_grad(set_to_none=True)
 
     # -- checkpointing --------------------------------------------------------------------------------------
@@ -213,17 +287,16 @@ class TrainingMethod(nn.Module, ABC):
         ``schedulers.<role>``. Per-rank random state is saved separately, after the collective save
         (see :meth:`random_state`)."""
         states: dict[str, Stateful] = {}
-        for role, model in self._role_models.items():
-            if not model._trainable:
+        for name, role in self.roles.items():
+            if not role.trainable:
                 continue
-            modules = {"transformer": model.transformer}
+            modules = role.modules
             for module_name, module in modules.items():
-                states[f"roles.{role}.{module_name}"] = ModelState(module)
-            if role in self._optimizer_dict:
-                states[f"optimizers.{role}"] = OptimizerState(RoleModuleContainer(modules),
-                                                              self._optimizer_dict[role])
-            if role in self._lr_scheduler_dict:
-                states[f"schedulers.{role}"] = SchedulerState(self._lr_scheduler_dict[role])
+                states[f"roles.{name}.{module_name}"] = ModelState(module)
+            if role.optimizer is not None:
+                states[f"optimizers.{name}"] = OptimizerState(RoleModuleContainer(modules), role.optimizer)
+            if role.scheduler is not None:
+                states[f"schedulers.{name}"] = SchedulerState(role.scheduler)
         return states
 
     def random_state(self) -> dict[str, torch.Tensor]:
@@ -246,7 +319,7 @@ class TrainingMethod(nn.Module, ABC):
         A fresh AdamW has no state until its first step, and DCP silently loads nothing into an empty
         state. One step with zero gradients and lr 0 creates it; parameters and grads are left as they were.
         """
-        for optimizer in self._optimizer_dict.values():
+        for optimizer in self.optimizers().values():
             opt = unwrap_optimizer(optimizer)
             params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
             if all(len(opt.state.get(p, {})) > 0 for p in params):
@@ -265,6 +338,6 @@ class TrainingMethod(nn.Module, ABC):
                 p.grad = None
 
     def check_optimizer_state_loaded(self) -> None:
-        for role, optimizer in self._optimizer_dict.items():
+        for role, optimizer in self.optimizers().items():
             if len(unwrap_optimizer(optimizer).state) == 0:
                 raise RuntimeError(f"optimizer state of role {role!r} is empty after loading the checkpoint")

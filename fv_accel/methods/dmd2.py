@@ -3,13 +3,13 @@
 Roles: ``student`` (trainable, the few-step generator), ``teacher`` (frozen, the real score) and ``critic``
 (trainable, the fake score: it learns the student's own output distribution by flow matching).
 
-Per iteration (1-based ``iteration`` = the loop's step):
-- generator iteration (``iteration > critic_warmup_steps`` and ``iteration % generator_update_interval == 0``):
+Per (1-based) step of the loop:
+- generator step (``step > critic_warmup_steps`` and ``step % generator_update_interval == 0``):
   the student rolls out x̂0 with one graded forward; x̂0 is noised to a score timestep t; the critic gives
   ``f = x0_fake(x_t)``, the teacher gives the CFG x0 ``r = r_u + w·(r_c − r_u)`` (cond and uncond in one
   batched forward); ``g = (f − r) / mean|x̂0 − r|`` and ``generator_loss = 0.5·mean((x̂0 − sg(x̂0 − g))²)``,
   whose gradient with respect to x̂0 is ``g / numel``: it pulls x̂0 toward the teacher and away from the critic;
-- every iteration: ``critic_loss``, the critic's flow-matching loss on detached student samples.
+- every step: ``critic_loss``, the critic's flow-matching loss on detached student samples.
 
 The generator loss reaches only the student (f and r are computed without grad) and the critic loss only the
 critic (its samples are detached). So the generator loss is differentiated as soon as it exists
@@ -21,29 +21,77 @@ backward of the sum (``eager_backward = False``), which holds both graphs until 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from pydantic import Field, field_validator, model_validator
 
 from fv_accel import flow
-from fv_accel.config import DMD2MethodConfig, OptimizerConfig, RunConfig
+from fv_accel.config import MethodConfigBase, OptimizerConfig, RunConfig
 from fv_accel.data import LatentBatch
-from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
-from fv_accel.methods import register_method
 from fv_accel.methods.base import StepOutput, TrainingMethod, ValidationSampler
+from fv_accel.methods.registry import register_method
 from fv_accel.models.base import ConditionBatch, ModelBase
 from fv_accel.runtime import reshard_all
 
 
-def is_generator_step(iteration: int, *, interval: int, warmup: int = 0) -> bool:
-    """Whether the student steps at 1-based ``iteration``."""
-    return iteration > warmup and iteration % interval == 0
+class DMD2MethodConfig(MethodConfigBase):
+    """Distribution matching distillation (DMD2) with a trainable critic ("fake score")."""
+
+    name: Literal["dmd2"]
+    """Selects this method; keys of other methods are unknown keys here."""
+    rollout_mode: Literal["simulate", "data_latent"] = "simulate"
+    """How the student's input is made: ``simulate`` runs the few-step student sampler from noise (data-free);
+    ``data_latent`` noises dataset latents."""
+    dmd_denoising_steps: list[int] = Field(default_factory=lambda: [1000, 750, 500, 250])
+    """The student's timesteps, strictly descending in (0, 1000]."""
+    generator_update_interval: int = Field(5, ge=1)
+    """The student (generator) steps every N steps; the critic at every step."""
+    real_score_guidance_scale: float = Field(4.5, ge=0)
+    """Teacher CFG scale in the standard form uncond + w·(cond − uncond). FastVideo's legacy w = this − 1."""
+    min_timestep_ratio: float = Field(0.02, ge=0, le=1)
+    """Lower end of the score timestep window, as a fraction of 1000."""
+    max_timestep_ratio: float = Field(0.98, ge=0, le=1)
+    """Upper end of that window (must be > ``min_timestep_ratio``)."""
+    score_timestep_shift: float = Field(3.0, gt=0)
+    """Shift applied to the score (teacher/critic) timestep before clamping to the window."""
+    uncond: Literal["zeros", "negative_prompt"] = "zeros"
+    """Unconditional branch of the teacher: zero text embeddings, or the dataset's negative-prompt embedding."""
+    critic_optimizer: OptimizerConfig = Field(
+        default_factory=lambda: OptimizerConfig(learning_rate=4e-5, betas=[0.0, 0.999])
+    )
+    """The critic's optimizer (``training.optimizer`` is the student's); its defaults differ in the learning
+    rate and beta1."""
+    critic_warmup_steps: int = Field(0, ge=0)
+    """Critic-only steps before the first student update."""
+    reuse_generator_rollout_for_critic: bool = False
+    """Train the critic on the generator step's detached rollout instead of a fresh one (saves forwards,
+    changes the algorithm; off by default)."""
+
+    @field_validator("dmd_denoising_steps")
+    @classmethod
+    def _steps_descending(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("needs at least one step")
+        if any(not 0 < s <= 1000 for s in value) or any(a <= b for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("must be strictly descending integers in (0, 1000]")
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> DMD2MethodConfig:
+        if self.min_timestep_ratio >= self.max_timestep_ratio:
+            raise ValueError("min_timestep_ratio must be < max_timestep_ratio")
+        return self
+
+
+def is_generator_step(step: int, *, interval: int, warmup: int = 0) -> bool:
+    """Whether the student steps at 1-based ``step``."""
+    return step > warmup and step % interval == 0
 
 
 def num_generator_steps(max_train_steps: int, *, interval: int, warmup: int = 0) -> int:
-    """How many iterations in 1..max_train_steps are generator iterations."""
+    """How many steps in 1..max_train_steps are generator steps."""
     if max_train_steps <= warmup:
         return 0
     return max_train_steps // interval - warmup // interval
@@ -82,21 +130,36 @@ class DMD2Method(TrainingMethod):
     """DMD2 with a critic; see the module docstring."""
 
     name: ClassVar[str] = "dmd2"
+    Config: ClassVar[type[MethodConfigBase]] = DMD2MethodConfig
     required_roles: ClassVar[tuple[str, ...]] = ("student", "teacher", "critic")
     trainable_roles: ClassVar[tuple[str, ...]] = ("student", "critic")
+    frozen_roles: ClassVar[tuple[str, ...]] = ("teacher",)
+
+    @classmethod
+    def default_roles(cls, models: dict[str, Any]) -> dict[str, Any]:
+        """Without ``models.critic``: the critic starts from the teacher's weights and is trainable."""
+        if "critic" not in models and isinstance(models.get("teacher"), dict):
+            return {**models, "critic": {**models["teacher"], "trainable": True}}
+        return models
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        method = cfg.method
+        assert isinstance(method, DMD2MethodConfig)
+        if method.uncond == "negative_prompt" and not cfg.training.data.negative_prompt_path:
+            raise ValueError("method.uncond=negative_prompt needs training.data.negative_prompt_path (a text-only "
+                             "parquet with the negative-prompt embedding); or set method.uncond=zeros")
 
     def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase]) -> None:
         super().__init__(cfg=cfg, role_models=role_models)
-        assert isinstance(cfg.method, DMD2MethodConfig)
+        assert isinstance(cfg.method, DMD2MethodConfig)  # the base class checked it against Config
         self.config: DMD2MethodConfig = cfg.method
-        if role_models["teacher"]._trainable:
-            raise ConfigError("models.teacher.trainable must be false for method dmd2 (the teacher is frozen)")
         self.teacher = role_models["teacher"]
         self.critic = role_models["critic"]
 
     # -- gating -------------------------------------------------------------------------------------------------
-    def is_generator_step(self, iteration: int) -> bool:
-        return is_generator_step(iteration, interval=self.config.generator_update_interval,
+    def is_generator_step(self, step: int) -> bool:
+        return is_generator_step(step, interval=self.config.generator_update_interval,
                                  warmup=self.config.critic_warmup_steps)
 
     def optimizer_configs(self) -> dict[str, OptimizerConfig]:
@@ -108,18 +171,8 @@ class DMD2Method(TrainingMethod):
                                        warmup=self.config.critic_warmup_steps)
         return max_train_steps
 
-    def _stepping_roles(self, iteration: int) -> list[str]:
-        return ["student", "critic"] if self.is_generator_step(iteration) else ["critic"]
-
-    def get_optimizers(self, iteration: int) -> Sequence[Any]:
-        return [self._optimizer_dict[r] for r in self._stepping_roles(iteration) if r in self._optimizer_dict]
-
-    def get_lr_schedulers(self, iteration: int) -> Sequence[Any]:
-        return [self._lr_scheduler_dict[r] for r in self._stepping_roles(iteration)
-                if r in self._lr_scheduler_dict]
-
-    def get_grad_clip_targets(self, iteration: int) -> dict[str, nn.Module]:
-        return {r: self._role_models[r].transformer for r in self._stepping_roles(iteration)}
+    def stepping_roles(self, step: int) -> list[str]:
+        return ["student", "critic"] if self.is_generator_step(step) else ["critic"]
 
     # -- student rollout ----------------------------------------------------------------------------------------
     def _rollout(self, cond: ConditionBatch, *, grad: bool) -> tuple[torch.Tensor, int]:
@@ -195,7 +248,7 @@ class DMD2Method(TrainingMethod):
         return torch.mean((v - flow.velocity_target(x0, noise)) ** 2)
 
     # -- the step -----------------------------------------------------------------------------------------------
-    def single_train_step(self, batch: LatentBatch, iteration: int) -> StepOutput:
+    def single_train_step(self, batch: LatentBatch, step: int) -> StepOutput:
         cond = self.student.prepare_batch(batch, self.student.device)
         b = cond.batch_size
         losses: dict[str, torch.Tensor] = {}
@@ -205,7 +258,7 @@ class DMD2Method(TrainingMethod):
         teacher_passes = PassCount()
         backpropagated: set[str] = set()
         rollout: torch.Tensor | None = None
-        if self.is_generator_step(iteration):
+        if self.is_generator_step(step):
             x0_student, num_forwards = self._rollout(cond, grad=True)
             student_passes += PassCount(forward=num_forwards * b, backward=b)
             loss, critic_samples, teacher_samples = self.generator_loss(x0_student, cond)
@@ -248,5 +301,5 @@ class DMD2Method(TrainingMethod):
         return sample
 
 
-__all__ = ["DMD2Method", "cfg_combine", "dmd_gradient", "dmd_loss", "is_generator_step", "num_generator_steps",
+__all__ = ["DMD2Method", "DMD2MethodConfig", "cfg_combine", "dmd_gradient", "dmd_loss", "is_generator_step", "num_generator_steps",
            "score_timesteps"]

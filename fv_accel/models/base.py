@@ -86,7 +86,6 @@ class ModelBase(ABC):
         self.role = role
         self.transformer = transformer
         self.config = config
-        self._trainable = config.trainable
         self.flow_shift = config.flow_shift
         self.compute_dtype = torch.float32
         """The dtype the transformer's blocks compute in (set when it is sharded: bf16 under bf16 mixed

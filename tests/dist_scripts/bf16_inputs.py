@@ -58,7 +58,7 @@ class StudentTeacher(TrainingMethod):
     def optimizer_configs(self) -> dict[str, OptimizerConfig]:
         return {"student": OptimizerConfig()}
 
-    def single_train_step(self, batch: Any, iteration: int) -> StepOutput:
+    def single_train_step(self, batch: Any, step: int) -> StepOutput:
         raise NotImplementedError
 
 

@@ -76,7 +76,7 @@ class TwoRoleMethod(TrainingMethod):
     def optimizer_configs(self) -> dict[str, OptimizerConfig]:
         return {"student": OptimizerConfig(**STUDENT_OPT), "critic": OptimizerConfig(**CRITIC_OPT)}
 
-    def single_train_step(self, batch: dict[str, torch.Tensor], iteration: int) -> StepOutput:
+    def single_train_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
         roles = self.role_models
         x0, noise, t, text = batch["x0"], batch["noise"], batch["t"], batch["text"]
         x_t = flow.add_noise(x0, noise, t)
@@ -86,9 +86,6 @@ class TwoRoleMethod(TrainingMethod):
         critic_loss = torch.mean((roles["critic"].predict_velocity(x_t, t, text) - flow.velocity_target(x0, noise)) ** 2)
         return StepOutput(losses={"student_loss": student_loss, "critic_loss": critic_loss},
                           loss_roles={"student_loss": "student", "critic_loss": "critic"})
-
-    def get_grad_clip_targets(self, iteration: int) -> dict[str, nn.Module]:
-        return {"student": self.role_models["student"].transformer, "critic": self.role_models["critic"].transformer}
 
 
 def batches(rank: int, world_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -146,8 +143,8 @@ def main(out_dir: str) -> None:
         report[f"{role}_local_numel"] = sum(p.to_local().numel() for _, p in params if isinstance(p, DTensor))
         report[f"{role}_numel"] = sum(p.numel() for _, p in params)
         report[f"{role}_requires_grad"] = any(p.requires_grad for _, p in params)
-    report["num_optimizers"] = len(method._optimizer_dict)
-    report["optimizer_roles"] = sorted(method._optimizer_dict)
+    report["num_optimizers"] = len(method.optimizers())
+    report["optimizer_roles"] = sorted(method.optimizers())
     teacher_module = method.role_models["teacher"].transformer
 
     trainer = RecordingTrainer(accelerator=accelerator, method=method, data=batches(rank, world_size), cfg=cfg,
@@ -174,7 +171,7 @@ def reference(out_dir: str) -> tuple[list[dict[str, float]], list[dict[str, floa
     for role, opt_cfg in method.optimizer_configs().items():
         module = method.role_models[role].transformer
         optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], opt_cfg)
-        method.attach_prepared(role, module, optimizer, build_lr_scheduler(optimizer, opt_cfg, NUM_STEPS))
+        method.attach_prepared(role, {"transformer": module}, optimizer, build_lr_scheduler(optimizer, opt_cfg, NUM_STEPS))
     accelerator = SimpleNamespace(is_main_process=True, device=torch.device("cpu"), mixed_precision="no",
                                   log=lambda *args, **kwargs: None)
     trainer = RecordingTrainer(accelerator=accelerator, method=method, data=batches(0, 1), cfg=cfg,

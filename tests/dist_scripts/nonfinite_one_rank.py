@@ -40,10 +40,10 @@ NUM_STEPS = 3
 class NaNOnRankZero(TrainingMethod):
     name: ClassVar[str] = "nan_on_rank_zero"
 
-    def single_train_step(self, batch: tuple[torch.Tensor, torch.Tensor], iteration: int) -> StepOutput:
+    def single_train_step(self, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> StepOutput:
         x, y = batch
         loss = ((self.student.transformer(x) - y) ** 2).mean()
-        if iteration == NAN_STEP and dist.get_rank() == 0:
+        if step == NAN_STEP and dist.get_rank() == 0:
             loss = loss + float("nan")  # NaN value, finite gradient
         return StepOutput(losses={"loss": loss}, loss_roles={"loss": "student"})
 
@@ -62,7 +62,7 @@ def build_trainer(accelerator: Any, out: Path, nonfinite: str) -> tuple[Trainer,
     method = NaNOnRankZero(cfg=cfg, role_models={
         "student": LinearModel(role="student", transformer=linear, config=cfg.models["student"])})
     optimizer = build_optimizer(list(linear.parameters()), cfg.training.optimizer)
-    method.attach_prepared("student", linear, optimizer,
+    method.attach_prepared("student", {"transformer": linear}, optimizer,
                            build_lr_scheduler(optimizer, cfg.training.optimizer, NUM_STEPS))
     method.on_train_start()
     batches = [(torch.randn(4, 3), torch.randn(4, 2)) for _ in range(NUM_STEPS)]
