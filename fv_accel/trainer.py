@@ -225,9 +225,9 @@ class Trainer:
 
         global_batch = self.cfg.training.data.train_batch_size * accum * self.world_size
         row: dict[str, Any] = {"step": step, **reduced}
-        for name, role in method.roles.items():
-            if role.scheduler is not None:
-                row[f"lr/{name}"] = float(role.scheduler.get_last_lr()[0])
+        for name, record in method.roles.items():
+            if record.scheduler is not None:
+                row[f"lr/{name}"] = float(record.scheduler.get_last_lr()[0])
         for role, value in norms.items():
             row[f"grad_norm/{role}"] = value
         row["step_time_s"] = t_end - t_start
