@@ -350,7 +350,7 @@ class RunConfig(_Strict):
             method = method_class(value["name"])
         except KeyError:
             raise PydanticCustomError(
-                "method_unknown", "no method named {name!r} (registered: {known}; a project's own method is "
+                "method_unknown", "no method named '{name}' (registered: {known}; a project's own method is "
                 "imported through the plugins key)", {"name": value["name"], "known": ", ".join(sorted(METHODS))},
             ) from None
         return method.Config.model_validate(value)
