@@ -70,7 +70,7 @@ With one combined backward (``eager_backward = False``) autograd runs the most r
 - after the last backward: states + every gradient.
 
 **Worked numbers** (bf16, full checkpointing, b = 1, 81×480×832 → latent 21×60×104 → N = 32,760, L = 512,
-DMD2 with three roles, a generator iteration; GiB = 2³⁰ bytes):
+DMD2 with three roles, a generator step; GiB = 2³⁰ bytes):
 
 Wan 1.3B (P = 1,418,996,800; n = 30, B_blk = 46,440,704, P_root = 25,775,680; D = 1536, F = 8960), one GPU,
 no EMA. Student and critic weights 5.29 + AdamW 10.57 each, teacher 2.64: 34.36; FSDP2 0.17 + 0.17 + 3 × 0.05
@@ -256,7 +256,7 @@ def estimate_peak_memory(roles: Mapping[str, RoleSpec], *, latent_shape: Sequenc
                          ema_role: str | None = None, ema_device: str = "gpu",
                          eager_backward: bool = True, backward_order: Sequence[str] | None = None,
                          frozen_forward_samples: int | None = None) -> MemoryEstimate:
-    """Peak bytes per device of one training iteration in which every trainable role steps (the module
+    """Peak bytes per device of one training step in which every trainable role steps (the module
     docstring has the formula). ``backward_order`` defaults to the trainable roles in ``roles`` order;
     ``frozen_forward_samples`` (default 2·batch: CFG cond + uncond in one forward) sizes frozen roles'
     no-grad forwards."""

@@ -168,7 +168,7 @@ def test_teacher_cfg_is_one_batched_forward(toy_root: Path, tmp_path: Path, sing
     cond = ConditionBatch(latents_bcthw=None, text_embeds_bld=text, text_mask_bl=torch.ones(2, 8, dtype=torch.bool),
                           uncond_embeds_bld=torch.zeros_like(text), index=torch.arange(2),
                           latent_shape=(16, 2, 8, 8))
-    r, samples = method._teacher_x0(x_t, t, cond)
+    r, samples = method.teacher_x0(x_t, t, cond)
     assert calls == [4] and samples == 4
     with torch.no_grad():
         r_c = teacher.predict_x0(x_t, t, text)

@@ -175,7 +175,7 @@ class DMD2Method(TrainingMethod):
         return ["student", "critic"] if self.is_generator_step(step) else ["critic"]
 
     # -- student rollout ----------------------------------------------------------------------------------------
-    def _rollout(self, cond: ConditionBatch, *, grad: bool) -> tuple[torch.Tensor, int]:
+    def rollout(self, cond: ConditionBatch, *, grad: bool) -> tuple[torch.Tensor, int]:
         """Student sample x̂0 (normalised space) with exactly one graded forward when ``grad``.
 
         Returns x̂0 and the number of student forwards it took (identical on every rank)."""
@@ -212,7 +212,7 @@ class DMD2Method(TrainingMethod):
 
     # -- scores -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: ConditionBatch) -> tuple[torch.Tensor, int]:
+    def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: ConditionBatch) -> tuple[torch.Tensor, int]:
         """Teacher CFG x0; cond and uncond in ONE batched forward. Returns it and the samples forwarded."""
         w = self.config.real_score_guidance_scale
         if w == 1.0:  # uncond + 1·(cond − uncond) = cond: the uncond half would be wasted compute
@@ -232,7 +232,7 @@ class DMD2Method(TrainingMethod):
         x_t = self.student.add_noise(x0_student.detach(), noise, t)
         with torch.no_grad():
             x0_fake = self.critic.predict_x0(x_t, t, cond.text_embeds_bld)
-            x0_real, teacher_samples = self._teacher_x0(x_t, t, cond)
+            x0_real, teacher_samples = self.teacher_x0(x_t, t, cond)
             grad = dmd_gradient(x0_student.detach(), x0_fake, x0_real)
         return dmd_loss(x0_student, grad), b, teacher_samples
 
@@ -257,9 +257,9 @@ class DMD2Method(TrainingMethod):
         critic_passes = PassCount()
         teacher_passes = PassCount()
         backpropagated: set[str] = set()
-        rollout: torch.Tensor | None = None
+        fake_x0: torch.Tensor | None = None  # the student samples the critic learns from
         if self.is_generator_step(step):
-            x0_student, num_forwards = self._rollout(cond, grad=True)
+            x0_student, num_forwards = self.rollout(cond, grad=True)
             student_passes += PassCount(forward=num_forwards * b, backward=b)
             loss, critic_samples, teacher_samples = self.generator_loss(x0_student, cond)
             critic_passes += PassCount(forward=critic_samples)
@@ -271,16 +271,16 @@ class DMD2Method(TrainingMethod):
             losses["generator_loss"] = loss
             loss_roles["generator_loss"] = "student"
             if self.config.reuse_generator_rollout_for_critic:
-                rollout = x0_student.detach()
-        if rollout is None:
-            rollout, num_forwards = self._rollout(cond, grad=False)
+                fake_x0 = x0_student.detach()
+        if fake_x0 is None:
+            fake_x0, num_forwards = self.rollout(cond, grad=False)
             student_passes += PassCount(forward=num_forwards * b)
             if backpropagated:
                 # A unit this no-grad forward left unsharded (reshard_after_forward false) would expose its
                 # gathered parameters, which do not hold the gradients just computed (the sharded ones do), to
                 # clipping: put every unit back. (The root reshards by itself: build.finish_prepare.)
                 reshard_all(self.student.transformer)
-        losses["critic_loss"] = self.critic_loss(rollout, cond)
+        losses["critic_loss"] = self.critic_loss(fake_x0, cond)
         loss_roles["critic_loss"] = "critic"
         critic_passes += PassCount(forward=b, backward=b)
         return StepOutput(losses=losses, loss_roles=loss_roles, backpropagated=frozenset(backpropagated),
