@@ -1,4 +1,4 @@
-"""Exceptions that map to the process exit codes of the public contract (CONTRACT.md)."""
+"""Exceptions that map to the process exit codes of the public contract (README "Exit codes", docs/configuration.md)."""
 
 from __future__ import annotations
 

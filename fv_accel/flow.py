@@ -1,4 +1,4 @@
-"""Flow-matching conventions shared by every model family and method (DESIGN.md §3).
+"""Flow-matching conventions shared by every model family and method (README "Conventions").
 
     x_t = (1 − σ)·x0 + σ·ε        v = ε − x0        x0 = x_t − σ·v        σ = t / 1000
 

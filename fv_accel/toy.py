@@ -1,4 +1,4 @@
-"""The toy world (DESIGN.md §7): a small conditional latent distribution with known multi-modal structure.
+"""The toy world (docs/distillation.md "The toy default"): a small conditional latent distribution with known multi-modal structure.
 
 Each of ``num_conditions`` conditions (a fixed random text embedding) has ``num_modes`` distinct modes; a sample
 is a mode centre plus a little noise. Centres are rank-1 (a channel vector times a smooth space-time pattern),
@@ -283,7 +283,7 @@ def distill_default_config(root: Path = TOY_ROOT, output_dir: str | None = None,
                            teacher_dir: Path | None = None) -> dict[str, Any]:
     """The toy DMD2 run: 4-step student and critic both initialised from the toy teacher.
 
-    Settings follow DESIGN.md §7: critic lr 4× the student's, 3 critic updates per student update, student Adam
+    Settings (docs/distillation.md "The toy default"): critic lr 4× the student's, 3 critic updates per student update, student Adam
     β1 = 0, EMA of the student. The toy teacher is trained without CFG dropout, so its guidance scale is 1."""
     data = ensure_toy_data(root)
     teacher = str(teacher_dir or toy_teacher_dir(root))

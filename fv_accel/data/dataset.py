@@ -1,4 +1,4 @@
-"""Latent datasets in FastVideo's parquet schemas (DESIGN.md §6).
+"""Latent datasets in FastVideo's parquet schemas (docs/data.md "Dataset format").
 
 T2V schema: ``id, vae_latent_bytes, vae_latent_shape [C,T,H,W], vae_latent_dtype, text_embedding_bytes,
 text_embedding_shape [L,D], text_embedding_dtype, file_name, caption, media_type, width, height, num_frames,

@@ -1,4 +1,4 @@
-"""Distribution matching distillation with a trainable critic (``method.name: dmd2``, DESIGN.md §4).
+"""Distribution matching distillation with a trainable critic (``method.name: dmd2``; docs/distillation.md).
 
 Roles: ``student`` (trainable, the few-step generator), ``teacher`` (frozen, the real score) and ``critic``
 (trainable, the fake score: it learns the student's own output distribution by flow matching).
