@@ -13,7 +13,7 @@ from diffusers import WanTransformer3DModel
 from fv_accel import flow
 from fv_accel.config import ModelConfig
 from fv_accel.errors import ConfigError
-from fv_accel.models import FAMILIES, FrameRule, ModelBase, load_role_model, prepare_transformer
+from fv_accel.models import FAMILIES, Encoders, FrameRule, ModelBase, load_role_model, prepare_transformer
 from fv_accel.models.wan import TINY_WAN_CONFIG, WanModel
 
 T = 3  # latent frames
@@ -186,3 +186,60 @@ def test_loading_a_role_prepares_it(toy_root: Path) -> None:
     model = load_role_model("teacher", cfg, mixed_precision="no")
     assert _compiled(list(model.transformer_blocks())) == [True] * TINY_WAN_CONFIG["num_layers"]
     assert not any(p.requires_grad for p in model.transformer.parameters()) and not model.transformer.training
+
+
+class _FixedEncoders(Encoders):
+    """Caption i → ``[i + 1, 4]`` filled with i: what the file must then hold."""
+
+    def encode_text(self, captions: list[str]) -> list[torch.Tensor]:
+        return [torch.full((i + 1, 4), float(i)) for i in range(len(captions))]
+
+    def encode_video(self, pixels_cthw: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("validation prompts encode no video")
+
+
+def test_validation_prompts_are_encoded_by_the_students_family(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    from fv_accel.callbacks.validation import ValidationCallback
+    from fv_accel.config import RunConfig
+    from fv_accel.data.dataset import decode_tensor
+
+    asked: list[tuple[str, str, int]] = []
+
+    class _EncodingFamily(_CountingFamily):
+        @classmethod
+        def load_encoders(cls, source, *, key, device, text_len, text_dtype,  # type: ignore[no-untyped-def]
+                          vae_dtype=None, vae_tiling=False):
+            asked.append((source, key, text_len))
+            return _FixedEncoders()
+
+    monkeypatch.setitem(FAMILIES, "wan", _EncodingFamily)  # the config's Literal only admits registered names
+    cfg = RunConfig.model_validate({
+        "models": {"student": {"init_from": "some/pipeline"}},
+        "method": {"name": "finetune"},
+        "training": {"data": {"text_len": 8}, "checkpoint": {"output_dir": str(tmp_path / "out")},
+                     "tracker": {"backends": []}},
+        "callbacks": {"validation": {"prompts": ["a cat", "a dog"]}},
+    })
+    assert cfg.callbacks.validation is not None
+    out = ValidationCallback(cfg.callbacks.validation, cfg).encode_captions(None)
+    assert asked == [("some/pipeline", "models.student.init_from", 8)]
+    rows = pq.read_table(out).to_pylist()
+    assert [r["caption"] for r in rows] == ["a cat", "a dog"]
+    for i, row in enumerate(rows):
+        got = decode_tensor(row["text_embedding_bytes"], row["text_embedding_shape"], row["text_embedding_dtype"],
+                            where="prompts")
+        assert torch.equal(got, torch.full((i + 1, 4), float(i)))
+
+
+def test_accelerator_default_names_no_family_block(single_process_dist) -> None:
+    """build.shard_roles sets each role's block names on the plugin; the default names none, and a model sharded
+    directly is wrapped per its own ``_no_split_modules`` (diffusers' Wan: its blocks)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import FSDPModule
+
+    assert single_process_dist.state.fsdp_plugin.transformer_cls_names_to_wrap is None
+    sharded = fsdp2_prepare_model(single_process_dist, WanTransformer3DModel(**TINY_WAN_CONFIG))
+    assert all(isinstance(block, FSDPModule) for block in sharded.blocks)

@@ -142,8 +142,9 @@ class ValidationCallback(Callback):
 
         The main process encodes them with the student pipeline's text encoder, as the student's family loads
         it (``ModelBase.load_encoders``; loaded for this and freed right after), writes the file, and every rank
-        then reads it, so all ranks sample from identical embeddings. A later run into the same output dir (a resume) reuses the file when it was
-        made from the same captions, text encoder and ``text_len``. Collective when ``trainer`` is given."""
+        then reads it, so all ranks sample from identical embeddings. A later run into the same output dir (a
+        resume) reuses the file when it was made from the same captions, text encoder and ``text_len``.
+        Collective when ``trainer`` is given."""
         from fv_accel.data.preprocess import write_text_rows
         from fv_accel.models import FAMILIES
 

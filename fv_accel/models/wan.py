@@ -244,7 +244,7 @@ class WanModel(ModelBase):
                       vae_dtype: torch.dtype | None = None, vae_tiling: bool = False) -> WanEncoders:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        check_pipeline_components(source, ["tokenizer", "text_encoder"] + (["vae"] if vae_dtype else []),
+        check_pipeline_components(source, ["tokenizer", "text_encoder"] + (["vae"] if vae_dtype is not None else []),
                                   what=f"{key}: {source!r}", why="a diffusers pipeline directory is needed")
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
         text_encoder: torch.nn.Module = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder",
