@@ -231,7 +231,7 @@ def run_fv(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     from fv_accel import flow
-    from fv_accel.flops import wan_forward_flops
+    from fv_accel.models.wan import wan_forward_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda"

@@ -5,16 +5,8 @@ attention-weighted sum), 2 FLOPs per multiply-accumulate. Not counted: norms, ac
 modulation and other element-wise work (a few percent at real sizes). This is the convention of
 ``torch.utils.flop_counter.FlopCounterMode``, which the tests use to check the formula.
 
-Wan (``WanTransformer3DModel``), one sample, with D = heads·head_dim, N = (T/p_t)(H/p_h)(W/p_w) video tokens,
-L text tokens, F = ffn_dim, P = p_t·p_h·p_w, n layers::
-
-    patch embedding       2·N·(C_in·P)·D
-    time embedding        2·f·D + 2·D·D + 2·D·6D          (f = freq_dim)
-    text embedding        2·L·D_text·D + 2·L·D·D
-    per block             self-attention   4·2·N·D²  + 4·N²·D
-                          cross-attention  2·2·N·D² + 2·2·L·D² + 4·N·L·D
-                          feed-forward     2·2·N·D·F
-    output projection     2·N·D·(C_out·P)
+Each family states its own forward count (``ModelBase.forward_flops``; Wan's formula is
+``fv_accel.models.wan.wan_forward_flops``); this module turns them into step FLOPs and MFU.
 
 A training pass costs forward + backward = 3× the forward (the backward computes gradients for inputs and
 for weights, 2× the forward). Activation-checkpoint recomputation is not counted: MFU measures the model's
@@ -26,7 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fv_accel.models.base import ModelBase
 
 #: Dense (no sparsity) peak TFLOP/s per device in bf16, keyed by a substring of
 #: ``torch.cuda.get_device_name()``; ``peak_bf16_tflops`` picks the longest key that matches, so "H100 NVL"
@@ -76,35 +71,10 @@ class PassCount:
         return PassCount(self.forward + other.forward, self.backward + other.backward)
 
 
-def wan_forward_flops(config: Mapping[str, Any], latent_shape: Sequence[int], text_len: int) -> int:
-    """Forward FLOPs of one sample through a Wan transformer (the formula in the module docstring)."""
-    c_in, t, h, w = (int(x) for x in latent_shape)
-    pt, ph, pw = (int(x) for x in config["patch_size"])
-    if t % pt or h % ph or w % pw:
-        raise ValueError(f"latent shape {list(latent_shape)} is not divisible by patch size {[pt, ph, pw]}")
-    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    n = (t // pt) * (h // ph) * (w // pw)
-    length = int(text_len)
-    patch = pt * ph * pw
-    f_ffn = int(config["ffn_dim"])
-    c_out = int(config.get("out_channels") or c_in)
-    embed = 2 * n * (c_in * patch) * d
-    time = 2 * int(config["freq_dim"]) * d + 2 * d * d + 2 * d * 6 * d
-    text = 2 * length * int(config["text_dim"]) * d + 2 * length * d * d
-    self_attn = 4 * 2 * n * d * d + 4 * n * n * d
-    cross_attn = 2 * 2 * n * d * d + 2 * 2 * length * d * d + 4 * n * length * d
-    ffn = 2 * 2 * n * d * f_ffn
-    out = 2 * n * d * (c_out * patch)
-    return embed + time + text + int(config["num_layers"]) * (self_attn + cross_attn + ffn) + out
-
-
-def model_forward_flops(model: Any, latent_shape: Sequence[int], text_len: int) -> int | None:
-    """Forward FLOPs per sample of a role model, or None when its family has no FLOP model."""
-    from fv_accel.models.wan import WanModel
-
-    if isinstance(model, WanModel):
-        return wan_forward_flops(dict(model.transformer.config), latent_shape, text_len)
-    return None
+def model_forward_flops(model: ModelBase, latent_shape: Sequence[int], text_len: int) -> int | None:
+    """Forward FLOPs per sample of a role model (its family's ``forward_flops``), or None when its family has
+    no FLOP model."""
+    return model.forward_flops(latent_shape, text_len)
 
 
 def training_flops(forward_flops: int, passes: PassCount) -> int:

@@ -2,8 +2,9 @@
 
     x_t = (1 − σ)·x0 + σ·ε        v = ε − x0        x0 = x_t − σ·v        σ = t / 1000
 
-Timesteps ``t`` live in [0, 1000] (what diffusers transformers take); ``shift_timestep`` is the one source
-of the rational shift ``s·u / (1 + (s − 1)·u)``.
+Timesteps ``t`` live in [0, 1000] (what diffusers transformers take), one per sample ([B]) or one per latent
+frame ([B, F], for per-frame noise levels); ``shift_timestep`` is the one source of the rational shift
+``s·u / (1 + (s − 1)·u)``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 def _bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A timestep-shaped ``x`` against latents ``like`` [B, C, F, H, W]: one value per sample ([B] →
+    [B, 1, 1, 1, 1]) or per latent frame ([B, F] → [B, 1, F, 1, 1])."""
+    if x.ndim == 2:
+        return x.reshape(x.shape[0], 1, x.shape[1], *([1] * (like.ndim - 3))).to(like.dtype)
     return x.reshape(x.shape[0], *([1] * (like.ndim - 1))).to(like.dtype)
 
 

@@ -74,11 +74,16 @@ FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch
 
 def build_accelerator(
     *,
-    block_class_names: tuple[str, ...] = ("WanTransformerBlock",),
+    block_class_names: tuple[str, ...] | None = None,
     log_with: Sequence[str] | None = None,
     project_dir: str | None = None,
 ) -> Accelerator:
     """Build the Accelerator from what ``accelerate launch`` passed (or a single local process).
+
+    ``block_class_names``: the classes FSDP2 wraps one by one. :func:`fv_accel.build.shard_roles` sets them per
+    role from its family (``ModelBase.block_class_names``); None leaves Accelerate's default for a model
+    sharded directly (the launcher's ``fsdp_transformer_layer_cls_to_wrap``, else the model's own
+    ``_no_split_modules``).
 
     ``log_with`` names Accelerate trackers (tensorboard, wandb, trackio); their files go under
     ``<project_dir>/logs``.
@@ -91,7 +96,7 @@ def build_accelerator(
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=list(block_class_names),
+        transformer_cls_names_to_wrap=None if block_class_names is None else list(block_class_names),
         # None: the launcher's fsdp_reshard_after_forward (FSDP_RESHARD_AFTER_FORWARD), true when it says nothing.
         reshard_after_forward=None,
         state_dict_type="SHARDED_STATE_DICT",

@@ -26,6 +26,8 @@ from fv_accel.errors import EXIT_FAILURE, EXIT_OK
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="recipes/preprocess.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="diffusers pipeline dir or Hub id (vae/, text_encoder/, tokenizer/)")
+    p.add_argument("--family", default="wan", help="model family whose encoders and frame rule apply "
+                   "(fv_accel.models.FAMILIES; as models.<role>.family)")
     p.add_argument("--videos", type=Path, default=None, help="folder the caption file's paths are relative to")
     p.add_argument("--captions", type=Path, required=True,
                    help="videos2caption.json ([{\"path\", \"cap\"}]), CSV (path,caption) or, text-only, a .txt")
@@ -33,7 +35,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--text-only", action="store_true", help="captions only → text-only schema (data-free DMD2)")
     p.add_argument("--height", type=int, default=480, help="frame height in pixels (Wan: a multiple of 16)")
     p.add_argument("--width", type=int, default=832, help="frame width in pixels (Wan: a multiple of 16)")
-    p.add_argument("--num-frames", type=int, default=81, help="frames per clip (4k+1)")
+    p.add_argument("--num-frames", type=int, default=81, help="frames per clip (the family's rule; Wan: 4k+1)")
     p.add_argument("--fps", type=float, default=16.0, help="frames are resampled to this rate")
     p.add_argument("--text-len", type=int, default=512, help="tokenizer max length (UMT5: 512)")
     p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         state = PartialState(cpu=args.cpu or not torch.cuda.is_available())
         opts = PreprocessOptions(
-            model=args.model, captions=args.captions, output=args.output, videos=args.videos,
+            model=args.model, family=args.family, captions=args.captions, output=args.output, videos=args.videos,
             height=args.height, width=args.width, num_frames=args.num_frames, fps=args.fps,
             text_len=args.text_len, save_dtype=args.save_dtype, vae_dtype=args.vae_dtype,
             text_encoder_dtype=args.text_encoder_dtype, rows_per_shard=args.rows_per_shard,

@@ -13,8 +13,7 @@ import pytest
 import torch
 from conftest import REPO, run_2proc, run_python
 
-from fv_accel.flops import wan_forward_flops
-from fv_accel.models.wan import TINY_WAN_CONFIG
+from fv_accel.models.wan import TINY_WAN_CONFIG, wan_forward_flops
 
 
 def _decode(path: Path) -> list[np.ndarray]:

@@ -29,7 +29,7 @@ def _args(toy_root: Path, init: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_prompts_are_encoded_once_and_sampled(toy_root: Path, pipeline: Path, tmp_path: Path) -> None:
-    from fv_accel.data.preprocess import Encoders
+    from fv_accel.models import FAMILIES
 
     out = tmp_path / "run"
     proc = run_python(_args(toy_root, pipeline, out, "--training.loop.max_train_steps=1"), cwd=REPO)
@@ -43,8 +43,8 @@ def test_prompts_are_encoded_once_and_sampled(toy_root: Path, pipeline: Path, tm
     # The file holds exactly what the pipeline's text encoder gives for these captions.
     table = pq.read_table(out / "validation" / "prompts.parquet").to_pylist()
     assert [r["caption"] for r in table] == PROMPTS
-    expected = Encoders.load(str(pipeline), device=torch.device("cpu"), text_len=8, with_vae=False,
-                             vae_dtype=torch.float32, text_dtype=torch.float32).encode_text(PROMPTS)
+    expected = FAMILIES["wan"].load_encoders(str(pipeline), key="test", device=torch.device("cpu"), text_len=8,
+                                             text_dtype=torch.float32).encode_text(PROMPTS)
     for row, want in zip(table, expected, strict=True):
         got = decode_tensor(row["text_embedding_bytes"], row["text_embedding_shape"], row["text_embedding_dtype"],
                             where="prompts")

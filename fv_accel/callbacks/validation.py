@@ -140,14 +140,17 @@ class ValidationCallback(Callback):
     def encode_captions(self, trainer: Trainer | None) -> Path:
         """``callbacks.validation.prompts`` → ``<output_dir>/validation/prompts.parquet`` (text-only schema).
 
-        The main process encodes them with the student pipeline's tokenizer and text encoder (loaded for this
-        and freed right after), writes the file, and every rank then reads it, so all ranks sample from
-        identical embeddings. A later run into the same output dir (a resume) reuses the file when it was
-        made from the same captions, text encoder and ``text_len``. Collective when ``trainer`` is given."""
-        from fv_accel.data.preprocess import Encoders, write_text_rows
+        The main process encodes them with the student pipeline's text encoder, as the student's family loads
+        it (``ModelBase.load_encoders``; loaded for this and freed right after), writes the file, and every rank
+        then reads it, so all ranks sample from identical embeddings. A later run into the same output dir (a
+        resume) reuses the file when it was made from the same captions, text encoder and ``text_len``.
+        Collective when ``trainer`` is given."""
+        from fv_accel.data.preprocess import write_text_rows
+        from fv_accel.models import FAMILIES
 
         out = Path(self.run_config.training.checkpoint.output_dir) / "validation" / PROMPTS_FILE
-        source = self.run_config.models["student"].init_from
+        student = self.run_config.models["student"]
+        source = student.init_from
         text_len = self.run_config.training.data.text_len
         stamp = {"fv_accel.prompts": json.dumps(self.config.prompts), "fv_accel.text_encoder": source,
                  "fv_accel.text_len": str(text_len)}
@@ -156,8 +159,8 @@ class ValidationCallback(Callback):
             text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             t0 = time.perf_counter()
             try:
-                encoders = Encoders.load(source, device=device, text_len=text_len, with_vae=False,
-                                         vae_dtype=torch.float32, text_dtype=text_dtype)
+                encoders = FAMILIES[student.family].load_encoders(
+                    source, key="models.student.init_from", device=device, text_len=text_len, text_dtype=text_dtype)
             except Exception as exc:
                 raise ConfigError(f"callbacks.validation.prompts: cannot load the tokenizer and text encoder of "
                                   f"models.student.init_from {source!r} ({type(exc).__name__}: "

@@ -1,9 +1,11 @@
 """Preprocessing: videos + captions → parquet shards in FastVideo's T2V schema (or text-only schema).
 
-Runs the pipeline's real encoders once, offline, so training never touches them: the diffusers
-``AutoencoderKLWan`` (subfolder ``vae``) turns each clip into the mean of its latent distribution, stored
-unnormalised ``[C, T, H, W]`` as FastVideo stores it; UMT5 (``text_encoder`` with the pipeline's ``tokenizer``)
-turns each caption into ``[L, D]`` embeddings trimmed to the caption's real token count (the dataset pads).
+Runs the pipeline's real encoders once, offline, so training never touches them. The model family
+(``--family``, ``fv_accel.models.FAMILIES``) loads them (``ModelBase.load_encoders``) and states the clip sizes
+its VAE accepts (``ModelBase.frame_rule``). For Wan: the diffusers ``AutoencoderKLWan`` (subfolder ``vae``)
+turns each clip into the mean of its latent distribution, stored unnormalised ``[C, T, H, W]`` as FastVideo
+stores it; UMT5 (``text_encoder`` with the pipeline's ``tokenizer``) turns each caption into ``[L, D]``
+embeddings trimmed to the caption's real token count (the dataset pads).
 
 Each process of an ``accelerate launch`` takes every ``world_size``-th entry of the caption file and writes its
 own shards ``rank<r>-<k>.parquet``, each renamed into place only when complete. A shard's ``id`` column is the
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import html
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,13 +33,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from fv_accel.config import check_pipeline_components
 from fv_accel.data.dataset import T2V_COLUMNS, TEXT_ONLY_COLUMNS
 from fv_accel.errors import ConfigError, DataError
-from fv_accel.models.wan import WanModel
-
-if TYPE_CHECKING:
-    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from fv_accel.models import FAMILIES, Encoders, FrameRule, ModelBase
 
 logger = logging.getLogger(__name__)
 
@@ -223,76 +220,21 @@ def load_clip(path: str | os.PathLike[str], *, height: int, width: int, num_fram
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _clean_prompt(text: str) -> str:
-    # Like diffusers' Wan pipeline prompt cleaning (ftfy when installed, HTML unescape, whitespace).
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
-    text = html.unescape(html.unescape(text))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def check_model_source(model: str, subfolders: list[str]) -> None:
-    """Fail (exit 2) before loading anything when ``--model`` lacks a needed component."""
-    check_pipeline_components(model, subfolders, what=f"--model: {model!r}",
-                              why="a diffusers pipeline directory is needed")
+def check_model_source(model: str) -> None:
+    """Fail (exit 2) before loading anything when ``--model`` is neither a local path nor a Hub id (the family
+    checks the pipeline's components when it loads them)."""
     if Path(model).expanduser().exists():
         return
     if model.startswith((".", "/", "~")) or not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", model):
         raise ConfigError(f"--model: local path {model!r} does not exist")
 
 
-@dataclass
-class Encoders:
-    """The pipeline's VAE (None in text-only mode), text encoder and tokenizer, on one device."""
-
-    tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: AutoencoderKLWan | None
-    device: torch.device
-    text_len: int
-
-    @classmethod
-    def load(cls, model: str, *, device: torch.device, text_len: int, with_vae: bool,
-             vae_dtype: torch.dtype, text_dtype: torch.dtype, vae_tiling: bool = False) -> Encoders:
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        check_model_source(model, ["tokenizer", "text_encoder"] + (["vae"] if with_vae else []))
-        tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
-        text_encoder: torch.nn.Module = UMT5EncoderModel.from_pretrained(model, subfolder="text_encoder",
-                                                                         torch_dtype=text_dtype)
-        text_encoder.to(device).eval().requires_grad_(False)
-        vae = None
-        if with_vae:
-            from diffusers import AutoencoderKLWan
-
-            vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=vae_dtype)
-            vae.to(device).eval().requires_grad_(False)
-            if vae_tiling:
-                vae.enable_tiling()  # bounded activation memory for large frames; latents change slightly
-        return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, device=device, text_len=text_len)
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> list[torch.Tensor]:
-        """Each caption → ``[L_i, D]`` float32, L_i = its real token count (≤ text_len)."""
-        tokens = self.tokenizer([_clean_prompt(c) for c in captions], padding="max_length",
-                                max_length=self.text_len, truncation=True, add_special_tokens=True,
-                                return_attention_mask=True, return_tensors="pt")
-        ids = tokens.input_ids.to(self.device)
-        mask = tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state.float()
-        lengths = mask.sum(dim=1).tolist()
-        return [hidden[i, :n].cpu() for i, n in enumerate(lengths)]
-
-    @torch.no_grad()
-    def encode_video(self, pixels_ctHW: torch.Tensor) -> torch.Tensor:
-        """``[3, T, H, W]`` in [-1, 1] → the VAE's latent mean ``[C, t, h, w]`` float32, unnormalised."""
-        assert self.vae is not None
-        x = pixels_ctHW.unsqueeze(0).to(self.device, next(self.vae.parameters()).dtype)
-        return self.vae.encode(x).latent_dist.mean[0].float().cpu()
+def family_class(family: str) -> type[ModelBase]:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise ConfigError(f"--family: unknown model family {family!r} (known: {', '.join(sorted(FAMILIES))})"
+                          ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,6 +330,7 @@ class PreprocessOptions:
     captions: Path
     output: Path
     videos: Path | None = None  # None: text-only mode
+    family: str = "wan"  # fv_accel.models.FAMILIES: whose encoders and frame rule
     height: int = 480
     width: int = 832
     num_frames: int = 81
@@ -431,6 +374,19 @@ class Summary:
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_frame_size(rule: FrameRule, opts: PreprocessOptions) -> None:
+    """Clips the family's VAE and patching accept (``ModelBase.frame_rule``), else exit 2 naming the flag."""
+    if not rule.valid_num_frames(opts.num_frames):
+        below, above = rule.nearest_num_frames(opts.num_frames)
+        raise ConfigError(f"--num-frames must be {rule.num_frames_text} for the {opts.family} VAE (e.g. {below} or "
+                          f"{above}), got {opts.num_frames}")
+    multiple, factor = rule.pixel_multiple, rule.spatial_factor
+    if opts.height % multiple or opts.width % multiple:
+        raise ConfigError(f"--height/--width must be multiples of {multiple} for {opts.family} ({factor}× VAE "
+                          f"downsampling, then {multiple // factor}×{multiple // factor} patches), got "
+                          f"{opts.height}x{opts.width}")
+
+
 def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, device: torch.device,
                    show_progress: bool = True) -> Summary:
     """This rank's share of the caption file → its shards. Returns this rank's summary.
@@ -444,15 +400,10 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
     text_only = opts.videos is None
     if opts.videos is not None and not opts.videos.is_dir():
         raise ConfigError(f"--videos: {opts.videos} is not a directory")
+    family = family_class(opts.family)
     # Checked before anything is loaded or written: a wrong size would otherwise surface at training step 1.
-    frames_step, multiple = WanModel.vae_temporal_factor, WanModel.pixel_multiple()
-    if not text_only and opts.num_frames % frames_step != 1:
-        raise ConfigError(f"--num-frames must be {frames_step}k+1 for the Wan VAE (e.g. 77 or 81), "
-                          f"got {opts.num_frames}")
-    if not text_only and (opts.height % multiple or opts.width % multiple):
-        factor = WanModel.vae_spatial_factor
-        raise ConfigError(f"--height/--width must be multiples of {multiple} for Wan ({factor}× VAE downsampling, "
-                          f"then {multiple // factor}×{multiple // factor} patches), got {opts.height}x{opts.width}")
+    if not text_only:
+        check_frame_size(family.frame_rule(), opts)
     entries = read_captions(opts.captions, need_paths=not text_only)
     opts.output.mkdir(parents=True, exist_ok=True)
     done = done_ids(opts.output)
@@ -465,9 +416,11 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
     text_dtype = opts.text_encoder_dtype
     if text_dtype == "auto":
         text_dtype = "bf16" if device.type == "cuda" else "fp32"
-    encoders = Encoders.load(opts.model, device=device, text_len=opts.text_len, with_vae=not text_only,
-                             vae_dtype=_TORCH_DTYPES[opts.vae_dtype], text_dtype=_TORCH_DTYPES[text_dtype],
-                             vae_tiling=opts.vae_tiling)
+    check_model_source(opts.model)
+    encoders = family.load_encoders(opts.model, key="--model", device=device, text_len=opts.text_len,
+                                    text_dtype=_TORCH_DTYPES[text_dtype],
+                                    vae_dtype=None if text_only else _TORCH_DTYPES[opts.vae_dtype],
+                                    vae_tiling=opts.vae_tiling)
     if opts.negative_prompt is not None and rank == 0:
         write_negative_prompt(opts.output / NEGATIVE_PROMPT_FILE, encoders, opts.negative_prompt, opts.save_dtype)
     writer = ShardWriter(opts.output, rank=rank, schema=TEXT_ONLY_SCHEMA if text_only else T2V_SCHEMA,

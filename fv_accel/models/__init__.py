@@ -1,4 +1,4 @@
-"""Model families. Adding a family = one file here + one registry entry."""
+"""Model families. Adding a family = one file here + one registry entry (checklist: ``README.md`` here)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,21 @@ import torch
 
 from fv_accel.config import ModelConfig
 from fv_accel.errors import CheckpointError, FvAccelError
-from fv_accel.models.base import ConditionBatch, LatentStats, ModelBase, check_shared_latent_space
+from fv_accel.models.base import (
+    ConditionBatch,
+    Encoders,
+    FrameRule,
+    LatentStats,
+    ModelBase,
+    check_shared_latent_space,
+)
+from fv_accel.models.prepare import prepare_transformer
 from fv_accel.models.wan import TINY_WAN_CONFIG, WAN_1_3B_CONFIG, WanModel
 
 logger = logging.getLogger(__name__)
 
+#: ``models.<role>.family`` → its class; the config's ``family`` Literal lists the same names
+#: (``tests/test_family_interface.py`` checks that they agree).
 FAMILIES: dict[str, type[ModelBase]] = {"wan": WanModel}
 
 
@@ -32,9 +42,10 @@ def resolve_latent_stats(models: dict[str, ModelConfig], *, include_hub: bool = 
 
 def load_role_model(role: str, model_cfg: ModelConfig, *, mixed_precision: str,
                     latent_stats: LatentStats | None = None, on_meta: bool = False) -> ModelBase:
-    """Load one role's transformer. Trainable roles hold fp32 master weights; frozen roles may stay bf16.
-    ``latent_stats`` already resolved (:func:`resolve_latent_stats`); None: the family resolves them.
-    ``on_meta``: read no weights, parameters on the ``meta`` device (shard, then :func:`materialize_roles`)."""
+    """Load one role's transformer and prepare it (:func:`prepare_transformer`; sharding comes next). Trainable
+    roles hold fp32 master weights; frozen roles may stay bf16. ``latent_stats`` already resolved
+    (:func:`resolve_latent_stats`); None: the family resolves them. ``on_meta``: read no weights, parameters on
+    the ``meta`` device (shard, then :func:`materialize_roles`)."""
     dtype = torch.float32
     if not model_cfg.trainable and mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16":
         dtype = torch.bfloat16
@@ -46,8 +57,7 @@ def load_role_model(role: str, model_cfg: ModelConfig, *, mixed_precision: str,
         raise
     except Exception as exc:  # diffusers/safetensors/huggingface_hub raise many types for unusable weights
         raise _load_error(role, model_cfg, exc) from None
-    model.transformer.requires_grad_(model_cfg.trainable)
-    model.transformer.train(model_cfg.trainable)
+    prepare_transformer(model)
     return model
 
 
@@ -76,7 +86,7 @@ def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> 
     for (family, _, _), roles in groups.items():
         first = models[roles[0]]
         try:
-            files = FAMILIES[family].weight_files(roles[0], first.config)  # type: ignore[attr-defined]
+            files = FAMILIES[family].weight_files(roles[0], first.config)
             for role in roles:
                 materialize(models[role].transformer, device)
             fill_from_safetensors([models[role].transformer for role in roles], files,
@@ -93,11 +103,14 @@ __all__ = [
     "TINY_WAN_CONFIG",
     "WAN_1_3B_CONFIG",
     "ConditionBatch",
+    "Encoders",
+    "FrameRule",
     "LatentStats",
     "ModelBase",
     "WanModel",
     "is_on_meta",
     "load_role_model",
     "materialize_roles",
+    "prepare_transformer",
     "resolve_latent_stats",
 ]

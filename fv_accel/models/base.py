@@ -1,15 +1,17 @@
 """Role models: one instance per role (student, teacher, critic, ...), each owning its own transformer.
 
-A family (``wan.py``) knows how to load its transformer, how to call it and how its latent space is
-normalised; it never knows which method uses it.
+A family (``wan.py``) knows how to load its transformer, how to call it, how its latent space is normalised,
+its encoders and clip sizes, and its FLOPs; it never knows which method uses it. :class:`ModelBase` lists
+everything a family answers (``fv_accel/models/README.md`` is the checklist for adding one).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -56,6 +58,46 @@ def check_shared_latent_space(stats: Mapping[str, LatentStats]) -> None:
                 "they agree")
 
 
+@dataclass(frozen=True)
+class FrameRule:
+    """Clip sizes a family's VAE and patching accept; preprocessing refuses others before encoding anything."""
+
+    temporal_factor: int
+    """Pixel frames per latent frame after the first, which a causal video VAE encodes alone: clips have
+    k·``temporal_factor`` + 1 frames."""
+    spatial_factor: int
+    """Pixels per latent cell side."""
+    pixel_multiple: int
+    """Frame height and width must be multiples of this (the spatial factor times the transformer's spatial
+    patch, or the patching drops the last row/column of an odd latent side)."""
+
+    @property
+    def num_frames_text(self) -> str:
+        return f"{self.temporal_factor}k+1"
+
+    def valid_num_frames(self, num_frames: int) -> bool:
+        return num_frames >= 1 and (num_frames - 1) % self.temporal_factor == 0
+
+    def nearest_num_frames(self, num_frames: int) -> tuple[int, int]:
+        """The valid frame counts just below (at least 1) and just above ``num_frames``, for error messages."""
+        below = max(1, (num_frames - 1) // self.temporal_factor * self.temporal_factor + 1)
+        return below, below + self.temporal_factor
+
+
+class Encoders(ABC):
+    """A family's preprocessing encoders on one device (:meth:`ModelBase.load_encoders`): the text encoder, and
+    the VAE when loaded with a ``vae_dtype``. They write what training reads, so their outputs are stored as is."""
+
+    @abstractmethod
+    def encode_text(self, captions: list[str]) -> list[torch.Tensor]:
+        """Each caption → ``[L_i, D]`` float32 on the host, L_i its real token count (≤ ``text_len``; the
+        dataset pads)."""
+
+    @abstractmethod
+    def encode_video(self, pixels_cthw: torch.Tensor) -> torch.Tensor:
+        """``[3, T, H, W]`` in [-1, 1] → latents ``[C, t, h, w]`` float32 on the host, unnormalised (as stored)."""
+
+
 @dataclass
 class ConditionBatch:
     """A batch on device, in the model's (normalised) latent space."""
@@ -77,9 +119,15 @@ class ConditionBatch:
 
 
 class ModelBase(ABC):
-    """A role's model: the transformer plus its noise-schedule conventions (flow matching, DESIGN.md §3)."""
+    """A role's model: the transformer plus its noise-schedule conventions (flow matching, ``fv_accel/flow.py``).
 
-    #: class names of the transformer blocks that FSDP2 wraps one by one
+    Generic modules ask the family through this interface instead of testing its type. Construction only wraps
+    a built transformer; :func:`fv_accel.models.prepare.prepare_transformer` then prepares it (requires_grad,
+    attention backend, activation checkpointing, compile) in one order for every family.
+    """
+
+    #: Class names of the transformer blocks that FSDP2 wraps one by one (``fv_accel.build.shard_roles`` sets
+    #: them on the plugin per role).
     block_class_names: tuple[str, ...] = ()
 
     def __init__(self, *, role: str, transformer: torch.nn.Module, config: ModelConfig) -> None:
@@ -120,9 +168,46 @@ class ModelBase(ABC):
         """Name of the diffusers pipeline class that runs an exported transformer (used in the model card)."""
         raise NotImplementedError(f"{cls.__name__} names no diffusers pipeline class")
 
+    def transformer_blocks(self) -> Sequence[torch.nn.Module]:
+        """The transformer's repeated blocks, in order: what activation checkpointing and regional compilation
+        act on (``fv_accel/models/prepare.py``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its transformer blocks")
+
+    def enable_context_parallel(self, mesh: Any) -> None:
+        """Split the sequence of every forward over ``mesh`` (context parallel). A family that supports it
+        overrides this; the default refuses (exit 2) rather than silently running unsplit."""
+        raise ConfigError(f"models.{self.role}: context parallel is not supported by family "
+                          f"{self.config.family!r} yet")
+
+    def forward_flops(self, latent_shape: Sequence[int], text_len: int) -> int | None:
+        """Forward FLOPs of one sample with latents ``[C, T, H, W]`` and ``text_len`` text tokens (matmuls only,
+        the convention of ``fv_accel/flops.py``); None when the family has no FLOP model (no MFU is logged)."""
+        return None
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+    # -- data: clip sizes and encoders (preprocessing, validation prompts) ----------------------------------
+    @classmethod
+    def frame_rule(cls, patch_size: tuple[int, ...] | None = None) -> FrameRule:
+        """The clip sizes this family's VAE and a transformer with ``patch_size`` (None: the family's usual
+        one) accept. Every family that preprocesses videos implements it."""
+        raise NotImplementedError(f"{cls.__name__} states no frame rule")
+
+    @classmethod
+    def load_encoders(cls, source: str, *, key: str, device: torch.device, text_len: int, text_dtype: torch.dtype,
+                      vae_dtype: torch.dtype | None = None, vae_tiling: bool = False) -> Encoders:
+        """The text encoder (and with ``vae_dtype`` the VAE) of the pipeline ``source``, on ``device``, for
+        preprocessing and validation prompts. ``key`` names ``source`` in errors (a config key or flag);
+        ``vae_tiling`` trades exactness for bounded memory on large frames."""
+        raise NotImplementedError(f"{cls.__name__} has no encoders")
+
+    @classmethod
+    def weight_files(cls, role: str, model_cfg: ModelConfig) -> list[Path]:
+        """The safetensors files a transformer built ``on_meta`` is filled from
+        (:func:`fv_accel.models.materialize_roles`). Every family that loads ``on_meta`` implements it."""
+        raise NotImplementedError(f"{cls.__name__} names no weight files")
 
     # -- latent space -------------------------------------------------------------------------------------
     @property
@@ -142,7 +227,8 @@ class ModelBase(ABC):
     def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype,
                     latent_stats: LatentStats | None = None, on_meta: bool = False) -> ModelBase:
         """Load ``init_from`` in ``dtype`` (``fv_accel.models.load_role_model``); with ``on_meta`` build it without
-        reading weights (parameters on the meta device, filled after sharding). Every family implements it."""
+        reading weights (parameters on the meta device, filled after sharding). Every family implements it.
+        The model comes back unprepared: ``load_role_model`` runs ``prepare_transformer`` on it."""
         raise NotImplementedError(f"{cls.__name__} does not load from init_from")
 
     @abstractmethod
@@ -173,11 +259,14 @@ class ModelBase(ABC):
 
     # -- flow matching ------------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t`` for timesteps ``t`` of shape [B] or [B, F] (one per latent frame)."""
         return flow.add_noise(x0, noise, t)
 
     @abstractmethod
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
-        """The transformer's velocity prediction v̂ ≈ ε − x0, returned in float32."""
+        """The transformer's velocity prediction v̂ ≈ ε − x0 for latents ``x_t`` [B, C, F, H, W], returned in
+        float32. ``t`` in [0, 1000]: [B], or [B, F] for a noise level per latent frame."""
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+        """The clean latents the velocity prediction implies; ``t`` of shape [B] or [B, F]."""
         return flow.x0_from_velocity(x_t.float(), self.predict_velocity(x_t, t, text_embeds_bld), t)

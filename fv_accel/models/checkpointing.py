@@ -13,6 +13,7 @@ ATen op whether its output is saved or recomputed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,9 +62,11 @@ def full_checkpoint(module: torch.nn.Module, *args: Any) -> Any:
     return checkpoint(module.__call__, *args, use_reentrant=False)
 
 
-def apply_activation_checkpointing(transformer: ModelMixin, mode: str, every: int = 1) -> None:
+def apply_activation_checkpointing(transformer: ModelMixin, mode: str, every: int = 1, *,
+                                   blocks: Sequence[torch.nn.Module] | None = None) -> None:
     """Set a diffusers transformer's block checkpointing: ``off``, ``full`` or ``selective``, applied to blocks
-    0, ``every``, 2·``every``, ... of ``transformer.blocks`` (the others run as usual)."""
+    0, ``every``, 2·``every``, ... of ``blocks`` (the family's ``transformer_blocks()``; None: the
+    transformer's ``blocks`` list); the others run as usual."""
     if mode == "off":
         return
     if mode not in ("full", "selective"):
@@ -72,7 +75,9 @@ def apply_activation_checkpointing(transformer: ModelMixin, mode: str, every: in
         raise ValueError(f"activation checkpointing every {every} blocks: expected >= 1")
     policy = full_checkpoint if mode == "full" else selective_checkpoint
     # Blocks keep their identity through FSDP2's fully_shard and Module.compile (both act in place).
-    chosen = {id(block) for i, block in enumerate(transformer.blocks) if i % every == 0}
+    if blocks is None:
+        blocks = transformer.blocks
+    chosen = {id(block) for i, block in enumerate(blocks) if i % every == 0}
 
     def checkpoint_some(module: Any, *args: Any) -> Any:
         return policy(module, *args) if id(module) in chosen else module(*args)

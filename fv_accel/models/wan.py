@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
+import re
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fv_accel.config import ModelConfig, is_hub_id
+from fv_accel.config import ModelConfig, check_pipeline_components, is_hub_id
 from fv_accel.errors import CheckpointError, ConfigError
-from fv_accel.models.base import LatentStats, ModelBase
-from fv_accel.models.checkpointing import apply_activation_checkpointing
+from fv_accel.models.base import Encoders, FrameRule, LatentStats, ModelBase
+from fv_accel.models.prepare import prepare_transformer
 
 if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
     from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
 logger = logging.getLogger(__name__)
@@ -126,6 +130,85 @@ def read_latent_stats(role: str, model_cfg: ModelConfig, *, include_hub: bool = 
                        vae_source=source if has_vae else None, vae_subfolder=subfolder)
 
 
+def wan_forward_flops(config: Mapping[str, Any], latent_shape: Sequence[int], text_len: int) -> int:
+    """Forward FLOPs of one sample through a Wan transformer with diffusers ``config`` (the counting convention
+    of ``fv_accel/flops.py``). With D = heads·head_dim, N = (T/p_t)(H/p_h)(W/p_w) video tokens, L text tokens,
+    F = ffn_dim, P = p_t·p_h·p_w, n layers::
+
+        patch embedding       2·N·(C_in·P)·D
+        time embedding        2·f·D + 2·D·D + 2·D·6D          (f = freq_dim)
+        text embedding        2·L·D_text·D + 2·L·D·D
+        per block             self-attention   4·2·N·D²  + 4·N²·D
+                              cross-attention  2·2·N·D² + 2·2·L·D² + 4·N·L·D
+                              feed-forward     2·2·N·D·F
+        output projection     2·N·D·(C_out·P)
+
+    Per-frame timesteps embed the time once per token instead of once per sample (N× the small time term),
+    not counted here.
+    """
+    c_in, t, h, w = (int(x) for x in latent_shape)
+    pt, ph, pw = (int(x) for x in config["patch_size"])
+    if t % pt or h % ph or w % pw:
+        raise ValueError(f"latent shape {list(latent_shape)} is not divisible by patch size {[pt, ph, pw]}")
+    d = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    n = (t // pt) * (h // ph) * (w // pw)
+    length = int(text_len)
+    patch = pt * ph * pw
+    f_ffn = int(config["ffn_dim"])
+    c_out = int(config.get("out_channels") or c_in)
+    embed = 2 * n * (c_in * patch) * d
+    time = 2 * int(config["freq_dim"]) * d + 2 * d * d + 2 * d * 6 * d
+    text = 2 * length * int(config["text_dim"]) * d + 2 * length * d * d
+    self_attn = 4 * 2 * n * d * d + 4 * n * n * d
+    cross_attn = 2 * 2 * n * d * d + 2 * 2 * length * d * d + 4 * n * length * d
+    ffn = 2 * 2 * n * d * f_ffn
+    out = 2 * n * d * (c_out * patch)
+    return embed + time + text + int(config["num_layers"]) * (self_attn + cross_attn + ffn) + out
+
+
+def _clean_prompt(text: str) -> str:
+    # Like diffusers' Wan pipeline prompt cleaning (ftfy when installed, HTML unescape, whitespace).
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class WanEncoders(Encoders):
+    """A Wan pipeline's UMT5 text encoder (``text_encoder`` with its ``tokenizer``) and, for videos, its
+    ``AutoencoderKLWan`` (``vae``), whose latent mean is stored unnormalised ``[C, T, H, W]`` as FastVideo does."""
+
+    def __init__(self, *, tokenizer: Any, text_encoder: torch.nn.Module, vae: AutoencoderKLWan | None,
+                 device: torch.device, text_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.device = device
+        self.text_len = text_len
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> list[torch.Tensor]:
+        tokens = self.tokenizer([_clean_prompt(c) for c in captions], padding="max_length",
+                                max_length=self.text_len, truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(ids, attention_mask=mask).last_hidden_state.float()
+        lengths = mask.sum(dim=1).tolist()
+        return [hidden[i, :n].cpu() for i, n in enumerate(lengths)]
+
+    @torch.no_grad()
+    def encode_video(self, pixels_cthw: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            raise RuntimeError("WanEncoders: loaded without a VAE (vae_dtype=None), cannot encode videos")
+        x = pixels_cthw.unsqueeze(0).to(self.device, next(self.vae.parameters()).dtype)
+        return self.vae.encode(x).latent_dist.mean[0].float().cpu()
+
+
 class WanModel(ModelBase):
     block_class_names = ("WanTransformerBlock",)
     transformer: WanTransformer3DModel
@@ -150,6 +233,39 @@ class WanModel(ModelBase):
         transformer's spatial patch, or the patching drops the last row/column of an odd latent side."""
         _, patch_h, patch_w = patch_size or cls.default_patch_size
         return cls.vae_spatial_factor * math.lcm(patch_h, patch_w)
+
+    @classmethod
+    def frame_rule(cls, patch_size: tuple[int, ...] | None = None) -> FrameRule:
+        return FrameRule(temporal_factor=cls.vae_temporal_factor, spatial_factor=cls.vae_spatial_factor,
+                         pixel_multiple=cls.pixel_multiple(patch_size))
+
+    @classmethod
+    def load_encoders(cls, source: str, *, key: str, device: torch.device, text_len: int, text_dtype: torch.dtype,
+                      vae_dtype: torch.dtype | None = None, vae_tiling: bool = False) -> WanEncoders:
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        check_pipeline_components(source, ["tokenizer", "text_encoder"] + (["vae"] if vae_dtype is not None else []),
+                                  what=f"{key}: {source!r}", why="a diffusers pipeline directory is needed")
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        text_encoder: torch.nn.Module = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder",
+                                                                         torch_dtype=text_dtype)
+        text_encoder.to(device).eval().requires_grad_(False)
+        vae = None
+        if vae_dtype is not None:
+            from diffusers import AutoencoderKLWan
+
+            vae = AutoencoderKLWan.from_pretrained(source, subfolder="vae", torch_dtype=vae_dtype)
+            vae.to(device).eval().requires_grad_(False)
+            if vae_tiling:
+                vae.enable_tiling()  # bounded activation memory for large frames; latents change slightly
+        return WanEncoders(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, device=device,
+                           text_len=text_len)
+
+    def transformer_blocks(self) -> Sequence[torch.nn.Module]:
+        return list(self.transformer.blocks)
+
+    def forward_flops(self, latent_shape: Sequence[int], text_len: int) -> int | None:
+        return wan_forward_flops(dict(self.transformer.config), latent_shape, text_len)
 
     @property
     def latent_patch_size(self) -> tuple[int, int, int]:
@@ -197,7 +313,7 @@ class WanModel(ModelBase):
             transformer = WanTransformer3DModel.from_pretrained(
                 model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
             )
-        return cls.from_transformer(role, transformer, model_cfg, latent_stats=stats)
+        return cls(role=role, transformer=transformer, config=model_cfg, latent_stats=stats)
 
     @staticmethod
     def empty_transformer(model_cfg: ModelConfig, *, dtype: torch.dtype) -> WanTransformer3DModel:
@@ -240,18 +356,12 @@ class WanModel(ModelBase):
         *,
         latent_stats: LatentStats | None = None,
     ) -> WanModel:
-        """Wrap an already built transformer, applying the role's attention backend, activation checkpointing
-        and compilation (benchmarks build random-weight transformers this way). No ``latent_stats``: identity."""
-        if model_cfg.attention_backend:
-            transformer.set_attention_backend(model_cfg.attention_backend)
-        if model_cfg.trainable:
-            apply_activation_checkpointing(transformer, model_cfg.activation_checkpointing,
-                                           model_cfg.activation_checkpointing_every)
-        if model_cfg.compile == "regional":
-            # Per block, before fully_shard: FSDP2's hooks stay outside the compiled regions.
-            for block in transformer.blocks:
-                block.compile()
-        return cls(role=role, transformer=transformer, config=model_cfg, latent_stats=latent_stats)
+        """Wrap an already built transformer and prepare it as a loaded role is (:func:`prepare_transformer`:
+        requires_grad, attention backend, activation checkpointing, compile); benchmarks and tests build
+        random-weight transformers this way. No ``latent_stats``: identity."""
+        model = cls(role=role, transformer=transformer, config=model_cfg, latent_stats=latent_stats)
+        prepare_transformer(model)
+        return model
 
     def load_vae(self) -> torch.nn.Module | None:
         """The VAE the latent statistics came from (identity: none)."""
@@ -286,14 +396,29 @@ class WanModel(ModelBase):
                 found.append((name, module))
         return [module for _, module in found]
 
+    def per_token_timesteps(self, t_bf: torch.Tensor, latent_shape_bcfhw: Sequence[int]) -> torch.Tensor:
+        """Per-frame timesteps [B, F] → one per video token [B, N], in the transformer's token order (frame,
+        then row, then column of patches): the 2-D ``timestep`` diffusers' ``WanTransformer3DModel`` takes
+        (as Wan 2.2 TI2V does), which modulates each token with its own time embedding."""
+        _, _, frames, height, width = (int(x) for x in latent_shape_bcfhw)
+        patch_t, patch_h, patch_w = self.latent_patch_size
+        if t_bf.ndim != 2 or t_bf.shape[1] != frames:
+            raise ValueError(f"per-frame timesteps of shape {list(t_bf.shape)} for latents with {frames} frames: "
+                             f"expected [B, {frames}]")
+        if patch_t != 1:
+            raise ValueError(f"models.{self.role}: per-frame timesteps need a temporal patch of 1, the transformer "
+                             f"folds {patch_t} latent frames into one token")
+        return t_bf.float().repeat_interleave((height // patch_h) * (width // patch_w), dim=1)
+
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         # FSDP2 leaves inputs alone (runtime.mixed_precision_policy): the latents and text go in the blocks'
         # compute dtype, the timestep in fp32 exactly as given (the sinusoidal embedding at t ≈ 1000 changes
         # completely with a bf16 rounding of t).
         dtype = self.compute_dtype
+        timestep = t.float() if t.ndim == 1 else self.per_token_timesteps(t, x_t.shape)
         out = self.transformer(
             hidden_states=x_t.to(dtype),
-            timestep=t.float(),
+            timestep=timestep,
             encoder_hidden_states=text_embeds_bld.to(dtype),
             return_dict=False,
         )[0]

@@ -1,0 +1,46 @@
+"""The one order every family's transformer is prepared in, between loading and sharding.
+
+:func:`prepare_transformer` runs on every role right after ``family.from_config`` (``fv_accel.models.
+load_role_model``); :func:`fv_accel.build.shard_roles` shards the prepared transformer next. It asks the family
+only for its blocks (``ModelBase.transformer_blocks``), and drives the transformer through diffusers'
+``ModelMixin`` hooks (``set_attention_backend``, ``enable_gradient_checkpointing``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+from fv_accel.models.checkpointing import apply_activation_checkpointing
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from fv_accel.models.base import ModelBase
+
+
+def prepare_transformer(model: ModelBase) -> None:
+    """Prepare ``model.transformer`` in place from ``models.<role>``, in this order:
+
+    1. ``requires_grad`` and train mode from ``trainable``: first, because adapters decide trainability on top
+       of it and dynamo's guards see requires_grad as it stays for the run.
+    2. Adapters (LoRA) would be attached here: after the base weights are frozen, before checkpointing and
+       compilation wrap the blocks that hold them.
+    3. The attention backend (``attention_backend``), which compilation then traces.
+    4. Activation checkpointing of the blocks (trainable roles; ``activation_checkpointing[_every]``).
+    5. Regional compilation (``compile: regional``): each block, before ``fully_shard`` so FSDP2's hooks stay
+       outside the compiled regions.
+    6. Sharding follows in :func:`fv_accel.build.shard_roles`.
+    """
+    cfg = model.config
+    transformer = cast("ModelMixin", model.transformer)  # every family's transformer is a diffusers model
+    transformer.requires_grad_(cfg.trainable)
+    transformer.train(cfg.trainable)
+    if cfg.attention_backend:
+        transformer.set_attention_backend(cfg.attention_backend)
+    blocks = model.transformer_blocks()
+    if cfg.trainable:
+        apply_activation_checkpointing(transformer, cfg.activation_checkpointing,
+                                       cfg.activation_checkpointing_every, blocks=blocks)
+    if cfg.compile == "regional":
+        for block in blocks:
+            block.compile()
