@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from fv_accel.checkpoint import layout
 from fv_accel.checkpoint.states import (
     ModelState,
     OptimizerState,
@@ -218,12 +219,12 @@ class TrainingMethod(nn.Module, ABC):
                 continue
             modules = {"transformer": model.transformer}
             for module_name, module in modules.items():
-                states[f"roles.{role}.{module_name}"] = ModelState(module)
+                states[layout.role_module_key(role, module_name)] = ModelState(module)
             if role in self._optimizer_dict:
-                states[f"optimizers.{role}"] = OptimizerState(RoleModuleContainer(modules),
+                states[layout.optimizer_key(role)] = OptimizerState(RoleModuleContainer(modules),
                                                               self._optimizer_dict[role])
             if role in self._lr_scheduler_dict:
-                states[f"schedulers.{role}"] = SchedulerState(self._lr_scheduler_dict[role])
+                states[layout.scheduler_key(role)] = SchedulerState(self._lr_scheduler_dict[role])
         return states
 
     def random_state(self) -> dict[str, torch.Tensor]:
