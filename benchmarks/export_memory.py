@@ -38,10 +38,16 @@ def make_checkpoint(root: Path, config: dict[str, Any], *, seed: int = 0) -> Pat
     import torch.distributed.checkpoint as dcp
     from diffusers import WanTransformer3DModel
 
-    from fv_accel.checkpoint.layout import EMA_INITIALIZED_KEY, EMA_SHADOW_PREFIX, role_module_key
+    from fv_accel.checkpoint.layout import (
+        EMA_INITIALIZED_KEY,
+        EMA_SHADOW_PREFIX,
+        METADATA_FILE,
+        checkpoint_dir_name,
+        role_module_key,
+    )
 
-    ckpt = root / "run" / "checkpoint-1"
-    if (ckpt / "metadata.json").is_file():
+    ckpt = root / "run" / checkpoint_dir_name(1)
+    if (ckpt / METADATA_FILE).is_file():
         return ckpt
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**config)
@@ -58,7 +64,7 @@ def make_checkpoint(root: Path, config: dict[str, Any], *, seed: int = 0) -> Pat
         dcp.save(flat, checkpoint_id=str(ckpt), no_dist=True)
     run_config = {"models": {"student": {"init_from": str(root / "init"), "subfolder": "transformer"}},
                   "method": {"name": "finetune"}, "callbacks": {"ema": {"decay": 0.99}}}
-    (ckpt / "metadata.json").write_text(json.dumps({"config": run_config, "step": 1, "world_size": 1}))
+    (ckpt / METADATA_FILE).write_text(json.dumps({"config": run_config, "step": 1, "world_size": 1}))
     return ckpt
 
 
@@ -95,7 +101,7 @@ def measure(checkpoint: Path, output: Path, *, role: str, dtype: str, legacy: bo
     t0 = time.perf_counter()
     if legacy:
         # The former path: every EMA tensor and the whole student in fp32, then a cast copy of everything.
-        config = json.loads((checkpoint / "metadata.json").read_text())["config"]
+        config = json.loads((checkpoint / layout.METADATA_FILE).read_text())["config"]
         state = layout.read_role_state_dict(checkpoint, "student" if role == "ema" else role)
         if role == "ema":
             state.update(layout.read_ema_state_dict(checkpoint, with_student_rest=False))

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fv_accel.checkpoint.layout import METADATA_FILE, checkpoint_dir_name
 from fv_accel.config import is_hub_id
 from fv_accel.export.diffusers import family_of
 from fv_accel.export.reader import model_role_of
@@ -148,6 +149,6 @@ Base model: `{base_id or base_init}`.
 | `step` | `{step}` |
 {settings}
 
-The complete resolved run configuration is in the `checkpoint-{step}/metadata.json` the export was made from.
+The complete resolved run configuration is in the `{checkpoint_dir_name(step)}/{METADATA_FILE}` the export was made from.
 """
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
