@@ -49,13 +49,16 @@ DELETING_SUFFIX = ".deleting"
 ABANDONED_INFIX = ".abandoned-"
 RANDOM_STATE_PREFIX = "random_state."
 
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_PREFIX = "checkpoint-"
+
+_CHECKPOINT_DIR = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 # checkpoint dirs and what killed saves / deletions leave behind
-_LEFTOVER_DIR = re.compile(r"^checkpoint-(\d+)(\.partial|\.stale|\.deleting)?$")
+_LEFTOVER_DIR = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)("
+                           + "|".join(re.escape(s) for s in (PARTIAL_SUFFIX, STALE_SUFFIX, DELETING_SUFFIX)) + ")?$")
 
 
 def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint-{step}"
+    return f"{CHECKPOINT_PREFIX}{step}"
 
 
 def checkpoint_step(name: str) -> int | None:
