@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from fv_accel.callbacks import CallbackList  # noqa: E402
-from fv_accel.checkpoint import CheckpointManager  # noqa: E402
+from fv_accel.checkpoint import CheckpointManager, layout  # noqa: E402
 from fv_accel.checkpoint.manager import WRITER_THREADS  # noqa: E402
 from fv_accel.checkpoint.states import ModelState, OptimizerState, RoleModuleContainer  # noqa: E402
 
@@ -53,9 +53,9 @@ class OneRole:
         return {"student": self.optimizer}
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"roles.student.transformer": ModelState(self.model),
-                "optimizers.student": OptimizerState(RoleModuleContainer({"transformer": self.model}),
-                                                     self.optimizer)}
+        return {layout.role_module_key("student", "transformer"): ModelState(self.model),
+                layout.optimizer_key("student"): OptimizerState(RoleModuleContainer({"transformer": self.model}),
+                                                                self.optimizer)}
 
     def random_state(self) -> dict[str, Any]:
         return {}

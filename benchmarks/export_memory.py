@@ -38,10 +38,16 @@ def make_checkpoint(root: Path, config: dict[str, Any], *, seed: int = 0) -> Pat
     import torch.distributed.checkpoint as dcp
     from diffusers import WanTransformer3DModel
 
-    from fv_accel.callbacks.ema import EMA_INITIALIZED_KEY, EMA_SHADOW_PREFIX
+    from fv_accel.checkpoint.layout import (
+        EMA_INITIALIZED_KEY,
+        EMA_SHADOW_PREFIX,
+        METADATA_FILE,
+        checkpoint_dir_name,
+        role_module_key,
+    )
 
-    ckpt = root / "run" / "checkpoint-1"
-    if (ckpt / "metadata.json").is_file():
+    ckpt = root / "run" / checkpoint_dir_name(1)
+    if (ckpt / METADATA_FILE).is_file():
         return ckpt
     torch.manual_seed(seed)
     model = WanTransformer3DModel(**config)
@@ -50,7 +56,7 @@ def make_checkpoint(root: Path, config: dict[str, Any], *, seed: int = 0) -> Pat
     gen = torch.Generator().manual_seed(seed + 1)
     for name, value in model.state_dict().items():
         value = value.float()
-        flat[f"roles.student.transformer.{name}"] = value
+        flat[f"{role_module_key('student', 'transformer')}.{name}"] = value
         if not name.startswith(UNTRACKED_PREFIXES):
             flat[EMA_SHADOW_PREFIX + name] = value + 1e-3 * torch.randn(value.shape, generator=gen)
     with warnings.catch_warnings():
@@ -58,7 +64,7 @@ def make_checkpoint(root: Path, config: dict[str, Any], *, seed: int = 0) -> Pat
         dcp.save(flat, checkpoint_id=str(ckpt), no_dist=True)
     run_config = {"models": {"student": {"init_from": str(root / "init"), "subfolder": "transformer"}},
                   "method": {"name": "finetune"}, "callbacks": {"ema": {"decay": 0.99}}}
-    (ckpt / "metadata.json").write_text(json.dumps({"config": run_config, "step": 1, "world_size": 1}))
+    (ckpt / METADATA_FILE).write_text(json.dumps({"config": run_config, "step": 1, "world_size": 1}))
     return ckpt
 
 
@@ -77,11 +83,14 @@ def measure(checkpoint: Path, output: Path, *, role: str, dtype: str, legacy: bo
     from torch.distributed.checkpoint import FileSystemReader
 
     from fv_accel import export
+    from fv_accel.checkpoint import layout
+    from fv_accel.models import FAMILIES
 
     meta = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    student = {k: v for k, v in meta.items() if k.startswith("roles.student.transformer.")}
-    dtype_of = export.export_dtype_of(export._transformer_class("wan"), export.DTYPES[dtype])
-    prefix = len("roles.student.transformer.")
+    student_prefix = layout.role_module_key("student", "transformer") + "."
+    student = {k: v for k, v in meta.items() if k.startswith(student_prefix)}
+    dtype_of = export.export_dtype_of(export.transformer_class(FAMILIES["wan"]), export.DTYPES[dtype])
+    prefix = len(student_prefix)
     num_params = sum(v.size.numel() for v in student.values())
     export_bytes = sum(v.size.numel() * dtype_of(k[prefix:], v.properties.dtype).itemsize
                        for k, v in student.items())
@@ -92,11 +101,10 @@ def measure(checkpoint: Path, output: Path, *, role: str, dtype: str, legacy: bo
     t0 = time.perf_counter()
     if legacy:
         # The former path: every EMA tensor and the whole student in fp32, then a cast copy of everything.
-        from fv_accel.callbacks.ema import load_ema_state_dict
-
-        config = json.loads((checkpoint / "metadata.json").read_text())["config"]
-        state = (load_ema_state_dict(checkpoint) if role == "ema"
-                 else export.load_role_state_dict(checkpoint, role))
+        config = json.loads((checkpoint / layout.METADATA_FILE).read_text())["config"]
+        state = layout.read_role_state_dict(checkpoint, "student" if role == "ema" else role)
+        if role == "ema":
+            state.update(layout.read_ema_state_dict(checkpoint, with_student_rest=False))
         cast = {k: v.to(dtype_of(k, v.dtype)) for k, v in state.items()}
         model = export.build_transformer(config["models"]["student"], cast, export.DTYPES[dtype])
         model.save_pretrained(output / "transformer", safe_serialization=True, max_shard_size=max_shard_size)

@@ -367,7 +367,7 @@ def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Seq
             activation_checkpointing=model_cfg.activation_checkpointing,
             checkpoint_every=model_cfg.activation_checkpointing_every,
             attention_backend=model_cfg.attention_backend)
-    from fv_accel.callbacks.ema import EMA_ROLE
+    from fv_accel.checkpoint.layout import EMA_ROLE
 
     ema = cfg.callbacks.ema
     return estimate_peak_memory(

@@ -8,7 +8,7 @@ Both work in the model's normalised latent space and draw every random number fr
 generator for the whole batch, or one per sample (row ``i`` draws from ``generator[i]``), which makes a sample's
 noise independent of the batch it is drawn in (validation splits its prompts over ranks this way).
 ``distilled_scheduler_config`` is ``dmd_sample`` as a diffusers scheduler config: what an exported few-step
-pipeline runs (``fv_accel/export.py`` bundles it).
+pipeline runs (``fv_accel/export/diffusers.py`` bundles it).
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
 
     import torch.distributed as dist
 
-    from fv_accel.checkpoint.export import save_transformer_pretrained
+    from fv_accel.checkpoint.gather import save_transformer_pretrained
     from fv_accel.cli import train
     from fv_accel.config import resolve_config
 

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_model(cfg: RunConfig, checkpoint: Path, role: str) -> ModelBase:
     """The role's model (family wrapper with latent normalisation) holding the checkpoint's weights."""
-    from fv_accel.export import load_ema_role_state_dict, load_role_state_dict
+    from fv_accel.checkpoint.layout import read_ema_state_dict, read_role_state_dict
     from fv_accel.models import load_role_model
 
     model_role = "teacher" if role == "teacher" else "student"
@@ -61,7 +61,7 @@ def load_model(cfg: RunConfig, checkpoint: Path, role: str) -> ModelBase:
     # Architecture and latent statistics come from init_from; the weights (student / ema) from the checkpoint.
     model = load_role_model(model_role, mcfg, mixed_precision="no")
     if role != "teacher":
-        state = load_ema_role_state_dict(checkpoint) if role == "ema" else load_role_state_dict(checkpoint, "student")
+        state = read_ema_state_dict(checkpoint) if role == "ema" else read_role_state_dict(checkpoint, "student")
         try:
             model.transformer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         except RuntimeError as exc:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from fv_accel.callbacks.ema import EMACallback, load_ema_state_dict
+from fv_accel.callbacks.ema import EMACallback
+from fv_accel.checkpoint.layout import read_ema_state_dict
 from fv_accel.config import EMAConfig
 from fv_accel.errors import CheckpointError
 
@@ -91,12 +92,12 @@ def test_state_dict_roundtrip_and_mismatch() -> None:
 @pytest.mark.parametrize("device", ["gpu", "cpu"])
 def test_fsdp2_shards_checkpoint_and_one_process_read(tmp_path: Path, single_process_dist: Any, device: str) -> None:
     """World size 1 FSDP2: the shadow is a DTensor laid out like the parameters, DCP saves it under
-    ``callbacks.ema`` and :func:`load_ema_state_dict` reads back full tensors keyed like the model."""
+    ``callbacks.ema`` and :func:`read_ema_state_dict` reads back full tensors keyed like the model."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from fv_accel.checkpoint.manager import _CallbackState
+    from fv_accel.checkpoint.states import CallbackState
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3))
@@ -107,23 +108,23 @@ def test_fsdp2_shards_checkpoint_and_one_process_read(tmp_path: Path, single_pro
     assert all(isinstance(v, DTensor) and v.placements == model.get_parameter(k).placements
                for k, v in state["shadow"].items())
     with pytest.raises(CheckpointError, match="had not started"):
-        dcp.save({"callbacks.ema": _CallbackState(ema)}, checkpoint_id=str(tmp_path / "before"))
-        load_ema_state_dict(tmp_path / "before", with_student_rest=False)
+        dcp.save({"callbacks.ema": CallbackState(ema)}, checkpoint_id=str(tmp_path / "before"))
+        read_ema_state_dict(tmp_path / "before", with_student_rest=False)
     start = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     ema.on_after_optimizer_step(None, 1, ["student"])  # type: ignore[arg-type]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     ema.on_after_optimizer_step(None, 2, ["student"])  # type: ignore[arg-type]
-    dcp.save({"callbacks.ema": _CallbackState(ema)}, checkpoint_id=str(tmp_path / "ckpt"))
-    full = load_ema_state_dict(tmp_path / "ckpt", with_student_rest=False)
+    dcp.save({"callbacks.ema": CallbackState(ema)}, checkpoint_id=str(tmp_path / "ckpt"))
+    full = read_ema_state_dict(tmp_path / "ckpt", with_student_rest=False)
     assert full.keys() == start.keys()
     assert all(torch.allclose(full[k], start[k] + 0.5, rtol=0, atol=1e-6) for k in start)
     dcp.save({"roles.student.transformer": {"w": torch.zeros(2)}}, checkpoint_id=str(tmp_path / "no_ema"))
     with pytest.raises(CheckpointError, match="no EMA weights"):
-        load_ema_state_dict(tmp_path / "no_ema")
+        read_ema_state_dict(tmp_path / "no_ema")
     with pytest.raises(CheckpointError, match="not a readable DCP checkpoint"):
-        load_ema_state_dict(tmp_path / "nonexistent")
+        read_ema_state_dict(tmp_path / "nonexistent")
 
 
 def _shadows(ema: EMACallback) -> dict[str, torch.Tensor]:
@@ -173,7 +174,7 @@ def test_cpu_shadow_resumes_from_a_checkpoint(tmp_path: Path, single_process_dis
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import fully_shard
 
-    from fv_accel.checkpoint.manager import _CallbackState
+    from fv_accel.checkpoint.states import CallbackState
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Linear(6, 3))
@@ -186,13 +187,13 @@ def test_cpu_shadow_resumes_from_a_checkpoint(tmp_path: Path, single_process_dis
                 p.add_(float(step))
         ema.on_after_optimizer_step(None, step, ["student"])  # type: ignore[arg-type]
     saved = {k: v.clone() for k, v in _shadows(ema).items()}
-    dcp.save({"callbacks.ema": _CallbackState(ema)}, checkpoint_id=str(tmp_path / "ckpt"))
+    dcp.save({"callbacks.ema": CallbackState(ema)}, checkpoint_id=str(tmp_path / "ckpt"))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)  # the resumed run's fresh shadow starts elsewhere
     resumed = EMACallback(EMAConfig(decay=0.5, device="cpu"), fake_method(model))
     resumed.on_train_start(None)  # type: ignore[arg-type]
-    dcp.load({"callbacks.ema": _CallbackState(resumed)}, checkpoint_id=str(tmp_path / "ckpt"))
+    dcp.load({"callbacks.ema": CallbackState(resumed)}, checkpoint_id=str(tmp_path / "ckpt"))
     assert resumed.initialized and resumed.num_updates == 2
     for k, v in _shadows(resumed).items():
         assert torch.equal(v, saved[k]) and v.device.type == "cpu"

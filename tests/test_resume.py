@@ -207,9 +207,9 @@ def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Pat
                                                   single_process_dist: Any) -> None:
     """DCP reshards the 2-rank checkpoint onto world size 1: weights, optimizer state and the EMA shards."""
     from fv_accel.build import build_run
-    from fv_accel.callbacks.ema import load_ema_state_dict
     from fv_accel.callbacks.registry import build_callbacks
     from fv_accel.checkpoint import CheckpointManager
+    from fv_accel.checkpoint.layout import read_ema_state_dict
     from fv_accel.config import parse_overrides, resolve_config
 
     ckpt = reference / "checkpoint-8"
@@ -219,7 +219,7 @@ def test_two_rank_checkpoint_loads_in_one_process(reference: Path, toy_root: Pat
                if k.startswith("roles.student.transformer.")}
 
     # The one-process reader used by export and sampling.
-    ema = load_ema_state_dict(ckpt)
+    ema = read_ema_state_dict(ckpt)
     assert ema.keys() == student.keys() == ema_ref.keys()
     assert all(torch.equal(ema[k], ema_ref[k]) for k in ema_ref)
     assert all(v.dtype == torch.float32 for v in ema.values())

@@ -44,7 +44,7 @@ def _sample(run: Path, out: Path, role: str, steps: int = 4, n: int = 5, seed: i
 
 
 def test_roles_layout_and_determinism(dmd2_run: Path, tmp_path: Path) -> None:
-    from fv_accel.export import load_ema_role_state_dict, load_role_state_dict
+    from fv_accel.checkpoint.layout import read_ema_state_dict, read_role_state_dict
 
     results = {}
     for role in ("student", "ema", "teacher"):
@@ -59,7 +59,7 @@ def test_roles_layout_and_determinism(dmd2_run: Path, tmp_path: Path) -> None:
     assert not torch.equal(results["student"], results["teacher"])
     assert not torch.equal(results["student"], results["ema"])
     ckpt = dmd2_run / "checkpoint-3"
-    student, ema = load_role_state_dict(ckpt, "student"), load_ema_role_state_dict(ckpt)
+    student, ema = read_role_state_dict(ckpt, "student"), read_ema_state_dict(ckpt)
     assert any(not torch.equal(student[k], ema[k]) for k in student)
     # same seed → same latents; another seed → different
     _, _, again = _sample(dmd2_run, tmp_path / "again.safetensors", "student")
@@ -70,8 +70,8 @@ def test_roles_layout_and_determinism(dmd2_run: Path, tmp_path: Path) -> None:
 
 def test_student_reproduces_the_dmd_sampler(dmd2_run: Path, tmp_path: Path) -> None:
     """The file holds exactly dmd_sample of the checkpoint's student, denormalised (identity here)."""
+    from fv_accel.checkpoint.layout import read_role_state_dict
     from fv_accel.config import ModelConfig
-    from fv_accel.export import load_role_state_dict
     from fv_accel.models import load_role_model
     from fv_accel.quality import conditioning
     from fv_accel.sampling import dmd_sample
@@ -84,7 +84,7 @@ def test_student_reproduces_the_dmd_sampler(dmd2_run: Path, tmp_path: Path) -> N
     cfg = yaml.safe_load((dmd2_run / "resolved_config.yaml").read_text())
     model = load_role_model("student", ModelConfig(**{**cfg["models"]["student"], "trainable": False}),
                             mixed_precision="no")
-    model.transformer.load_state_dict(load_role_state_dict(dmd2_run / "checkpoint-3", "student"))
+    model.transformer.load_state_dict(read_role_state_dict(dmd2_run / "checkpoint-3", "student"))
     text, shape = conditioning(cfg["training"]["data"]["data_path"], result["data_index"].tolist(), 8)
     expected = dmd_sample(model, text, latent_shape=shape, denoising_steps=[1000, 750, 500, 250],
                           generator=torch.Generator().manual_seed(7))

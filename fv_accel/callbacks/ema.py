@@ -19,8 +19,8 @@ Where the shadow lives (``callbacks.ema.device``):
 
 Checkpointing: :meth:`EMACallback.state_dict` hands DCP the shadow as DTensors with the parameters' mesh and
 placements, so every rank saves (and gets back) its own shards, and a different world size, including one plain
-process, can load them (DCP reshards). :func:`load_ema_state_dict` reads the EMA weights of a checkpoint in one
-process as full tensors, for export and sampling.
+process, can load them (DCP reshards). :func:`fv_accel.checkpoint.layout.read_ema_state_dict` reads the EMA
+weights of a checkpoint in one process as full tensors, for export and sampling.
 
 :meth:`EMACallback.swapped_in` copies the EMA weights into the student for sampling / validation / export and
 restores the training weights bit for bit afterwards.
@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fv_accel.callbacks.base import Callback
+from fv_accel.checkpoint.layout import EMA_CALLBACK, EMA_INITIALIZED, EMA_ROLE, EMA_SHADOW
 from fv_accel.config import EMAConfig
 from fv_accel.runtime import reshard_all
 
@@ -48,13 +46,6 @@ if TYPE_CHECKING:
     from fv_accel.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-
-#: the role whose weights are averaged
-EMA_ROLE = "student"
-#: DCP key prefix of the shadow in a checkpoint (``callbacks.<name>`` + the state dict's ``shadow`` entry)
-EMA_SHADOW_PREFIX = "callbacks.ema.shadow."
-#: DCP key of the flag telling whether the EMA has had its first update
-EMA_INITIALIZED_KEY = "callbacks.ema.initialized"
 
 # Wrappers that may sit between the transformer and its parameters (torch.compile, activation checkpointing)
 # add these segments to parameter names; the transformer's own state dict does not have them.
@@ -86,7 +77,7 @@ def _host_buffer(numel: int) -> torch.Tensor:
 class EMACallback(Callback):
     """EMA of the student's trainable parameters (see the module docstring)."""
 
-    name = "ema"
+    name = EMA_CALLBACK
 
     def __init__(self, config: EMAConfig, method: TrainingMethod) -> None:
         self.decay = float(config.decay)
@@ -257,15 +248,15 @@ class EMACallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         self._ensure_bound()
         return {
-            "shadow": {n: self._as_param_layout(self._params[n], self._shadow[n]) for n in self._params},
-            "initialized": self.initialized,
+            EMA_SHADOW: {n: self._as_param_layout(self._params[n], self._shadow[n]) for n in self._params},
+            EMA_INITIALIZED: self.initialized,
             "num_updates": self.num_updates,
             "decay": self.decay,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._ensure_bound()
-        shadow = state["shadow"]
+        shadow = state[EMA_SHADOW]
         missing = sorted(set(self._params) - set(shadow))
         unexpected = sorted(set(shadow) - set(self._params))
         if missing or unexpected:
@@ -276,54 +267,8 @@ class EMACallback(Callback):
                 local = _local(value)
                 if local.data_ptr() != self._shadow[n].data_ptr():  # DCP usually loads in place
                     self._shadow[n].copy_(local)
-        self.initialized = bool(state["initialized"])
+        self.initialized = bool(state[EMA_INITIALIZED])
         self.num_updates = int(state["num_updates"])
         if float(state.get("decay", self.decay)) != self.decay:
             logger.warning("EMA decay changed on resume: checkpoint %s, now %s", state["decay"], self.decay)
 
-
-# -- reading a checkpoint in one process ------------------------------------------------------------------------
-def load_ema_state_dict(checkpoint_dir: str | os.PathLike[str], *, with_student_rest: bool = True
-                        ) -> dict[str, torch.Tensor]:
-    """The EMA weights of a checkpoint as full tensors keyed like the transformer's state dict, in one process.
-
-    The shards of every rank are reassembled by DCP (any world size wrote them). With ``with_student_rest``,
-    entries the EMA does not track (frozen parameters, buffers) come from the student's weights in the same
-    checkpoint, so the result is a complete transformer state dict. Raises ``CheckpointError`` when the
-    checkpoint has no EMA (the run had ``callbacks.ema`` unset) or its EMA never started.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from fv_accel.errors import CheckpointError
-
-    path = Path(checkpoint_dir)
-    try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable DCP checkpoint ({type(exc).__name__}: {exc})") from None
-    entries = metadata.state_dict_metadata
-    ema_keys = [k for k, v in entries.items() if k.startswith(EMA_SHADOW_PREFIX)
-                and isinstance(v, TensorStorageMetadata)]
-    if not ema_keys:
-        raise CheckpointError(f"{path}: no EMA weights in this checkpoint (was callbacks.ema set?)")
-    student_prefix = f"roles.{EMA_ROLE}.transformer."
-    rest_keys = [k for k, v in entries.items() if k.startswith(student_prefix)
-                 and isinstance(v, TensorStorageMetadata)] if with_student_rest else []
-
-    def empty(key: str) -> torch.Tensor:
-        meta = entries[key]
-        assert isinstance(meta, TensorStorageMetadata)
-        return torch.empty(meta.size, dtype=meta.properties.dtype)
-
-    flat: dict[str, Any] = {k: empty(k) for k in ema_keys + rest_keys}
-    flat["callbacks.ema.initialized"] = False
-    # No process group: DCP reads every rank's shard into these full-size tensors (resharding to world size 1).
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*")
-        dcp.load(flat, checkpoint_id=str(path), no_dist=True)
-    if not flat["callbacks.ema.initialized"]:
-        raise CheckpointError(f"{path}: the EMA had not started yet (step < callbacks.ema.start_step)")
-    out = {k[len(student_prefix):]: flat[k] for k in rest_keys}
-    out.update({k[len(EMA_SHADOW_PREFIX):]: flat[k] for k in ema_keys})
-    return out

@@ -22,12 +22,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fv_accel.callbacks.base import Callback
-from fv_accel.checkpoint import list_checkpoints
+from fv_accel.checkpoint import layout, list_checkpoints
 
 if TYPE_CHECKING:
     from fv_accel.config import RunConfig
@@ -42,7 +41,7 @@ def _link_checkpoint(src: Path, dst: Path) -> bool:
     dst.mkdir(parents=True)
     try:
         for path in src.iterdir():  # DCP checkpoints are flat: shards, .metadata, metadata.json, RNG files
-            if not path.name.startswith("random_state."):
+            if not layout.is_random_state_file(path.name):
                 os.link(path, dst / path.name)
     except OSError:
         shutil.rmtree(dst, ignore_errors=True)
@@ -52,18 +51,10 @@ def _link_checkpoint(src: Path, dst: Path) -> bool:
 
 def ema_started(checkpoint: Path) -> bool:
     """Whether the checkpoint's EMA has had its first update (before that it holds no average to export)."""
-    import torch.distributed.checkpoint as dcp
-
-    from fv_accel.callbacks.ema import EMA_INITIALIZED_KEY
-
-    state: dict[str, Any] = {EMA_INITIALIZED_KEY: False}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)  # no collectives: safe off the main thread
+        return layout.read_ema_initialized(checkpoint)  # no collectives: safe off the main thread
     except Exception:
         return False
-    return bool(state[EMA_INITIALIZED_KEY])
 
 
 class HubPushCallback(Callback):
@@ -149,7 +140,7 @@ class HubPushCallback(Callback):
             return
         step, path = found[-1]
         self.last_submitted_step = step
-        snapshot = self.staging_dir / f"checkpoint-{step}"
+        snapshot = self.staging_dir / layout.checkpoint_dir_name(step)
         try:
             staged = _link_checkpoint(path, snapshot)
         except OSError as exc:
@@ -215,7 +206,7 @@ class HubPushCallback(Callback):
             logger.info("pushed step %d to %s", step, self.repo_id)
             return True
         retry = shlex.join(["python", "recipes/export.py", *cmd[3:]]).replace(
-            str(snapshot), str(self.output_dir / f"checkpoint-{step}"))
+            str(snapshot), str(self.output_dir / layout.checkpoint_dir_name(step)))
         logger.error("Hub push of step %d to %s failed (exit %d; details in %s). The export in %s is intact; "
                      "retry with: %s", step, self.repo_id, proc.returncode, self.log_path, self.export_dir, retry)
         return False

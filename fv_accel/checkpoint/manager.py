@@ -8,6 +8,7 @@ may advance device RNG) and restored last.
 Async saves (``training.checkpoint.async_save``) stage the state into CPU memory at the save step and write it
 from a background thread; the rename into place happens later, on the main thread, at a point every rank
 reaches together (a step boundary where every rank's write has finished, the next save, the end of the run).
+Every key and file name comes from ``fv_accel/checkpoint/layout.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.storage import StorageWriter
 
+from fv_accel.checkpoint import layout
 from fv_accel.checkpoint.states import CallbackState, SavedKeysOnly, unwrap_optimizer
 from fv_accel.errors import CheckpointError
 
@@ -44,13 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-# checkpoint dirs and what killed saves / deletions leave behind
-_LEFTOVER_RE = re.compile(r"^checkpoint-(\d+)(\.partial|\.stale|\.deleting)?$")
 #: IO threads per rank writing its shards (one file each): parallel streams to NVMe / parallel filesystems
 WRITER_THREADS = 4
-# ``checkpoint-<N>.abandoned-<timestamp>``: matched by neither regex above, so never listed, resumed or deleted
-ABANDONED_INFIX = ".abandoned-"
 
 
 def _rank() -> int:
@@ -96,7 +92,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "metadata.json").is_file()
+    return (path / layout.DCP_METADATA_FILE).is_file() and (path / layout.METADATA_FILE).is_file()
 
 
 def list_checkpoints(output_dir: Path, *, complete_only: bool = True) -> list[tuple[int, Path]]:
@@ -104,9 +100,9 @@ def list_checkpoints(output_dir: Path, *, complete_only: bool = True) -> list[tu
         return []
     found = []
     for child in output_dir.iterdir():
-        match = _CKPT_RE.match(child.name)
-        if match and child.is_dir() and (not complete_only or is_complete(child)):
-            found.append((int(match.group(1)), child))
+        step = layout.checkpoint_step(child.name)
+        if step is not None and child.is_dir() and (not complete_only or is_complete(child)):
+            found.append((step, child))
     return sorted(found)
 
 
@@ -121,7 +117,7 @@ def resolve_checkpoint(spec: str, output_dir: str | os.PathLike[str]) -> Path | 
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {spec!r} does not exist")
-    if _CKPT_RE.match(path.name):
+    if layout.checkpoint_step(path.name) is not None:
         if not is_complete(path):
             raise CheckpointError(f"checkpoint {spec!r} is incomplete (no .metadata / metadata.json)")
         return path
@@ -154,10 +150,10 @@ def set_aside_newer(output_dir: str | os.PathLike[str], resume: Path, *, on_newe
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     moved = []
     for path in newer:
-        target = path.with_name(f"{path.name}{ABANDONED_INFIX}{stamp}")
+        target = path.with_name(f"{path.name}{layout.ABANDONED_INFIX}{stamp}")
         n = 1
         while target.exists():  # the same step abandoned twice within a second
-            target = path.with_name(f"{path.name}{ABANDONED_INFIX}{stamp}-{n}")
+            target = path.with_name(f"{path.name}{layout.ABANDONED_INFIX}{stamp}-{n}")
             n += 1
         os.replace(path, target)
         moved.append(target)
@@ -190,7 +186,7 @@ def resume_command(argv: list[str] | None = None) -> str:
 
 def read_metadata(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "metadata.json").read_text())
+        return json.loads((path / layout.METADATA_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable metadata.json ({exc})") from None
 
@@ -338,10 +334,10 @@ class CheckpointManager:
     def _states(self) -> dict[str, Any]:
         states: dict[str, Any] = dict(self.method.checkpoint_state())
         for cb in self.callbacks:
-            states[f"callbacks.{cb.name}"] = CallbackState(cb)
+            states[layout.callback_key(cb.name)] = CallbackState(cb)
         if self.data is not None:
             # The loader position is per rank (each rank has its own shard).
-            states[f"dataloader.rank{_rank()}"] = self.data
+            states[layout.dataloader_key(_rank())] = self.data
         return states
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -351,7 +347,7 @@ class CheckpointManager:
         return [role for role, opt in self._optimizers().items() if not opt.state]
 
     def path_for(self, step: int) -> Path:
-        return self.output_dir / f"checkpoint-{step}"
+        return self.output_dir / layout.checkpoint_dir_name(step)
 
     # -- save -----------------------------------------------------------------------------------------------
     def save(self, step: int, *, blocking: bool = False) -> Path:
@@ -372,7 +368,7 @@ class CheckpointManager:
         # e.g. the end-of-run save right after a periodic save of the same step (rank 0's view decides for all)
         if self._last_saved_step == step and _rank0_decides(lambda: is_complete(final)):
             return final
-        partial = final.with_name(final.name + ".partial")
+        partial = final.with_name(final.name + layout.PARTIAL_SUFFIX)
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed midway
             partial.mkdir(parents=True)
@@ -383,7 +379,7 @@ class CheckpointManager:
         # would change the run; leave it out and record that it was empty.
         stateless = self._stateless_optimizer_roles()
         for role in stateless:
-            states.pop(f"optimizers.{role}", None)
+            states.pop(layout.optimizer_key(role), None)
         writer = self.make_writer(partial)
         if self.async_save and not blocking:
             group = self._async_groups()[0]
@@ -412,7 +408,7 @@ class CheckpointManager:
         return final
 
     def _write_random_state(self, partial: Path) -> None:
-        save_rng_file(capture_rng_state(self.method), partial / f"random_state.rank{_rank()}.pt")
+        save_rng_file(capture_rng_state(self.method), partial / layout.random_state_file(_rank()))
 
     def _finalize(self, step: int, partial: Path, stateless: list[str]) -> None:
         """Collective, once every rank's files are written: metadata.json, the rename, retention."""
@@ -420,7 +416,7 @@ class CheckpointManager:
         if _rank() == 0:
             meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                     "optimizers_without_state": stateless, "config": self.config_dump}
-            _write_atomic(partial / "metadata.json", json.dumps(meta, indent=2))
+            _write_atomic(partial / layout.METADATA_FILE, json.dumps(meta, indent=2))
             # No fsync of the shard files here: DCP's FileSystemWriter (sync_files=True, its default) fsyncs
             # each file it writes, .metadata included (torch/distributed/checkpoint/filesystem.py,
             # _write_files_from_queue and _FileSystemWriter.finish), and each rank does so for its own files.
@@ -428,7 +424,7 @@ class CheckpointManager:
             _fsync_dir(partial)
             final = self.path_for(step)
             if final.exists():  # incomplete, or stale from an abandoned timeline: the new one is complete now
-                stale = final.with_name(final.name + ".stale")
+                stale = final.with_name(final.name + layout.STALE_SUFFIX)
                 shutil.rmtree(stale, ignore_errors=True)
                 os.replace(final, stale)
                 os.replace(partial, final)
@@ -523,18 +519,18 @@ class CheckpointManager:
         if self.keep_last > 0:
             doomed += [path for _, path in complete[: max(len(complete) - self.keep_last, 0)]]
         for child in self.output_dir.iterdir():
-            match = _LEFTOVER_RE.match(child.name)
-            if not match or not child.is_dir():
+            found = layout.leftover_of(child.name)
+            if found is None or not child.is_dir():
                 continue
-            child_step, suffix = int(match.group(1)), match.group(2)
+            child_step, suffix = found
             leftover = suffix is not None or not is_complete(child)
-            if suffix == ".deleting" or (child_step < newest and leftover):
+            if suffix == layout.DELETING_SUFFIX or (child_step < newest and leftover):
                 doomed.append(child)
         for path in doomed:
             if path == complete[-1][1]:
                 continue
             # Rename first: a kill during rmtree then leaves a name that is never taken for a checkpoint.
-            trash = path.with_name(path.name.split(".")[0] + ".deleting")
+            trash = path.with_name(path.name.split(".")[0] + layout.DELETING_SUFFIX)
             try:
                 if path != trash:
                     shutil.rmtree(trash, ignore_errors=True)
@@ -552,28 +548,24 @@ class CheckpointManager:
         in the checkpoint is checked to really have received it.
         """
         meta = read_metadata(path)
-        try:
-            saved_keys = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
+        saved_keys = set(layout.dcp_entries(path))
         self.method.seed_optimizer_state_for_resume()
         states = self._states()
         loaded_roles = self._prepare_optimizers_for_load(path, meta, saved_keys, states)
-        key = f"dataloader.rank{_rank()}"
+        key = layout.dataloader_key(_rank())
         if key in states and meta.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
             # The ranks consume in lockstep, so every rank saved the same position (rows consumed of the
             # epoch's order); a rank of the new world may have no key of its own: each reads rank 0's.
-            states["dataloader.rank0"] = states.pop(key)
-        for name in [n for n in states if n.startswith("dataloader.")]:
-            states[name] = SavedKeysOnly(states[name], {k[len(name) + 1:] for k in saved_keys
-                                                         if k.startswith(name + ".")})
-        for name in [n for n in states if n.startswith("callbacks.")]:
+            states[layout.dataloader_key(0)] = states.pop(key)
+        for name in [n for n in states if layout.is_dataloader_key(n)]:
+            states[name] = SavedKeysOnly(states[name], layout.entries_under(saved_keys, name))
+        for name in [n for n in states if layout.is_callback_key(n)]:
             # A stateless callback saves nothing (nothing to say); EMA switched on for the resumed run starts
             # from the current weights.
-            if not any(k.startswith(name + ".") for k in saved_keys) and states.pop(name).state_dict():
+            if not layout.entries_under(saved_keys, name) and states.pop(name).state_dict():
                 logger.warning("%s has no state for %s; it starts fresh", path, name)
-        missing_roles = sorted({n for n in states if n.startswith("roles.")
-                                and not any(k.startswith(n + ".") for k in saved_keys)})
+        missing_roles = sorted({n for n in states if layout.is_role_key(n)
+                                and not layout.entries_under(saved_keys, n)})
         if missing_roles:
             raise CheckpointError(f"{path}: no weights for {', '.join(missing_roles)} (saved by another method?)")
         try:
@@ -595,10 +587,10 @@ class CheckpointManager:
         for role, opt in self._optimizers().items():
             if role in stateless:
                 logger.info("%s: the optimizer of role %r had not stepped yet; it starts empty", path, role)
-                states.pop(f"optimizers.{role}", None)
+                states.pop(layout.optimizer_key(role), None)
                 opt.state.clear()
                 continue
-            if not any(k.startswith(f"optimizers.{role}.state.") for k in saved_keys):
+            if not any(k.startswith(layout.optimizer_state_prefix(role)) for k in saved_keys):
                 raise CheckpointError(f"{path}: no optimizer state for role {role!r}")
             for param_state in opt.state.values():
                 if torch.is_tensor(param_state.get("step")):
@@ -618,7 +610,7 @@ class CheckpointManager:
 
     def restore_random_state(self, path: Path) -> None:
         """Restore per-rank RNG; call last, after the data iterator and everything else are set up."""
-        rng_file = path / f"random_state.rank{_rank()}.pt"
+        rng_file = path / layout.random_state_file(_rank())
         if not rng_file.is_file():
             logger.warning("%s has no random state for rank %d; continuing with fresh RNG", path, _rank())
             return

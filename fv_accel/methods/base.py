@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from fv_accel.checkpoint import layout
 from fv_accel.checkpoint.states import (
     ModelState,
     OptimizerState,
@@ -292,11 +293,11 @@ class TrainingMethod(nn.Module, ABC):
                 continue
             modules = role.modules
             for module_name, module in modules.items():
-                states[f"roles.{name}.{module_name}"] = ModelState(module)
+                states[layout.role_module_key(name, module_name)] = ModelState(module)
             if role.optimizer is not None:
-                states[f"optimizers.{name}"] = OptimizerState(RoleModuleContainer(modules), role.optimizer)
+                states[layout.optimizer_key(name)] = OptimizerState(RoleModuleContainer(modules), role.optimizer)
             if role.scheduler is not None:
-                states[f"schedulers.{name}"] = SchedulerState(role.scheduler)
+                states[layout.scheduler_key(name)] = SchedulerState(role.scheduler)
         return states
 
     def random_state(self) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Gather a sharded role into a diffusers-format directory (``save_pretrained`` layout)."""
+"""Collective gather of a sharded module into full tensors, and its diffusers-format save (``save_pretrained``
+layout) from rank 0, during a run. The offline export of a checkpoint is ``fv_accel/export/``."""
 
 from __future__ import annotations
 
