@@ -616,7 +616,7 @@ def check_model_source(key: str, model_cfg: ModelConfig) -> None:
             raise ConfigError(f"{key}.init_from: {source!r} has no {cfg_file.relative_to(local)} "
                               f"(check {key}.subfolder)")
         return
-    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+    if not is_hub_id(source):
         raise ConfigError(f"{key}.init_from: local path {source!r} does not exist")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         from huggingface_hub import try_to_load_from_cache

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from fv_accel.config import is_hub_id
 from fv_accel.data.dataset import T2V_COLUMNS, TEXT_ONLY_COLUMNS
 from fv_accel.errors import ConfigError, DataError
 from fv_accel.models import FAMILIES, Encoders, FrameRule, ModelBase
@@ -223,9 +224,7 @@ def load_clip(path: str | os.PathLike[str], *, height: int, width: int, num_fram
 def check_model_source(model: str) -> None:
     """Fail (exit 2) before loading anything when ``--model`` is neither a local path nor a Hub id (the family
     checks the pipeline's components when it loads them)."""
-    if Path(model).expanduser().exists():
-        return
-    if model.startswith((".", "/", "~")) or not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", model):
+    if not Path(model).expanduser().exists() and not is_hub_id(model):
         raise ConfigError(f"--model: local path {model!r} does not exist")
 
 
