@@ -137,11 +137,11 @@ def test_push_callback_never_blocks_and_coalesces(tmp_path: Path) -> None:
         release.wait(10)
         return step != 4
 
-    cb._push = slow_push  # type: ignore[method-assign]
+    cb.push = slow_push  # type: ignore[method-assign]
     trainer = SimpleNamespace(is_main=True, callbacks=CallbackList([cb]))
     cb.on_train_start(trainer)  # type: ignore[arg-type]
     cb.on_validation(trainer, 1)  # type: ignore[arg-type]
-    assert started == [] and cb._pending is None
+    assert started == [] and cb.queued_step is None
     timings = []
     for step in (2, 3, 4):
         _fake_checkpoint(out, step)
@@ -151,6 +151,7 @@ def test_push_callback_never_blocks_and_coalesces(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert max(timings) < 0.5  # staging is a few hard links, the push itself runs elsewhere
     assert [s for s, _ in started] == [2]  # step 2 is being pushed; 3 was superseded by 4 while waiting
+    assert cb.queued_step == 4
     assert not (out / "hub_push_staging" / "checkpoint-3").exists()
     # The snapshot is hard links of the checkpoint, so retention may delete the original meanwhile.
     assert (out / "hub_push_staging" / "checkpoint-4" / "__0_0.distcp").stat().st_nlink == 2

@@ -89,6 +89,12 @@ class HubPushCallback(Callback):
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
 
+    @property
+    def queued_step(self) -> int | None:
+        """The step of the checkpoint waiting for the push thread (not started yet), else None."""
+        with self._cond:
+            return self._pending[0] if self._pending is not None else None
+
     @classmethod
     def from_config(cls, cfg: RunConfig) -> HubPushCallback:
         assert cfg.hub.repo_id
@@ -174,7 +180,7 @@ class HubPushCallback(Callback):
                 self._pending = None
                 self._busy = True
             try:
-                ok = self._push(step, snapshot)
+                ok = self.push(step, snapshot)
                 (self.pushed_steps if ok else self.failed_steps).append(step)
             except Exception:  # the training run must not die with its pusher
                 logger.exception("Hub push of step %d crashed", step)
@@ -194,7 +200,8 @@ class HubPushCallback(Callback):
             cmd += ["--revision", self.revision]
         return cmd
 
-    def _push(self, step: int, snapshot: Path) -> bool:
+    def push(self, step: int, snapshot: Path) -> bool:
+        """Export ``snapshot`` and upload it (a subprocess; runs on the push thread). Returns success."""
         # Until its first update (callbacks.ema.start_step) the EMA is not an average yet: push the student.
         role = "ema" if self.role == "ema" and ema_started(snapshot) else "student"
         cmd = self.command(snapshot, role)
