@@ -253,8 +253,8 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
     import torch.distributed as dist
 
     from fv_accel.checkpoint.export import save_transformer_pretrained
-    from fv_accel.cli import train
     from fv_accel.config import resolve_config
+    from fv_accel.run import train
 
     out = toy_teacher_dir(root)
     if (out / "transformer" / "config.json").is_file():

@@ -198,8 +198,9 @@ def test_sampling_is_fixed_seed_and_leaves_training_rng_alone(toy_root, tmp_path
 
 
 def test_should_run_schedule(toy_root):
-    from fv_accel.callbacks.validation import ValidationCallback, evenly_spaced_rows
+    from fv_accel.callbacks.validation import ValidationCallback
     from fv_accel.config import ValidationConfig, resolve_config
+    from fv_accel.sampling import evenly_spaced_rows
 
     cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
                           "method": {"name": "finetune"}})

@@ -345,7 +345,9 @@ def _close_at_exit(stream_ref: weakref.ref[DataStream]) -> None:
 
 
 def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int, stop_signals: Sequence[str] = ()) -> DataStream:
-    """``stop_signals``: signal names the loader workers ignore besides SIGTERM and SIGINT."""
+    """``rank``/``world_size``: this process's data rank and the number of data ranks (``Topology.data_rank``,
+    ``Topology.data_world_size``). ``stop_signals``: signal names the loader workers ignore besides SIGTERM and
+    SIGINT."""
     window = cfg.shuffle_window_groups if cfg.shuffle == "row_groups" else 1
     dataset = ParquetLatentDataset(
         cfg.data_path, text_len=cfg.text_len, cfg_rate=cfg.training_cfg_rate, seed=cfg.seed,
