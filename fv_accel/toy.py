@@ -263,10 +263,10 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
     cfg = resolve_config(teacher_finetune_config(root))
     trainer = train(cfg, accelerator)
     tmp = root / ".teacher.tmp"
-    if accelerator.is_main_process and tmp.exists():
+    if trainer.topology.is_main and tmp.exists():
         shutil.rmtree(tmp)
     save_transformer_pretrained(trainer.method.student.transformer, tmp / "transformer")
-    if accelerator.is_main_process:
+    if trainer.topology.is_main:
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

@@ -3,7 +3,8 @@
 Per step: fetch micro-batches → forward/backward each (the method's losses) → clip every clip target →
 one host sync (rank-mean losses, global grad norms, non-finite and preemption flags) → step the optimizers
 and schedulers the method returns → callbacks → log → checkpoint → validate. The loop never knows which
-method runs.
+method runs. :meth:`Trainer.train_step` reads as those phases: ``_accumulate`` → ``_clip`` → ``_reduce`` (the
+sync) → ``_maybe_skip_nonfinite`` → ``_step_optimizers`` → ``_metrics_row``.
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ class Trainer:
         norms = {}
         for role, module in self.method.get_grad_clip_targets(step).items():
             # DTensor-aware global norm over all ranks, computed on local shards (fv_accel/grad_clip.py); never
-            # Accelerate's clipping helper, which confuses two prepared models of the same architecture
-            # (DESIGN.md §5). None when no parameter of the role has a gradient.
+            # Accelerate's clipping helper, which confuses two prepared models of the same architecture.
+            # None when no parameter of the role has a gradient.
             norm = clip_grad_norm_(module.parameters(), max_norm)
             if norm is not None:
                 norms[role] = norm

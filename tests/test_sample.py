@@ -102,3 +102,15 @@ def test_errors(dmd2_run: Path, tmp_path: Path) -> None:
     rc, err, _ = _sample(dmd2_run, tmp_path / "z.bin", "teacher")
     assert rc == 2 and ".safetensors" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_student_sampler_is_chosen_by_the_method_config() -> None:
+    """A config with a few-step schedule samples with it (its steps, in order); any other with Euler steps."""
+    from types import SimpleNamespace
+
+    from fv_accel.sampling import DMDSampler, EulerSampler, student_sampler
+
+    dmd = student_sampler(SimpleNamespace(name="dmd2", dmd_denoising_steps=[1000, 750, 500]), num_steps=8)
+    assert dmd == DMDSampler((1000, 750, 500)) and dmd.num_steps == 3
+    euler = student_sampler(SimpleNamespace(name="finetune"), num_steps=8, guidance_scale=5.0)
+    assert euler == EulerSampler(num_steps=8, guidance_scale=5.0)
