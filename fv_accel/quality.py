@@ -17,7 +17,7 @@ import torch
 
 from fv_accel.data import ParquetLatentDataset
 from fv_accel.models.base import ModelBase
-from fv_accel.sampling import DMDSampler, EulerSampler, evenly_spaced_rows
+from fv_accel.sampling import DMDSampler, EulerSampler, spread_rows
 from fv_accel.toy import distance_to_data
 
 
@@ -45,7 +45,7 @@ def toy_quality(student: ModelBase, teacher: ModelBase, data_dir: str | os.PathL
                 teacher_many_steps: int = 50, text_len: int = 8) -> dict[str, float]:
     """``{"student@K", "teacher@K", "teacher@<many>"}`` → mean distance to the data (lower is better)."""
     num_rows = len(ParquetLatentDataset(str(data_dir), text_len=1))
-    rows = evenly_spaced_rows(num_rows, num_samples)
+    rows = spread_rows(num_rows, num_samples)
     text, shape = conditioning(data_dir, rows, text_len)
     index = torch.tensor(rows, dtype=torch.int64)
     k = len(dmd_denoising_steps)

@@ -9,7 +9,7 @@ generator for the whole batch, or one per sample (row ``i`` draws from ``generat
 noise independent of the batch it is drawn in (validation splits its prompts over ranks this way).
 ``EulerSampler`` / ``DMDSampler`` bind a sampler's settings; :func:`student_sampler` picks the one a run's student
 generates with from its method config, for tools that have no method instance (``recipes/sample.py``); in
-training the method says it (``TrainingMethod.validation_sampler()``). :func:`evenly_spaced_rows` picks the
+training the method says it (``TrainingMethod.validation_sampler()``). :func:`spread_rows` picks the
 dataset rows that condition validation, ``recipes/sample.py`` and the toy quality table.
 ``distilled_scheduler_config`` is ``dmd_sample`` as a diffusers scheduler config: what an exported few-step
 pipeline runs (``fv_accel/export.py`` bundles it).
@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from fv_accel import flow
@@ -149,12 +148,13 @@ def student_sampler(method_config: Any, *, num_steps: int, guidance_scale: float
     return EulerSampler(num_steps, guidance_scale)
 
 
-def evenly_spaced_rows(num_rows: int, num_samples: int) -> list[int]:
-    """``num_samples`` row indices spread over ``[0, num_rows)`` (first and last included), without repeats:
-    all rows when ``num_samples >= num_rows``."""
-    if num_samples >= num_rows:
-        return list(range(num_rows))
-    return sorted({int(round(x)) for x in np.linspace(0, num_rows - 1, num_samples)})
+def spread_rows(num_rows: int, num_samples: int) -> list[int]:
+    """``num_samples`` row indices spread evenly over ``[0, num_rows)``, starting at row 0, without repeats (all
+    rows when ``num_samples >= num_rows``). Row ``i`` is ``i · num_rows // num_samples``: when the rows come in
+    equal groups (the toy world's conditions) and ``num_samples`` is a multiple of the group count, every group
+    gets the same number of rows."""
+    num = min(num_samples, num_rows)
+    return [i * num_rows // num for i in range(num)]
 
 
 # -- the same sampler as a diffusers scheduler (what an exported pipeline runs) ----------------------------

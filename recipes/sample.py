@@ -9,8 +9,8 @@ One plain process (a GPU when there is one). PATH is a checkpoint-<step> directo
   (``fv_accel.sampling.student_sampler``): a dmd2 run's student with its DMD schedule
   (``method.dmd_denoising_steps``; K must equal its length), other methods' students with K Euler steps.
 - teacher: ``models.teacher.init_from`` of the run's config, K Euler steps of the flow ODE.
-Conditioning: N different dataset rows of ``training.data.data_path`` spread evenly over the dataset, first and
-last included (``fv_accel.sampling.evenly_spaced_rows``, as validation picks its rows).
+Conditioning: N different dataset rows of ``training.data.data_path`` spread evenly over the dataset
+(``fv_accel.sampling.spread_rows``, as validation and the toy quality table pick theirs).
 Output: ``latents`` float32 [N, C, T, H, W] in the dataset's stored (unnormalised) latent space and
 ``data_index`` int64 [N] (the row that conditioned each sample). Exit codes: 0 ok, 1 failure, 2 bad arguments.
 """
@@ -76,7 +76,7 @@ def sample(checkpoint: Path, role: str, steps: int, num_samples: int, seed: int)
     from fv_accel.checkpoint.manager import read_metadata
     from fv_accel.config import RunConfig
     from fv_accel.data import ParquetLatentDataset
-    from fv_accel.sampling import DMDSampler, EulerSampler, evenly_spaced_rows, student_sampler
+    from fv_accel.sampling import DMDSampler, EulerSampler, spread_rows, student_sampler
 
     meta = read_metadata(checkpoint)
     try:
@@ -89,7 +89,7 @@ def sample(checkpoint: Path, role: str, steps: int, num_samples: int, seed: int)
     if num_samples > len(dataset):
         raise ConfigError(f"--num-samples {num_samples}: {data_cfg.data_path} has only {len(dataset)} rows "
                           "(each sample is conditioned on a different row)")
-    rows = evenly_spaced_rows(len(dataset), num_samples)
+    rows = spread_rows(len(dataset), num_samples)
     text = torch.stack([dataset.load(i).text_embeds_ld for i in rows])
     shape = tuple(dataset.latent_shape)
 

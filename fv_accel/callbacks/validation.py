@@ -35,7 +35,7 @@ import torch
 from fv_accel.callbacks.base import Callback
 from fv_accel.config import RunConfig, ValidationConfig
 from fv_accel.errors import ConfigError
-from fv_accel.sampling import evenly_spaced_rows
+from fv_accel.sampling import spread_rows
 from fv_accel.video import decode_with_vae, frame_grid, render_latents, write_mp4
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class ValidationCallback(Callback):
         else:
             path = self.config.data_path or data_cfg.data_path
             dataset = ParquetLatentDataset(path, text_len=data_cfg.text_len, latent_shape=data_cfg.latent_shape)
-            self.rows = evenly_spaced_rows(len(dataset), self.config.num_samples)
+            self.rows = spread_rows(len(dataset), self.config.num_samples)
             self.where = [dataset.where(i) for i in self.rows]
         samples = [dataset[i] for i in self.rows]
         batch = collate_latents(samples, dataset.latent_shape)
