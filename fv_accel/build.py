@@ -20,7 +20,7 @@ from fv_accel.data import DataStream, build_data_stream
 from fv_accel.errors import ConfigError, DataError
 from fv_accel.methods import TrainingMethod, method_class
 from fv_accel.models import ModelBase, is_on_meta, load_role_model, materialize_roles, resolve_latent_stats
-from fv_accel.runtime import FP32_POLICY, assert_fsdp2_sharded, compute_dtype
+from fv_accel.runtime import FP32_POLICY, Topology, assert_fsdp2_sharded, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +173,16 @@ def finish_prepare(accelerator: Accelerator, role: str, model: ModelBase, stored
         model.transformer.set_reshard_after_forward(bool(reshard), recurse=False)
 
 
-def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = True) -> BuiltRun:
+def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = True,
+              topology: Topology | None = None) -> BuiltRun:
+    topology = topology or Topology.from_accelerator(accelerator)
     models = load_roles(cfg, accelerator.mixed_precision)
     method = method_class(cfg.method.name)(cfg=cfg, role_models=models)
+    method.topology = topology
     shard_roles(accelerator, method, cfg)
     data = None
     if with_data:
-        data = build_data_stream(cfg.training.data, rank=accelerator.process_index,
-                                 world_size=accelerator.num_processes,
+        data = build_data_stream(cfg.training.data, rank=topology.data_rank, world_size=topology.data_world_size,
                                  stop_signals=cfg.training.checkpoint.preempt_signals)
         check_latent_patching(method.role_models, data)
     return BuiltRun(method=method, data=data)

@@ -17,13 +17,8 @@ import torch
 
 from fv_accel.data import ParquetLatentDataset
 from fv_accel.models.base import ModelBase
-from fv_accel.sampling import dmd_sample, euler_sample
+from fv_accel.sampling import DMDSampler, EulerSampler, spread_rows
 from fv_accel.toy import distance_to_data
-
-
-def spread_rows(num_rows: int, num_samples: int) -> list[int]:
-    """``num_samples`` dataset rows spread evenly over the dataset (all conditions when rows are grouped)."""
-    return [i * num_rows // num_samples for i in range(num_samples)]
 
 
 def conditioning(data_dir: str | os.PathLike[str], rows: Sequence[int], text_len: int
@@ -35,24 +30,13 @@ def conditioning(data_dir: str | os.PathLike[str], rows: Sequence[int], text_len
 
 
 @torch.no_grad()
-def sample_stored(model: ModelBase, text_bld: torch.Tensor, latent_shape: Sequence[int], *, sampler: str,
-                  steps: Sequence[int] | int, seed: int) -> torch.Tensor:
-    """Samples in the dataset's stored (denormalised) latent space, float32 on CPU.
-
-    ``sampler`` "dmd": the student's x0/re-noise sampler over ``steps`` (a list of timesteps); "euler": the
-    flow ODE with ``steps`` (an int) Euler steps along the model's shifted schedule."""
+def sample_stored(model: ModelBase, text_bld: torch.Tensor, latent_shape: Sequence[int],
+                  sampler: EulerSampler | DMDSampler, *, seed: int) -> torch.Tensor:
+    """Samples in the dataset's stored (denormalised) latent space, float32 on CPU, from one generator seeded
+    with ``seed`` (no guidance: the unconditional embeddings are not passed)."""
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    text = text_bld.to(device)
-    if sampler == "dmd" and not isinstance(steps, int):
-        x0 = dmd_sample(model, text, latent_shape=latent_shape, denoising_steps=list(steps),
-                        generator=gen)
-    elif sampler == "euler" and isinstance(steps, int):
-        x0 = euler_sample(model, text, latent_shape=latent_shape, num_steps=steps,
-                          shift=model.flow_shift, generator=gen)
-    else:
-        raise ValueError(f"sampler {sampler!r} with steps {steps!r}: expected 'dmd' with a list of timesteps or "
-                         "'euler' with a step count")
+    x0 = sampler(model, text_bld.to(device), None, latent_shape, gen)
     return model.denormalize_latents(x0.float()).float().cpu()
 
 
@@ -65,14 +49,14 @@ def toy_quality(student: ModelBase, teacher: ModelBase, data_dir: str | os.PathL
     text, shape = conditioning(data_dir, rows, text_len)
     index = torch.tensor(rows, dtype=torch.int64)
     k = len(dmd_denoising_steps)
-    runs: dict[str, tuple[ModelBase, str, Sequence[int] | int]] = {
-        f"student@{k}": (student, "dmd", list(dmd_denoising_steps)),
-        f"teacher@{k}": (teacher, "euler", k),
-        f"teacher@{teacher_many_steps}": (teacher, "euler", teacher_many_steps),
+    runs: dict[str, tuple[ModelBase, EulerSampler | DMDSampler]] = {
+        f"student@{k}": (student, DMDSampler(tuple(dmd_denoising_steps))),
+        f"teacher@{k}": (teacher, EulerSampler(k)),
+        f"teacher@{teacher_many_steps}": (teacher, EulerSampler(teacher_many_steps)),
     }
     out: dict[str, float] = {}
-    for name, (model, sampler, steps) in runs.items():
-        latents = sample_stored(model, text, shape, sampler=sampler, steps=steps, seed=seed)
+    for name, (model, sampler) in runs.items():
+        latents = sample_stored(model, text, shape, sampler, seed=seed)
         out[name] = float(distance_to_data(latents, index, Path(data_dir)).mean())
     return out
 
@@ -93,4 +77,4 @@ def write_quality_json(results: dict[str, float], output_dir: str | os.PathLike[
     return path
 
 
-__all__ = ["format_quality_table", "sample_stored", "spread_rows", "toy_quality", "write_quality_json"]
+__all__ = ["format_quality_table", "sample_stored", "toy_quality", "write_quality_json"]

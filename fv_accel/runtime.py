@@ -11,7 +11,9 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +21,10 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from fv_accel.errors import FvAccelError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +141,89 @@ def assert_fsdp2_sharded(name: str, module: torch.nn.Module) -> None:
     plain = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
     if plain:
         raise RuntimeError(f"role {name!r} has parameters that are not FSDP2 DTensors: {plain[:3]}")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits in the run, read once: the loop, the data stream, the checkpointer and the run
+    assembly (``fv_accel/run.py``) ask it instead of reading ``torch.distributed`` or the environment.
+
+    ``rank``/``world_size`` count every process (collectives, per-rank files). ``data_rank``/``data_world_size``
+    say which share of the data this process reads; they equal the former today and differ once context
+    parallel puts several ranks on one sample."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    data_rank: int = 0
+    data_world_size: int = 1
+    device_mesh: Any = None
+    """Accelerate's ``torch_device_mesh`` (None when Accelerate built none, e.g. plain FSDP on one mesh axis)."""
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes run files (config, metrics, checkpoint metadata)."""
+        return self.rank == 0
+
+    @classmethod
+    def from_accelerator(cls, accelerator: Accelerator) -> Topology:
+        return cls(rank=accelerator.process_index, world_size=accelerator.num_processes,
+                   local_rank=accelerator.local_process_index, data_rank=accelerator.process_index,
+                   data_world_size=accelerator.num_processes, device_mesh=accelerator.torch_device_mesh)
+
+    @classmethod
+    def from_process_group(cls) -> Topology:
+        """From the default process group alone (a world of one without one): for code built without an
+        Accelerator (tests, offline tools) and for a method's ``on_train_start``."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        return cls(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   data_rank=rank, data_world_size=world_size)
+
+
+def rank0_result(compute: Callable[[], T], *, topology: Topology | None = None,
+                 wrap: Callable[[Exception], FvAccelError] | None = None) -> T:
+    """Collective: rank 0 runs ``compute`` and every rank returns its result, or raises the error it raised.
+
+    For every branch that leads into a collective and would otherwise depend on each rank's own view (of a
+    filesystem: node-local disks, NFS caches; or of a costly listing that one rank should do for all): if ranks
+    decided alone, some would enter the collective and others never. An ``FvAccelError`` on rank 0 is raised on
+    every rank; another exception is turned into one by ``wrap`` (default: exit 1 naming it). The result must be
+    picklable (it is sent with ``broadcast_object_list``). ``topology``: the whole world by default."""
+    import torch.distributed as dist
+
+    topology = topology or Topology.from_process_group()
+    if topology.world_size == 1:
+        return compute()
+    outcome: list[Any] = [None, None]  # result, error
+    if topology.rank == 0:
+        try:
+            outcome[0] = compute()
+        except FvAccelError as exc:
+            outcome[1] = exc
+        except Exception as exc:
+            outcome[1] = wrap(exc) if wrap is not None else FvAccelError(f"rank 0: {type(exc).__name__}: {exc}")
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+#: Seeds derived from one configured seed are this far apart per unit of it, so that the streams of nearby
+#: seeds (seed, seed + 1) never share a generator seed for small offsets (ranks, fixed stream offsets).
+SEED_STRIDE = 1_000_003
+#: Offset of the streams every rank draws alike (a method's ``choice_generator``; the global RNGs add the rank).
+SHARED_STREAM_OFFSET = 7_919
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """The seed of one random stream of a run seeded with ``seed`` (``training.data.seed``): the method's
+    per-rank generator uses ``offset = rank``, its rank-independent choices ``SHARED_STREAM_OFFSET``, the
+    global RNGs ``rank + SHARED_STREAM_OFFSET``."""
+    return seed * SEED_STRIDE + offset
 
 
 def seed_everything(seed: int) -> None:

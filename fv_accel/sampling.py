@@ -7,6 +7,10 @@ Two samplers over the flow-matching conventions of :mod:`fv_accel.flow`:
 Both work in the model's normalised latent space and draw every random number from ``generator``: one
 generator for the whole batch, or one per sample (row ``i`` draws from ``generator[i]``), which makes a sample's
 noise independent of the batch it is drawn in (validation splits its prompts over ranks this way).
+``EulerSampler`` / ``DMDSampler`` bind a sampler's settings; the method class picks the one its student
+generates with (``TrainingMethod.sampler(config, ...)``), in training (``validation_sampler()``) and in tools
+without a method instance (``recipes/sample.py``) alike. :func:`spread_rows` picks the
+dataset rows that condition validation, ``recipes/sample.py`` and the toy quality table.
 ``distilled_scheduler_config`` is ``dmd_sample`` as a diffusers scheduler config: what an exported few-step
 pipeline runs (``fv_accel/export/diffusers.py`` bundles it).
 """
@@ -14,6 +18,7 @@ pipeline runs (``fv_accel/export/diffusers.py`` bundles it).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,6 +101,51 @@ def dmd_sample(
             noise = randn_rows(x0.shape, generator, device)
             x = flow.add_noise(x0, noise, torch.full((b,), float(denoising_steps[k + 1]), device=device))
     return x0
+
+
+@dataclass(frozen=True)
+class EulerSampler:
+    """:func:`euler_sample` along the model's own shifted schedule; classifier-free guidance when
+    ``guidance_scale`` != 1 (then the unconditional embeddings are used, else ignored)."""
+
+    num_steps: int
+    guidance_scale: float = 1.0
+
+    def __call__(self, model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor | None,
+                 latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
+        guided = self.guidance_scale != 1.0
+        return euler_sample(model, text_embeds_bld, latent_shape=latent_shape, num_steps=self.num_steps,
+                            shift=model.flow_shift, generator=generator, guidance_scale=self.guidance_scale,
+                            uncond_embeds_bld=uncond_embeds_bld if guided else None)
+
+
+@dataclass(frozen=True)
+class DMDSampler:
+    """:func:`dmd_sample` over ``denoising_steps`` (the unconditional embeddings are ignored)."""
+
+    denoising_steps: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.denoising_steps)
+
+    def __call__(self, model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor | None,
+                 latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
+        return dmd_sample(model, text_embeds_bld, latent_shape=latent_shape,
+                          denoising_steps=list(self.denoising_steps), generator=generator)
+
+
+#: A sampler with its settings bound (``model, text, uncond, latent_shape, generator`` → x0).
+Sampler = EulerSampler | DMDSampler
+
+
+def spread_rows(num_rows: int, num_samples: int) -> list[int]:
+    """``num_samples`` row indices spread evenly over ``[0, num_rows)``, starting at row 0, without repeats (all
+    rows when ``num_samples >= num_rows``). Row ``i`` is ``i · num_rows // num_samples``: when the rows come in
+    equal groups (the toy world's conditions) and ``num_samples`` is a multiple of the group count, every group
+    gets the same number of rows."""
+    num = min(num_samples, num_rows)
+    return [i * num_rows // num for i in range(num)]
 
 
 # -- the same sampler as a diffusers scheduler (what an exported pipeline runs) ----------------------------

@@ -253,8 +253,8 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
     import torch.distributed as dist
 
     from fv_accel.checkpoint.gather import save_transformer_pretrained
-    from fv_accel.cli import train
     from fv_accel.config import resolve_config
+    from fv_accel.run import train
 
     out = toy_teacher_dir(root)
     if (out / "transformer" / "config.json").is_file():
@@ -263,10 +263,10 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
     cfg = resolve_config(teacher_finetune_config(root))
     trainer = train(cfg, accelerator)
     tmp = root / ".teacher.tmp"
-    if accelerator.is_main_process and tmp.exists():
+    if trainer.topology.is_main and tmp.exists():
         shutil.rmtree(tmp)
     save_transformer_pretrained(trainer.method.student.transformer, tmp / "transformer")
-    if accelerator.is_main_process:
+    if trainer.topology.is_main:
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

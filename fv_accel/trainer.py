@@ -3,7 +3,8 @@
 Per step: fetch micro-batches → forward/backward each (the method's losses) → clip every clip target →
 one host sync (rank-mean losses, global grad norms, non-finite and preemption flags) → step the optimizers
 and schedulers the method returns → callbacks → log → checkpoint → validate. The loop never knows which
-method runs.
+method runs. :meth:`Trainer.train_step` reads as those phases: ``_accumulate`` → ``_clip`` → ``_reduce`` (the
+sync) → ``_maybe_skip_nonfinite`` → ``_step_optimizers`` → ``_metrics_row``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from fv_accel.errors import NonFiniteError, Preempted
 from fv_accel.flops import StepFlops, peak_tflops_per_device
 from fv_accel.grad_clip import clip_grad_norm_
 from fv_accel.methods import TrainingMethod
+from fv_accel.runtime import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class MetricsWriter:
         self.path = path
         self.enabled = enabled
         if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)  # a Trainer built without cli.train() too
+            path.parent.mkdir(parents=True, exist_ok=True)  # a Trainer built without fv_accel.run too
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows the interrupted run logged after the checkpoint it resumes from."""
@@ -94,6 +97,27 @@ class _StopSignal:
         self.received = signum
 
 
+@dataclass
+class _Accumulated:
+    """What the micro-batches of one step left on the device (sums over micro-batches) and the host."""
+
+    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_roles: dict[str, str] = field(default_factory=dict)
+    flops: int | None = 0
+    """None once a micro-batch reported no passes (no MFU for the step)."""
+    data_wait: float = 0.0
+
+
+@dataclass
+class _Synced:
+    """The step's host-synced scalars: rank means of losses and metrics, global grad norms, the stop flag."""
+
+    values: dict[str, float]
+    grad_norms: dict[str, float]
+    preempt: bool
+
+
 #: metrics shown in the progress bar besides the losses
 _PROGRESS_KEYS = ("samples_per_s", "mfu", "tflops_per_device", "peak_mem_gib", "peak_rss_gib")
 
@@ -109,16 +133,23 @@ class Trainer:
         callbacks: CallbackList | None = None,
         checkpoints: CheckpointManager | None = None,
         show_progress: bool = True,
+        topology: Topology | None = None,
+        resume_path: Path | None = None,
     ) -> None:
+        """``topology``: the run's (``fv_accel/run.py`` passes the one it built); by default read from the
+        process group, so a Trainer built around a stand-in accelerator works too. ``resume_path``: the
+        checkpoint :meth:`fit` resumes from unless it is given one."""
         self.accelerator = accelerator
+        self.topology = topology or Topology.from_process_group()
         self.method = method
         self.data = data
         self.cfg = cfg
         self.loop_cfg = cfg.training.loop
         self.callbacks = callbacks or CallbackList()
         self.checkpoints = checkpoints
+        self.resume_path = resume_path
         self.output_dir = Path(cfg.training.checkpoint.output_dir)
-        self.is_main = accelerator.is_main_process
+        self.is_main = self.topology.is_main
         self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=self.is_main)
         self.show_progress = show_progress and self.is_main
         self.step = 0
@@ -132,7 +163,7 @@ class Trainer:
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_initialized() else 1
+        return self.topology.world_size
 
     # -- one step -------------------------------------------------------------------------------------------
     def _clip(self, step: int) -> dict[str, torch.Tensor]:
@@ -140,8 +171,8 @@ class Trainer:
         norms = {}
         for role, module in self.method.get_grad_clip_targets(step).items():
             # DTensor-aware global norm over all ranks, computed on local shards (fv_accel/grad_clip.py); never
-            # Accelerate's clipping helper, which confuses two prepared models of the same architecture
-            # (DESIGN.md §5). None when no parameter of the role has a gradient.
+            # Accelerate's clipping helper, which confuses two prepared models of the same architecture.
+            # None when no parameter of the role has a gradient.
             norm = clip_grad_norm_(module.parameters(), max_norm)
             if norm is not None:
                 norms[role] = norm
@@ -149,109 +180,136 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any] | None:
         """Run one optimizer step. Returns the metrics row, or None when the step was skipped."""
-        method = self.method
-        accum = self.loop_cfg.gradient_accumulation_steps
         t_start = time.perf_counter()
-        data_wait = 0.0
-        loss_sums: dict[str, torch.Tensor] = {}
-        metric_sums: dict[str, torch.Tensor] = {}
-        loss_roles: dict[str, str] = {}
-        flops: int | None = 0
+        acc = self._accumulate(step)
+        grad_norms = self._clip(step)
+        self.callbacks.on_before_optimizer_step(self, step)
+        synced = self._reduce(acc, grad_norms)
+        if self._maybe_skip_nonfinite(step, acc, synced):
+            self._maybe_agree_on_stop(synced.preempt)
+            return None
+        t_opt = time.perf_counter()
+        self._step_optimizers(step)
+        t_end = time.perf_counter()
+        row = self._metrics_row(step, acc, synced, t_start=t_start, t_opt=t_opt, t_end=t_end)
+        self._maybe_agree_on_stop(synced.preempt)
+        return row
+
+    def _accumulate(self, step: int) -> _Accumulated:
+        """Forward and backward every micro-batch; sum the detached losses and metrics on the device."""
+        accum = self.loop_cfg.gradient_accumulation_steps
+        acc = _Accumulated()
         for _ in range(accum):
             t_fetch = time.perf_counter()
             batch = next(self.data)
-            data_wait += time.perf_counter() - t_fetch
-            out = method.single_train_step(batch, step)
-            method.backward(out, grad_accum_rounds=accum)
-            loss_roles.update(out.loss_roles)
-            if flops is not None:
+            acc.data_wait += time.perf_counter() - t_fetch
+            out = self.method.single_train_step(batch, step)
+            self.method.backward(out, grad_accum_rounds=accum)
+            acc.loss_roles.update(out.loss_roles)
+            if acc.flops is not None:
                 # Only a method that reports passes needs LatentBatch fields; others may use any batch type.
                 micro = (self._step_flops(out.passes, batch.latent_shape, batch.text_embeds_bld.shape[1])
                          if out.passes else None)
-                flops = None if micro is None else flops + micro
+                acc.flops = None if micro is None else acc.flops + micro
             for name, value in out.losses.items():
-                loss_sums[name] = loss_sums.get(name, 0) + value.detach().float()
+                acc.loss_sums[name] = acc.loss_sums.get(name, 0) + value.detach().float()
             for name, value in out.metrics.items():
                 if name in out.losses:
                     raise ValueError(f"metric {name!r} collides with a loss name")
-                metric_sums[name] = metric_sums.get(name, 0) + value.detach().float()
+                acc.metric_sums[name] = acc.metric_sums.get(name, 0) + value.detach().float()
+        return acc
 
-        grad_norms = self._clip(step)
-        self.callbacks.on_before_optimizer_step(self, step)
-
-        # The one host sync of the step: rank-mean losses/metrics, global grad norms, stop flags.
-        names = list(loss_sums) + list(metric_sums)
-        device = self.accelerator.device
-        scalars = [loss_sums[n] / accum for n in loss_sums] + [metric_sums[n] / accum for n in metric_sums]
-        scalars += list(grad_norms.values())  # already global: identical on every rank
+    def _reduce(self, acc: _Accumulated, grad_norms: dict[str, torch.Tensor]) -> _Synced:
+        """The one host sync of the step: one packed all-reduce of the micro-batch-mean losses and metrics,
+        the grad norms (already global: identical on every rank) and this rank's stop flag, then rank means."""
+        accum = self.loop_cfg.gradient_accumulation_steps
+        names = list(acc.loss_sums) + list(acc.metric_sums)
+        scalars = [acc.loss_sums[n] / accum for n in acc.loss_sums]
+        scalars += [acc.metric_sums[n] / accum for n in acc.metric_sums]
+        scalars += list(grad_norms.values())
         scalars.append(torch.tensor(float(self._stop.received is not None)))
-        packed = torch.stack([s.reshape(()).float().to(device) for s in scalars])
+        packed = torch.stack([s.reshape(()).float().to(self.accelerator.device) for s in scalars])
         if dist.is_initialized():
             dist.all_reduce(packed)
         values = (packed / self.world_size).tolist()
-        reduced = dict(zip(names, values[: len(names)], strict=True))
-        norms = dict(zip(grad_norms, values[len(names): len(names) + len(grad_norms)], strict=True))
-        preempt = values[-1] > 0
+        return _Synced(
+            values=dict(zip(names, values[: len(names)], strict=True)),
+            grad_norms=dict(zip(grad_norms, values[len(names): len(names) + len(grad_norms)], strict=True)),
+            preempt=values[-1] > 0,
+        )
 
-        bad = [(n, loss_roles.get(n, "?")) for n in loss_sums if not math.isfinite(reduced[n])]
-        bad += [(f"grad_norm/{r}", r) for r, v in norms.items() if not math.isfinite(v)]
-        if bad:
-            what = ", ".join(f"{n} (role {r})" for n, r in bad)
-            if self.loop_cfg.nonfinite == "stop":
-                raise NonFiniteError(f"non-finite value at step {step}: {what}; stopping (training.loop.nonfinite=stop)")
-            self.num_skipped += 1
-            self._consecutive_skips += 1
-            logger.warning("step %d: non-finite %s; skipping the update (%d in a row)", step, what,
-                           self._consecutive_skips)
-            method.optimizers_zero_grad(step)
-            if self._consecutive_skips >= self.loop_cfg.max_consecutive_skips:
-                raise NonFiniteError(f"non-finite values at {self._consecutive_skips} consecutive steps "
-                                     f"(last: step {step}, {what})")
-            if preempt:
-                self._stop.received = self._stop.received or signal.SIGTERM
-                self._stop.agreed = True
-            return None
-        self._consecutive_skips = 0
+    def _maybe_skip_nonfinite(self, step: int, acc: _Accumulated, synced: _Synced) -> bool:
+        """Whether a non-finite loss or grad norm skips this step's update (``training.loop.nonfinite``).
+        Raises ``NonFiniteError`` under ``stop`` and after ``max_consecutive_skips`` skips in a row."""
+        bad = [(n, acc.loss_roles.get(n, "?")) for n in acc.loss_sums if not math.isfinite(synced.values[n])]
+        bad += [(f"grad_norm/{r}", r) for r, v in synced.grad_norms.items() if not math.isfinite(v)]
+        if not bad:
+            self._consecutive_skips = 0
+            return False
+        what = ", ".join(f"{n} (role {r})" for n, r in bad)
+        if self.loop_cfg.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite value at step {step}: {what}; stopping (training.loop.nonfinite=stop)")
+        self.num_skipped += 1
+        self._consecutive_skips += 1
+        logger.warning("step %d: non-finite %s; skipping the update (%d in a row)", step, what,
+                       self._consecutive_skips)
+        self.method.optimizers_zero_grad(step)
+        if self._consecutive_skips >= self.loop_cfg.max_consecutive_skips:
+            raise NonFiniteError(f"non-finite values at {self._consecutive_skips} consecutive steps "
+                                 f"(last: step {step}, {what})")
+        return True
 
-        t_opt = time.perf_counter()
+    def _step_optimizers(self, step: int) -> None:
+        """Step the optimizers and schedulers of the roles the method says step now, then clear every gradient."""
+        method = self.method
+        optimizers = list(method.get_optimizers(step))
         stepped_roles = [r for r in method.stepping_roles(step) if method.roles[r].optimizer is not None]
-        for optimizer in method.get_optimizers(step):
+        for optimizer in optimizers:
             optimizer.step()
         for scheduler in method.get_lr_schedulers(step):
             scheduler.step()
         method.optimizers_zero_grad(step)
         self.callbacks.on_after_optimizer_step(self, step, stepped_roles)
-        t_end = time.perf_counter()
 
+    def _metrics_row(self, step: int, acc: _Accumulated, synced: _Synced, *, t_start: float, t_opt: float,
+                     t_end: float) -> dict[str, Any]:
+        """The step's ``metrics.jsonl`` row (columns in a fixed order: losses and metrics, lr, grad norms,
+        timings, throughput)."""
+        accum = self.loop_cfg.gradient_accumulation_steps
         global_batch = self.cfg.training.data.train_batch_size * accum * self.world_size
-        row: dict[str, Any] = {"step": step, **reduced}
-        for name, record in method.roles.items():
+        row: dict[str, Any] = {"step": step, **synced.values}
+        for name, record in self.method.roles.items():
             if record.scheduler is not None:
                 row[f"lr/{name}"] = float(record.scheduler.get_last_lr()[0])
-        for role, value in norms.items():
+        for role, value in synced.grad_norms.items():
             row[f"grad_norm/{role}"] = value
         row["step_time_s"] = t_end - t_start
-        row["data_wait_s"] = data_wait
+        row["data_wait_s"] = acc.data_wait
         row["optimizer_s"] = t_end - t_opt
         # forward + backward + clip + the host sync (which waits for the device work queued before it)
-        row["compute_s"] = t_opt - t_start - data_wait
-        if flops:
-            tflops = flops / max(t_end - t_start, 1e-9) / 1e12
+        row["compute_s"] = t_opt - t_start - acc.data_wait
+        if acc.flops:
+            tflops = acc.flops / max(t_end - t_start, 1e-9) / 1e12
             row["tflops_per_device"] = tflops
             if self._peak_tflops is not None:
                 row["mfu"] = tflops / self._peak_tflops
-        row.update(peak_memory_metrics(device))
+        row.update(peak_memory_metrics(self.accelerator.device))
         row["samples_per_s"] = global_batch / max(t_end - t_start, 1e-9)
         row["nonfinite_skips"] = self.num_skipped
+        return row
+
+    def _maybe_agree_on_stop(self, preempt: bool) -> None:
+        """Act on a stop signal when any rank received one before the host sync (the reduced flag): every rank
+        then stops at the same step boundary."""
         if preempt:
             self._stop.received = self._stop.received or signal.SIGTERM
             self._stop.agreed = True
-        return row
 
     # -- the loop -------------------------------------------------------------------------------------------
     def fit(self, *, start_step: int = 0, resume_path: Path | None = None) -> int:
         method = self.method
         max_steps = self.loop_cfg.max_train_steps
+        resume_path = resume_path if resume_path is not None else self.resume_path
         method.on_train_start()
         self.callbacks.on_train_start(self)
         if resume_path is not None:

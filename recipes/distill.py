@@ -74,7 +74,7 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
         results = toy_quality(method.student, method.role_models["teacher"], data_dir,
                               dmd_denoising_steps=cfg.method.dmd_denoising_steps,
                               text_len=cfg.training.data.text_len)
-    if accelerator.is_main_process:
+    if trainer.topology.is_main:
         path = write_quality_json(results, cfg.training.checkpoint.output_dir)
         student = "EMA student" if ema is not None else "student"
         print(f"toy quality ({student}; written to {path}):\n{format_quality_table(results)}", flush=True)

@@ -5,10 +5,12 @@
 
 One plain process (a GPU when there is one). PATH is a checkpoint-<step> directory or a run's output directory
 (its newest complete checkpoint); the weights are read from the DCP shards whatever world size wrote them.
-- student / ema: the trained student (``ema``: the EMA weights). A dmd2 run's student samples with its DMD
-  schedule (``method.dmd_denoising_steps``; K must equal its length); other methods' students with K Euler steps.
+- student / ema: the trained student (``ema``: the EMA weights), with the sampler its method generates with
+  (the method class's ``sampler``, ``fv_accel/methods/base.py``): a dmd2 run's student with its DMD schedule
+  (``method.dmd_denoising_steps``; K must equal its length), other methods' students with K Euler steps.
 - teacher: ``models.teacher.init_from`` of the run's config, K Euler steps of the flow ODE.
-Conditioning: N dataset rows of ``training.data.data_path`` spread evenly over the dataset.
+Conditioning: N different dataset rows of ``training.data.data_path`` spread evenly over the dataset
+(``fv_accel.sampling.spread_rows``, as validation and the toy quality table pick theirs).
 Output: ``latents`` float32 [N, C, T, H, W] in the dataset's stored (unnormalised) latent space and
 ``data_index`` int64 [N] (the row that conditioned each sample). Exit codes: 0 ok, 1 failure, 2 bad arguments.
 """
@@ -74,9 +76,8 @@ def sample(checkpoint: Path, role: str, steps: int, num_samples: int, seed: int)
     from fv_accel.checkpoint.manager import read_metadata
     from fv_accel.config import RunConfig
     from fv_accel.data import ParquetLatentDataset
-    from fv_accel.methods.dmd2 import DMD2MethodConfig
-    from fv_accel.quality import spread_rows
-    from fv_accel.sampling import dmd_sample, euler_sample
+    from fv_accel.methods import method_class
+    from fv_accel.sampling import DMDSampler, EulerSampler, Sampler, spread_rows
 
     meta = read_metadata(checkpoint)
     try:
@@ -86,29 +87,27 @@ def sample(checkpoint: Path, role: str, steps: int, num_samples: int, seed: int)
     data_cfg = cfg.training.data
     dataset = ParquetLatentDataset(data_cfg.data_path, text_len=data_cfg.text_len,
                                    latent_shape=data_cfg.latent_shape)
+    if num_samples > len(dataset):
+        raise ConfigError(f"--num-samples {num_samples}: {data_cfg.data_path} has only {len(dataset)} rows "
+                          "(each sample is conditioned on a different row)")
     rows = spread_rows(len(dataset), num_samples)
     text = torch.stack([dataset.load(i).text_embeds_ld for i in rows])
     shape = tuple(dataset.latent_shape)
 
-    dmd_steps: list[int] | None = None
-    if role != "teacher" and isinstance(cfg.method, DMD2MethodConfig):
-        dmd_steps = list(cfg.method.dmd_denoising_steps)
-        if steps != len(dmd_steps):
-            raise ConfigError(f"--steps {steps}: the {role} of this dmd2 run samples with its "
-                              f"{len(dmd_steps)}-step schedule method.dmd_denoising_steps={dmd_steps}")
+    sampler: Sampler = EulerSampler(steps)
+    if role != "teacher":
+        sampler = method_class(cfg.method.name).sampler(cfg.method, num_steps=steps)
+        if isinstance(sampler, DMDSampler) and sampler.num_steps != steps:
+            raise ConfigError(f"--steps {steps}: the {role} of this {cfg.method.name} run samples with its "
+                              f"{sampler.num_steps}-step schedule "
+                              f"method.dmd_denoising_steps={list(sampler.denoising_steps)}")
     model = load_model(cfg, checkpoint, role)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.transformer.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, num_samples, CHUNK):
-        chunk = text[start:start + CHUNK].to(device)
-        if dmd_steps is not None:
-            x0 = dmd_sample(model, chunk, latent_shape=shape, denoising_steps=dmd_steps,
-                            generator=gen)
-        else:
-            x0 = euler_sample(model, chunk, latent_shape=shape, num_steps=steps,
-                              shift=model.flow_shift, generator=gen)
+        x0 = sampler(model, text[start:start + CHUNK].to(device), None, shape, gen)
         out.append(model.denormalize_latents(x0.float()).float().cpu())
     return {"latents": torch.cat(out).contiguous(), "data_index": torch.tensor(rows, dtype=torch.int64)}
 

@@ -33,6 +33,8 @@ def _schema_keys() -> dict[str, str | None]:
     defs = dict(schema.get("$defs", {}))
     method_refs = []
     for cls in METHODS.values():
+        if cls.__module__.split(".")[0] != "fv_accel":
+            continue  # a method a test or a plugin registered is not part of this package's doc
         sub = cls.Config.model_json_schema()
         defs.update(sub.pop("$defs", {}))
         defs[cls.Config.__name__] = sub

@@ -453,7 +453,6 @@ def test_index_cache_falls_back_when_the_data_dir_is_not_writable(tmp_path, monk
 
 def test_other_ranks_take_rank_0s_index_without_touching_the_files(tmp_path, monkeypatch):
     import fv_accel.data.dataset as dataset_module
-    import fv_accel.data.loader as loader_module
     from fv_accel.data.dataset import build_index
 
     data = _fastvideo_layout(tmp_path / "d", 2, rows_per_file=8)
@@ -461,16 +460,23 @@ def test_other_ranks_take_rank_0s_index_without_touching_the_files(tmp_path, mon
     (data / ".fv_accel_index.json").unlink()  # rank 1 could not use the cache file either
     broadcasts = []
 
-    def broadcast_object_list(payload, src):  # what rank 1 receives from rank 0
-        assert payload == [None] and src == 0
+    def broadcast_object_list(payload, src):  # what rank 1 receives from rank 0: [result, error]
+        assert payload == [None, None] and src == 0
         broadcasts.append(1)
         payload[0] = pickle.loads(rank0_index)
+
+    def rank_1_of_2(monkeypatch):  # the process group as rank 1 of a world of 2 sees it
+        import torch.distributed as dist
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
 
     def no_file_access(*args, **kwargs):
         raise AssertionError("rank 1 touched the data files")
 
-    monkeypatch.setattr(loader_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(loader_module.dist, "broadcast_object_list", broadcast_object_list)
+    rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
     monkeypatch.setattr(pq, "ParquetFile", no_file_access)  # footers and rows
     monkeypatch.setattr(dataset_module, "_list_entry", no_file_access)  # listing (and stat-ing) data_path
     stream = _stream(str(data), rank=1, world_size=2, train_batch_size=2, shuffle_window_groups=1)
@@ -482,9 +488,9 @@ def test_other_ranks_take_rank_0s_index_without_touching_the_files(tmp_path, mon
         assert torch.equal(batch.latents_bcthw[row], torch.from_numpy(latents[index]))
 
     # An error on rank 0 reaches every rank as the same one-line DataError (none waits in the collective).
-    monkeypatch.setattr(loader_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(loader_module.dist, "broadcast_object_list",
-                        lambda payload, src: payload.__setitem__(0, "d/x.parquet: missing column(s) ['id']"))
+    rank_1_of_2(monkeypatch)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda payload, src: payload.__setitem__(
+        1, DataError("d/x.parquet: missing column(s) ['id']")))
     with pytest.raises(DataError, match=r"^d/x.parquet: missing column\(s\) \['id'\]$"):
         _stream(str(data), rank=1, world_size=2)
 

@@ -101,3 +101,19 @@ def test_errors(dmd2_run: Path, tmp_path: Path) -> None:
     rc, err, _ = _sample(dmd2_run, tmp_path / "z.bin", "teacher")
     assert rc == 2 and ".safetensors" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_student_sampler_is_chosen_by_the_method_class() -> None:
+    """DMD2's student samples with its few-step schedule (its steps, in order); finetune's with Euler steps and
+    the given guidance; training's validation sampler comes from the same place."""
+    from fv_accel.methods import method_class
+    from fv_accel.methods.dmd2 import DMD2MethodConfig
+    from fv_accel.methods.finetune import FinetuneMethodConfig
+    from fv_accel.sampling import DMDSampler, EulerSampler
+
+    dmd2 = method_class("dmd2").sampler(DMD2MethodConfig(name="dmd2", dmd_denoising_steps=[1000, 750, 500]),
+                                        num_steps=8)
+    assert dmd2 == DMDSampler((1000, 750, 500)) and dmd2.num_steps == 3
+    euler = method_class("finetune").sampler(FinetuneMethodConfig(name="finetune"), num_steps=8,
+                                             guidance_scale=5.0)
+    assert euler == EulerSampler(num_steps=8, guidance_scale=5.0)

@@ -11,9 +11,9 @@ import pytest
 
 @pytest.mark.slow
 def test_dmd2_student_beats_teacher_at_same_steps(tmp_path: Path, single_process_dist: Any) -> None:
-    from fv_accel.cli import train
     from fv_accel.config import resolve_config
     from fv_accel.quality import toy_quality
+    from fv_accel.run import train
     from fv_accel.toy import distill_default_config, ensure_toy_teacher
 
     accelerator = single_process_dist
@@ -23,6 +23,7 @@ def test_dmd2_student_beats_teacher_at_same_steps(tmp_path: Path, single_process
     tree["training"]["tracker"] = {"backends": []}
     cfg = resolve_config(tree, [("training.loop.max_train_steps", 150)])
     trainer = train(cfg, accelerator)
+    assert trainer is not None
     method = trainer.method
     ema = trainer.callbacks.get("ema")
     assert ema is not None

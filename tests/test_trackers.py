@@ -64,9 +64,9 @@ def test_no_backends_writes_no_logs(toy_root, tmp_path):
 
 @pytest.mark.parametrize("backend", ["wandb", "trackio"])
 def test_missing_tracker_package_is_a_config_error(toy_root, backend):
-    from fv_accel.cli import check_tracker_backends
     from fv_accel.config import resolve_config
     from fv_accel.errors import EXIT_CONFIG, ConfigError
+    from fv_accel.tracking import check_tracker_backends
 
     if importlib.util.find_spec(backend) is not None:
         pytest.skip(f"{backend} is installed")

@@ -58,7 +58,8 @@ def test_toy_finetune_writes_validation_videos_and_tensorboard(toy_root, tmp_pat
             assert len(frames) == 8
             assert frames[0].shape == (128, 128, 3)
         index = json.loads((step_dir / "index.json").read_text())
-        assert index["step"] == step and index["rows"] == [0, 384, 767]  # spread over the 768 toy rows
+        # 3 rows spread over the 768 toy rows: 768 / 3 = 256 apart from row 0
+        assert index["step"] == step and index["rows"] == [0, 256, 512]
         assert index["frames"] == {"student": [8, 128, 128], "ema": [8, 128, 128]}
 
     # metrics.jsonl: the step-time split adds up, FLOPs match the FLOP model, memory is reported
@@ -197,8 +198,9 @@ def test_sampling_is_fixed_seed_and_leaves_training_rng_alone(toy_root, tmp_path
 
 
 def test_should_run_schedule(toy_root):
-    from fv_accel.callbacks.validation import ValidationCallback, evenly_spaced_rows
+    from fv_accel.callbacks.validation import ValidationCallback
     from fv_accel.config import ValidationConfig, resolve_config
+    from fv_accel.sampling import spread_rows
 
     cfg = resolve_config({"models": {"student": {"init_from": str(toy_root / "init"), "latent_stats": "identity"}},
                           "method": {"name": "finetune"}})
@@ -206,8 +208,11 @@ def test_should_run_schedule(toy_root):
     assert [s for s in range(10) if cb.should_run(s)] == [3, 6, 9]
     cb = ValidationCallback(ValidationConfig(every_steps=0, at_start=True), cfg)
     assert [s for s in range(10) if cb.should_run(s)] == [0]
-    assert evenly_spaced_rows(768, 4) == [0, 256, 511, 767]
-    assert evenly_spaced_rows(3, 5) == [0, 1, 2]
+    assert spread_rows(768, 4) == [0, 192, 384, 576]  # 768 / 4 = 192 apart
+    assert spread_rows(10, 4) == [0, 2, 5, 7]  # 2.5 apart, rounded down
+    assert spread_rows(3, 5) == [0, 1, 2]  # never a row twice
+    # 8 equal groups of 96 rows (the toy world's conditions), 64 samples: 8 from each group
+    assert [r // 96 for r in spread_rows(768, 64)] == [g for g in range(8) for _ in range(8)]
 
 
 @pytest.mark.skipif(not (REPO / "fv_accel" / "methods" / "dmd2.py").is_file(), reason="needs the dmd2 method")

@@ -19,6 +19,7 @@ from fv_accel.data import LatentBatch
 from fv_accel.methods.finetune import FinetuneMethod
 from fv_accel.models.base import LatentStats
 from fv_accel.models.wan import TINY_WAN_CONFIG, WanModel
+from fv_accel.runtime import Topology
 from fv_accel.sampling import euler_sample
 
 CHANNELS = 16
@@ -66,7 +67,7 @@ def test_validation_hands_denormalised_latents_to_the_vae(tmp_path: Path, monkey
     monkeypatch.setattr(callback, "load_prompts", lambda trainer=None: prompts)
     trainer = SimpleNamespace(method=method, callbacks=SimpleNamespace(get=lambda name: None), is_main=True,
                               output_dir=str(tmp_path / "out"),
-                              accelerator=SimpleNamespace(trackers=[], process_index=0, num_processes=1))
+                              topology=Topology(), accelerator=SimpleNamespace(trackers=[]))
 
     written = callback.run(trainer, 3)  # type: ignore[arg-type]
 

@@ -21,6 +21,7 @@ from fv_accel.config import RunConfig
 from fv_accel.data import LatentBatch
 from fv_accel.methods.finetune import FinetuneMethod
 from fv_accel.models.wan import TINY_WAN_CONFIG, WanModel
+from fv_accel.runtime import Topology
 from fv_accel.sampling import euler_sample
 
 SEED = 11
@@ -101,7 +102,8 @@ def test_each_rank_samples_its_prompts_with_the_same_forwards(tmp_path: Path, mo
         batch_sizes.clear()
         trainer = SimpleNamespace(method=method, callbacks=SimpleNamespace(get=lambda name: None),
                                   is_main=rank == 0,
-                                  accelerator=SimpleNamespace(process_index=rank, num_processes=world_size))
+                                  topology=Topology(rank=rank, world_size=world_size, data_rank=rank,
+                                                    data_world_size=world_size))
         local = callback.sample(trainer)  # type: ignore[arg-type]
         mine = list(range(rank, NUM_PROMPTS, world_size))
         assert local["student"].shape == (len(mine), *LATENT_SHAPE)
@@ -120,7 +122,7 @@ def test_noise_does_not_depend_on_the_batch(tmp_path: Path, monkeypatch: pytest.
     for batch in (1, 4):
         callback, method, student, text = _setup(tmp_path, monkeypatch, train_batch_size=batch)
         trainer = SimpleNamespace(method=method, callbacks=SimpleNamespace(get=lambda name: None), is_main=True,
-                                  accelerator=SimpleNamespace(process_index=0, num_processes=1))
+                                  topology=Topology())
         results.append(callback.sample(trainer)["student"])  # type: ignore[arg-type]
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
     torch.testing.assert_close(results[0], _expected(student, text), rtol=0, atol=1e-6)

@@ -35,6 +35,7 @@ import torch
 from fv_accel.callbacks.base import Callback
 from fv_accel.config import RunConfig, ValidationConfig
 from fv_accel.errors import ConfigError
+from fv_accel.sampling import spread_rows
 from fv_accel.video import decode_with_vae, frame_grid, render_latents, write_mp4
 
 if TYPE_CHECKING:
@@ -89,13 +90,6 @@ def merge_rank_latents(per_rank: list[dict[str, torch.Tensor]], num_prompts: int
     return out
 
 
-def evenly_spaced_rows(num_rows: int, num_samples: int) -> list[int]:
-    """``num_samples`` row indices spread over ``[0, num_rows)`` (first and last included), without repeats."""
-    if num_samples >= num_rows:
-        return list(range(num_rows))
-    return sorted({int(round(x)) for x in np.linspace(0, num_rows - 1, num_samples)})
-
-
 class ValidationCallback(Callback):
     name = "validation"
 
@@ -126,7 +120,7 @@ class ValidationCallback(Callback):
         else:
             path = self.config.data_path or data_cfg.data_path
             dataset = ParquetLatentDataset(path, text_len=data_cfg.text_len, latent_shape=data_cfg.latent_shape)
-            self.rows = evenly_spaced_rows(len(dataset), self.config.num_samples)
+            self.rows = spread_rows(len(dataset), self.config.num_samples)
             self.where = [dataset.where(i) for i in self.rows]
         samples = [dataset[i] for i in self.rows]
         batch = collate_latents(samples, dataset.latent_shape)
@@ -209,7 +203,7 @@ class ValidationCallback(Callback):
         sampler = method.validation_sampler()
         cond = student.prepare_batch(self._prompts, student.device)
         num_prompts = cond.batch_size
-        rank, world_size = trainer.accelerator.process_index, trainer.accelerator.num_processes
+        rank, world_size = trainer.topology.rank, trainer.topology.world_size
         indices, num_real = rank_prompts(num_prompts, rank, world_size)
         chunk = max(1, self.run_config.training.data.train_batch_size)
         transformer = student.transformer

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.storage import StorageWriter
 from fv_accel.checkpoint import layout
 from fv_accel.checkpoint.states import CallbackState, SavedKeysOnly, unwrap_optimizer
 from fv_accel.errors import CheckpointError
+from fv_accel.runtime import Topology, rank0_result
 
 if TYPE_CHECKING:
     from fv_accel.callbacks import CallbackList
@@ -49,23 +50,9 @@ logger = logging.getLogger(__name__)
 WRITER_THREADS = 4
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _rank0_decides(decide: Callable[[], bool]) -> bool:
-    """Rank 0's answer, on every rank: a branch that leads into a collective must not depend on each rank's own
-    view of the filesystem (node-local disks, NFS caches), or some ranks enter the collective and others never."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return decide()
-    answer: list[Any] = [decide() if _rank() == 0 else None]
-    dist.broadcast_object_list(answer, src=0)
-    return bool(answer[0])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -316,6 +303,7 @@ class CheckpointManager:
         keep_last: int = 0,
         async_save: bool = False,
         make_writer: Callable[[Path], StorageWriter] = default_writer,
+        topology: Topology | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.method = method
@@ -326,6 +314,9 @@ class CheckpointManager:
         self.async_save = async_save
         #: builds the DCP storage writer of one save from its ``.partial`` directory
         self.make_writer = make_writer
+        #: this process's rank and the world size (per-rank files, rank 0's metadata); read from the process
+        #: group when not given
+        self.topology = topology or Topology.from_process_group()
         self._last_saved_step: int | None = None
         self._pending: _PendingSave | None = None
         self._groups: tuple[dist.ProcessGroup | None, dist.ProcessGroup | None] | None = None
@@ -337,7 +328,7 @@ class CheckpointManager:
             states[layout.callback_key(cb.name)] = CallbackState(cb)
         if self.data is not None:
             # The loader position is per rank (each rank has its own shard).
-            states[layout.dataloader_key(_rank())] = self.data
+            states[layout.dataloader_key(self.topology.rank)] = self.data
         return states
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -366,10 +357,10 @@ class CheckpointManager:
         self.wait_pending()  # at most one save in flight
         final = self.path_for(step)
         # e.g. the end-of-run save right after a periodic save of the same step (rank 0's view decides for all)
-        if self._last_saved_step == step and _rank0_decides(lambda: is_complete(final)):
+        if self._last_saved_step == step and rank0_result(lambda: is_complete(final), topology=self.topology):
             return final
         partial = final.with_name(final.name + layout.PARTIAL_SUFFIX)
-        if _rank() == 0:
+        if self.topology.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed midway
             partial.mkdir(parents=True)
         _barrier()
@@ -393,7 +384,7 @@ class CheckpointManager:
                                     async_checkpointer_type=AsyncCheckpointerType.THREAD)
             # An AsyncSaveResponse only comes back with asynchronous staging, which DCP's default stager skips.
             assert isinstance(future, Future), f"dcp.async_save returned {type(future).__name__}"
-            if _rank() == 0:
+            if self.topology.rank == 0:
                 logger.info("checkpoint-%d: state staged in %.2f s; writing in the background", step,
                             time.perf_counter() - start)
             # DCP's background save draws no random numbers (its ids come from uuid4, i.e. os.urandom): this is
@@ -408,13 +399,13 @@ class CheckpointManager:
         return final
 
     def _write_random_state(self, partial: Path) -> None:
-        save_rng_file(capture_rng_state(self.method), partial / layout.random_state_file(_rank()))
+        save_rng_file(capture_rng_state(self.method), partial / layout.random_state_file(self.topology.rank))
 
     def _finalize(self, step: int, partial: Path, stateless: list[str]) -> None:
         """Collective, once every rank's files are written: metadata.json, the rename, retention."""
         _barrier()
-        if _rank() == 0:
-            meta = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        if self.topology.rank == 0:
+            meta = {"step": step, "world_size": self.topology.world_size,
                     "optimizers_without_state": stateless, "config": self.config_dump}
             _write_atomic(partial / layout.METADATA_FILE, json.dumps(meta, indent=2))
             # No fsync of the shard files here: DCP's FileSystemWriter (sync_files=True, its default) fsyncs
@@ -472,7 +463,7 @@ class CheckpointManager:
                                   + (f" on this rank ({why})" if error else " on another rank")
                                   + "; it stays incomplete") from error
         self._finalize(pending.step, pending.partial, pending.stateless)
-        if _rank() == 0:
+        if self.topology.rank == 0:
             logger.info("checkpoint-%d complete (async save)", pending.step)
 
     def abandon_pending(self) -> None:
@@ -552,8 +543,8 @@ class CheckpointManager:
         self.method.seed_optimizer_state_for_resume()
         states = self._states()
         loaded_roles = self._prepare_optimizers_for_load(path, meta, saved_keys, states)
-        key = layout.dataloader_key(_rank())
-        if key in states and meta.get("world_size") != (dist.get_world_size() if dist.is_initialized() else 1):
+        key = layout.dataloader_key(self.topology.rank)
+        if key in states and meta.get("world_size") != self.topology.world_size:
             # The ranks consume in lockstep, so every rank saved the same position (rows consumed of the
             # epoch's order); a rank of the new world may have no key of its own: each reads rank 0's.
             states[layout.dataloader_key(0)] = states.pop(key)
@@ -610,8 +601,8 @@ class CheckpointManager:
 
     def restore_random_state(self, path: Path) -> None:
         """Restore per-rank RNG; call last, after the data iterator and everything else are set up."""
-        rng_file = path / layout.random_state_file(_rank())
+        rng_file = path / layout.random_state_file(self.topology.rank)
         if not rng_file.is_file():
-            logger.warning("%s has no random state for rank %d; continuing with fresh RNG", path, _rank())
+            logger.warning("%s has no random state for rank %d; continuing with fresh RNG", path, self.topology.rank)
             return
         restore_rng_state(self.method, load_rng_file(rng_file))

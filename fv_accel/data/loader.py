@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from fv_accel.config import DataConfig
@@ -62,6 +61,7 @@ from fv_accel.data.dataset import (
     load_negative_prompt,
 )
 from fv_accel.errors import DataError
+from fv_accel.runtime import rank0_result
 
 logger = logging.getLogger(__name__)
 
@@ -319,23 +319,12 @@ class DataStream:
         self._iter = None
 
 
-def shared_index(cfg: DataConfig, *, rank: int, world_size: int) -> DatasetIndex:
-    """The dataset index, built by rank 0 alone and broadcast when a process group exists (see the module
-    docstring); a DataError on rank 0 is raised on every rank, so none waits in the collective."""
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return build_index(cfg.data_path)
-    payload: list[Any] = [None]
-    if rank == 0:
-        try:
-            payload[0] = build_index(cfg.data_path)
-        except DataError as exc:
-            payload[0] = str(exc)
-        except Exception as exc:
-            payload[0] = f"{cfg.data_path}: cannot index the data ({type(exc).__name__}: {exc})"
-    dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], str):
-        raise DataError(payload[0])
-    return payload[0]
+def shared_index(cfg: DataConfig) -> DatasetIndex:
+    """The dataset index, built by rank 0 of the whole world alone and broadcast (see the module docstring;
+    ``fv_accel.runtime.rank0_result``); a DataError on rank 0 is raised on every rank, so none waits in the
+    collective."""
+    return rank0_result(lambda: build_index(cfg.data_path), wrap=lambda exc: DataError(
+        f"{cfg.data_path}: cannot index the data ({type(exc).__name__}: {exc})"))
 
 
 def _close_at_exit(stream_ref: weakref.ref[DataStream]) -> None:
@@ -345,12 +334,14 @@ def _close_at_exit(stream_ref: weakref.ref[DataStream]) -> None:
 
 
 def build_data_stream(cfg: DataConfig, *, rank: int, world_size: int, stop_signals: Sequence[str] = ()) -> DataStream:
-    """``stop_signals``: signal names the loader workers ignore besides SIGTERM and SIGINT."""
+    """``rank``/``world_size``: this process's data rank and the number of data ranks (``Topology.data_rank``,
+    ``Topology.data_world_size``). ``stop_signals``: signal names the loader workers ignore besides SIGTERM and
+    SIGINT."""
     window = cfg.shuffle_window_groups if cfg.shuffle == "row_groups" else 1
     dataset = ParquetLatentDataset(
         cfg.data_path, text_len=cfg.text_len, cfg_rate=cfg.training_cfg_rate, seed=cfg.seed,
         latent_shape=cfg.latent_shape, skip_bad_rows=cfg.skip_bad_rows,
         cache_bytes=cfg.row_group_cache_mb << 20, min_cached_groups=window,
-        index=shared_index(cfg, rank=rank, world_size=world_size),
+        index=shared_index(cfg),
     )
     return DataStream(dataset, cfg, rank=rank, world_size=world_size, stop_signals=stop_signals)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -47,7 +46,8 @@ from fv_accel.config import MethodConfigBase, OptimizerConfig, RunConfig
 from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
 from fv_accel.models.base import ModelBase
-from fv_accel.sampling import Generators
+from fv_accel.runtime import SHARED_STREAM_OFFSET, Topology, derived_seed
+from fv_accel.sampling import EulerSampler, Generators, Sampler
 
 
 @dataclass
@@ -113,6 +113,8 @@ class TrainingMethod(nn.Module, ABC):
 
     cuda_generator: torch.Generator | None = None
     choice_generator: torch.Generator | None = None
+    #: where this process sits (set by ``fv_accel.build.build_run``; None: read from the process group)
+    topology: Topology | None = None
 
     # -- role rules (read when the configuration is validated, and again at construction) --------------------
     @classmethod
@@ -208,14 +210,14 @@ class TrainingMethod(nn.Module, ABC):
     def on_train_start(self) -> None:
         """Create the shared generator every random draw of the method and its models uses, and the host-side
         ``choice_generator`` for random choices that change the number of forward passes."""
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        device = self.student.device
-        self.cuda_generator = torch.Generator(device=device)
-        self.cuda_generator.manual_seed(self.training_config.data.seed * 1_000_003 + rank)
+        topology = self.topology or Topology.from_process_group()
+        seed = self.training_config.data.seed
+        self.cuda_generator = torch.Generator(device=self.student.device)
+        self.cuda_generator.manual_seed(derived_seed(seed, topology.rank))
         # Seeded without the rank, so every rank draws the same choices: FSDP collectives stay aligned with no
         # broadcast, and no device→host sync happens inside the step.
         self.choice_generator = torch.Generator()
-        self.choice_generator.manual_seed(self.training_config.data.seed * 1_000_003 + 7_919)
+        self.choice_generator.manual_seed(derived_seed(seed, SHARED_STREAM_OFFSET))
 
     @abstractmethod
     def single_train_step(self, batch: Any, step: int) -> StepOutput:
@@ -253,26 +255,21 @@ class TrainingMethod(nn.Module, ABC):
         total = sum(pending[1:], pending[0])
         (total / grad_accum_rounds).backward()
 
-    def validation_sampler(self) -> ValidationSampler:
-        """How this method's student generates a sample (used by the validation callback).
+    @classmethod
+    def sampler(cls, config: MethodConfigBase, *, num_steps: int, guidance_scale: float = 1.0) -> Sampler:
+        """How a student trained by this method generates, from the method's config alone (so offline tools,
+        ``recipes/sample.py``, ask the same place as training). Default: the flow ODE with ``num_steps`` Euler
+        steps along the model's shifted schedule and ``guidance_scale`` (``fv_accel.sampling.EulerSampler``);
+        few-step methods override it (DMD2: its ``dmd_denoising_steps``)."""
+        return EulerSampler(num_steps, guidance_scale)
 
-        Default: the flow ODE with ``callbacks.validation.num_inference_steps`` Euler steps along the
-        student's shifted schedule (``fv_accel.sampling.euler_sample``). Few-step methods override it; DMD2
-        samples with ``fv_accel.sampling.dmd_sample`` over ``method.dmd_denoising_steps``.
-        """
+    def validation_sampler(self) -> ValidationSampler:
+        """The sampler validation uses: :meth:`sampler` with ``callbacks.validation``'s steps and guidance."""
         from fv_accel.config import ValidationConfig
-        from fv_accel.sampling import euler_sample
 
         validation = self.cfg.callbacks.validation or ValidationConfig()
-        num_steps, guidance = validation.num_inference_steps, validation.guidance_scale
-
-        def sample(model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor,
-                   latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
-            return euler_sample(model, text_embeds_bld, latent_shape=latent_shape, num_steps=num_steps,
-                                shift=model.flow_shift, generator=generator, guidance_scale=guidance,
-                                uncond_embeds_bld=uncond_embeds_bld if guidance != 1.0 else None)
-
-        return sample
+        return type(self).sampler(self.config, num_steps=validation.num_inference_steps,
+                                  guidance_scale=validation.guidance_scale)
 
     def optimizers(self) -> dict[str, Any]:
         """Every role's optimizer (as prepared), by role."""

@@ -20,7 +20,6 @@ backward of the sum (``eager_backward = False``), which holds both graphs until 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -30,10 +29,11 @@ from fv_accel import flow
 from fv_accel.config import MethodConfigBase, OptimizerConfig, RunConfig
 from fv_accel.data import LatentBatch
 from fv_accel.flops import PassCount
-from fv_accel.methods.base import StepOutput, TrainingMethod, ValidationSampler
+from fv_accel.methods.base import StepOutput, TrainingMethod
 from fv_accel.methods.registry import register_method
 from fv_accel.models.base import ConditionBatch, ModelBase
 from fv_accel.runtime import reshard_all
+from fv_accel.sampling import DMDSampler, Sampler
 
 
 class DMD2MethodConfig(MethodConfigBase):
@@ -287,18 +287,12 @@ class DMD2Method(TrainingMethod):
                           passes={"student": student_passes, "critic": critic_passes, "teacher": teacher_passes})
 
     # -- sampling -----------------------------------------------------------------------------------------------
-    def validation_sampler(self) -> ValidationSampler:
-        """The student's few-step DMD sampler over ``method.dmd_denoising_steps``."""
-        from fv_accel.sampling import Generators, dmd_sample
-
-        steps = list(self.config.dmd_denoising_steps)
-
-        def sample(model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor,
-                   latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
-            return dmd_sample(model, text_embeds_bld, latent_shape=latent_shape, denoising_steps=steps,
-                              generator=generator)
-
-        return sample
+    @classmethod
+    def sampler(cls, config: MethodConfigBase, *, num_steps: int, guidance_scale: float = 1.0) -> Sampler:
+        """The student's few-step DMD sampler over ``method.dmd_denoising_steps`` (``num_steps`` and the
+        guidance scale do not apply: the student was distilled with the teacher's guidance)."""
+        assert isinstance(config, DMD2MethodConfig)
+        return DMDSampler(tuple(config.dmd_denoising_steps))
 
 
 __all__ = ["DMD2Method", "DMD2MethodConfig", "cfg_combine", "dmd_gradient", "dmd_loss", "is_generator_step", "num_generator_steps",

@@ -36,15 +36,22 @@ def save_twice(shared: Path, rank: int) -> int:
     import torch.distributed as dist
 
     import fv_accel.checkpoint.manager as manager_mod
-    from fv_accel.cli import check_shared_output_dir, resolve_resume
+    from fv_accel.checkpoint.output_dir import check_shared_output_dir, resolve_resume
     from fv_accel.config import CheckpointConfig
+    from fv_accel.runtime import Topology
 
     sys.path.insert(0, str(REPO / "tests"))
     from test_retention import make_manager  # one nn.Linear and its AdamW
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a rank left alone in a collective fails
     try:
-        check_shared_output_dir(str(shared), rank=rank, world_size=dist.get_world_size())
+        topology = Topology.from_process_group()
+        # The launcher's RANK / LOCAL_RANK (one node: equal) and world of two: data ranks are ranks today.
+        expected = (rank, 2, int(os.environ["LOCAL_RANK"]), rank, 2, rank == 0)
+        got = (topology.rank, topology.world_size, topology.local_rank, topology.data_rank,
+               topology.data_world_size, topology.is_main)
+        assert got == expected, f"rank {rank}: topology {got}, expected {expected}"
+        check_shared_output_dir(str(shared), topology)
         assert [p.name for p in shared.iterdir()] == [], "the probe file was left behind"
         manager = make_manager(shared, keep_last=0)
         manager.save(1)
@@ -57,7 +64,7 @@ def save_twice(shared: Path, rank: int) -> int:
         if rank == 1:
             manager_mod.list_checkpoints = lambda *args, **kwargs: []
         cfg = CheckpointConfig(output_dir=str(shared), resume_from_checkpoint="latest")
-        resolved = resolve_resume(cfg, rank=rank)
+        resolved = resolve_resume(cfg, topology)
         assert resolved == shared / "checkpoint-1", f"rank {rank} resolved {resolved}"
         return 0
     finally:
