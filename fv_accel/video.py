@@ -29,7 +29,7 @@ import torch
 RENDER_SEED = 0
 
 
-def _projection(channels: int) -> torch.Tensor:
+def channel_projection(channels: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(RENDER_SEED)
     basis = torch.randn(channels, max(channels, 3), generator=gen)
     q, _ = torch.linalg.qr(basis)  # orthonormal columns
@@ -39,7 +39,7 @@ def _projection(channels: int) -> torch.Tensor:
 def render_latents(latents_bcthw: torch.Tensor, *, upscale: int = 16, frames_per_latent: int = 4) -> np.ndarray:
     """Latents ``[B, C, T, H, W]`` → ``uint8 [B, T·frames_per_latent, H·upscale, W·upscale, 3]``."""
     x = latents_bcthw.detach().float().cpu()
-    proj = _projection(x.shape[1])
+    proj = channel_projection(x.shape[1])
     rgb = torch.einsum("kc,bcthw->bthwk", proj, x)
     rgb = (0.5 + 0.25 * rgb).clamp(0, 1)
     rgb = rgb.repeat_interleave(frames_per_latent, dim=1)

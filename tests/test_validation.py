@@ -182,7 +182,7 @@ def test_sampling_is_fixed_seed_and_leaves_training_rng_alone(toy_root, tmp_path
     # finetune's sampler is the flow ODE with num_inference_steps Euler steps; prompt i's noise comes from its
     # own generator seeded 7·2³² + i, whatever batch it is sampled in (here: alone)
     student = method.student
-    cond = student.prepare_batch(callback._prompts, student.device)
+    cond = student.prepare_batch(callback.prompts, student.device)
     expected = torch.cat([
         euler_sample(student, cond.text_embeds_bld[i:i + 1], latent_shape=(16, 2, 8, 8), num_steps=3,
                      shift=student.flow_shift, generator=torch.Generator().manual_seed(7 * 2**32 + i))

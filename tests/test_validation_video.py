@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fv_accel.video import _projection, decode_with_vae, frame_grid, render_latents, write_mp4
+from fv_accel.video import channel_projection, decode_with_vae, frame_grid, render_latents, write_mp4
 
 
 def test_render_latents_maps_channel_directions_to_colours():
-    proj = _projection(16)
+    proj = channel_projection(16)
     assert torch.allclose(proj @ proj.T, torch.eye(3), atol=1e-5)  # orthonormal rows
-    assert torch.equal(proj, _projection(16))  # the same colours in every run
+    assert torch.equal(proj, channel_projection(16))  # the same colours in every run
     # a latent equal to 2 × the red direction everywhere → R = 0.5 + 0.25·2 = 1, G = B = 0.5
     latents = (2 * proj[0]).view(1, 16, 1, 1, 1).expand(1, 16, 2, 3, 4)
     frames = render_latents(latents, upscale=4, frames_per_latent=3)
@@ -64,6 +64,7 @@ def test_vae_decoding_is_used_when_the_student_has_one():
     from diffusers import AutoencoderKLWan
 
     from fv_accel.callbacks.validation import ValidationCallback
+    from fv_accel.config import ValidationConfig
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
@@ -78,12 +79,10 @@ def test_vae_decoding_is_used_when_the_student_has_one():
     loads: list[int] = []
     trainer = SimpleNamespace(method=SimpleNamespace(student=SimpleNamespace(
         load_vae=lambda: loads.append(1) or vae)))
-    callback = ValidationCallback.__new__(ValidationCallback)
-    callback._vae, callback._vae_loaded = None, False
+    callback = ValidationCallback(ValidationConfig(every_steps=1), SimpleNamespace())  # type: ignore[arg-type]
     assert np.array_equal(callback.to_frames(trainer, latents), frames)
     assert np.array_equal(callback.to_frames(trainer, latents), frames)
     assert loads == [1]  # loaded once, at the first validation
-    callback = ValidationCallback.__new__(ValidationCallback)
-    callback._vae, callback._vae_loaded = None, False
+    callback = ValidationCallback(ValidationConfig(every_steps=1), SimpleNamespace())  # type: ignore[arg-type]
     trainer.method.student = SimpleNamespace(load_vae=lambda: None)  # no VAE: the toy rendering
     assert callback.to_frames(trainer, latents).shape == (2, 12, 64, 64, 3)

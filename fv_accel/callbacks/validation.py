@@ -98,7 +98,8 @@ class ValidationCallback(Callback):
         self.run_config = run_config
         self.rows: list[int] = []
         self.where: list[str] = []
-        self._prompts: LatentBatch | None = None
+        self.prompts: LatentBatch | None = None
+        """The validation prompts' batch, loaded at train start (every step samples the same ones)."""
         self._vae: torch.nn.Module | None = None
         self._vae_loaded = False
 
@@ -172,7 +173,7 @@ class ValidationCallback(Callback):
         return out
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self._prompts = self.load_prompts(trainer)
+        self.prompts = self.load_prompts(trainer)
 
     def should_run(self, step: int) -> bool:
         if step == 0:
@@ -196,12 +197,12 @@ class ValidationCallback(Callback):
     def sample(self, trainer: Trainer) -> dict[str, torch.Tensor]:
         """Latents in the dataset's stored (unnormalised) space, ``[N, C, T, H, W]`` float32 per variant, on the
         main process ({} on the others). Collective: every rank must call it."""
-        if self._prompts is None:
-            self._prompts = self.load_prompts(trainer)
+        if self.prompts is None:
+            self.prompts = self.load_prompts(trainer)
         method = trainer.method
         student = method.student
         sampler = method.validation_sampler()
-        cond = student.prepare_batch(self._prompts, student.device)
+        cond = student.prepare_batch(self.prompts, student.device)
         num_prompts = cond.batch_size
         rank, world_size = trainer.topology.rank, trainer.topology.world_size
         indices, num_real = rank_prompts(num_prompts, rank, world_size)
