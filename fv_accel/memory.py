@@ -330,25 +330,24 @@ class RoleShape:
     config: Mapping[str, Any]
     num_params: int
     block_params: int
+    family: str = "wan"
+    """The model family (``fv_accel.models.FAMILIES``), whose ``role_memory_spec`` reads ``config``."""
 
 
 def role_shapes_from_run(method: Any) -> dict[str, RoleShape] | None:
     """RoleShapes of a built run's (possibly sharded) transformers: DTensor ``numel`` is the global count.
-    None when a role's family has no activation model (only Wan has one)."""
+    None when a role's family has no activation model (``ModelBase.has_memory_model``)."""
     shapes: dict[str, RoleShape] = {}
     for role, model in method.role_models.items():
-        transformer = model.transformer
-        config = dict(getattr(transformer, "config", {}) or {})
-        if not config.keys() >= _WAN_KEYS:
+        if not model.has_memory_model:
             return None
+        transformer = model.transformer
         names = tuple(model.block_class_names)
         blocks = [m for m in transformer.modules() if type(m).__name__.removeprefix("FSDP") in names]
         block_params = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
-        shapes[role] = RoleShape(config, sum(p.numel() for p in transformer.parameters()), block_params)
+        shapes[role] = RoleShape(dict(transformer.config), sum(p.numel() for p in transformer.parameters()),
+                                 block_params, family=model.config.family)
     return shapes
-
-
-_WAN_KEYS = frozenset({"num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "patch_size"})
 
 
 def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Sequence[int], shard_degree: int,
@@ -357,11 +356,13 @@ def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Seq
     """The estimate of a run configuration (``RunConfig``): each role's checkpointing, attention backend and
     frozen dtype from ``models.<role>``, batch and text length from ``training.data``, the EMA from
     ``callbacks.ema``. What ``--dry-run`` prints, with ``shapes`` from the built models."""
+    from fv_accel.models import FAMILIES
+
     specs: dict[str, RoleSpec] = {}
     for role, shape in shapes.items():
         model_cfg = cfg.models[role]
         frozen_bytes = 2 if (mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16") else 4
-        specs[role] = wan_role_spec(
+        specs[role] = FAMILIES[shape.family].role_memory_spec(
             shape.config, num_params=shape.num_params, block_params=shape.block_params,
             trainable=model_cfg.trainable, weight_bytes=4 if model_cfg.trainable else frozen_bytes,
             activation_checkpointing=model_cfg.activation_checkpointing,

@@ -243,3 +243,22 @@ def test_accelerator_default_names_no_family_block(single_process_dist) -> None:
     assert single_process_dist.state.fsdp_plugin.transformer_cls_names_to_wrap is None
     sharded = fsdp2_prepare_model(single_process_dist, WanTransformer3DModel(**TINY_WAN_CONFIG))
     assert all(isinstance(block, FSDPModule) for block in sharded.blocks)
+
+
+def test_the_memory_estimate_asks_the_family() -> None:
+    """The dry run's activation model comes from the family: none for a family without one (the summary says
+    'unknown'), the family's own spec otherwise (Wan: heads × head_dim is the hidden size)."""
+    from types import SimpleNamespace
+
+    from fv_accel.memory import role_shapes_from_run
+
+    counting = _CountingFamily.__new__(_CountingFamily)
+    assert role_shapes_from_run(SimpleNamespace(role_models={"student": counting})) is None
+    wan = _tiny_wan()
+    shapes = role_shapes_from_run(SimpleNamespace(role_models={"student": wan}))
+    assert shapes is not None and shapes["student"].family == "wan"
+    assert shapes["student"].num_params == sum(p.numel() for p in wan.transformer.parameters())
+    spec = FAMILIES["wan"].role_memory_spec(shapes["student"].config, num_params=10, block_params=1,
+                                            trainable=True, weight_bytes=4)
+    heads, head_dim = TINY_WAN_CONFIG["num_attention_heads"], TINY_WAN_CONFIG["attention_head_dim"]
+    assert spec.hidden_dim == heads * head_dim and spec.num_blocks == TINY_WAN_CONFIG["num_layers"]

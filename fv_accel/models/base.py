@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -21,6 +21,7 @@ from fv_accel.errors import ConfigError
 
 if TYPE_CHECKING:
     from fv_accel.data.dataset import LatentBatch
+    from fv_accel.memory import Checkpointing, RoleSpec
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,17 @@ class ModelBase(ABC):
         """The role's trainable/shardable modules by name: ``transformer``, plus ``transformer_2`` for a family
         with a second expert. Methods, checkpoints, EMA and export iterate over this, never assume one."""
         return {"transformer": self.transformer}
+
+    #: whether :meth:`role_memory_spec` models this family's activations (the dry run's memory estimate)
+    has_memory_model: ClassVar[bool] = False
+
+    @classmethod
+    def role_memory_spec(cls, config: Mapping[str, Any], *, num_params: int, block_params: int, trainable: bool,
+                         weight_bytes: int, activation_checkpointing: Checkpointing = "off", checkpoint_every: int = 1,
+                         attention_backend: str | None = None) -> RoleSpec:
+        """The dry run's memory model of one role (``fv_accel/memory.py``) from the transformer's config and
+        its global parameter counts. Families with ``has_memory_model`` implement it."""
+        raise NotImplementedError(f"{cls.__name__} has no activation memory model")
 
     @classmethod
     def diffusers_model_class(cls) -> str:

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
     from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
+    from fv_accel.memory import Checkpointing, RoleSpec
+
 logger = logging.getLogger(__name__)
 
 # Only WanModel.predict_velocity calls the transformer, and it never hands out the output view (see there).
@@ -211,6 +213,7 @@ class WanEncoders(Encoders):
 
 class WanModel(ModelBase):
     block_class_names = ("WanTransformerBlock",)
+    has_memory_model = True
     transformer: WanTransformer3DModel
     #: Wan's VAE (``AutoencoderKLWan``) maps 8×8 pixels to one latent cell and 4 frames to one latent frame
     #: (the first frame alone: clips have 4k+1 frames).
@@ -218,6 +221,16 @@ class WanModel(ModelBase):
     vae_temporal_factor = 4
     #: ``patch_size`` (t, h, w) of every published Wan 2.1 / 2.2 transformer.
     default_patch_size = (1, 2, 2)
+
+    @classmethod
+    def role_memory_spec(cls, config: Mapping[str, Any], *, num_params: int, block_params: int, trainable: bool,
+                         weight_bytes: int, activation_checkpointing: Checkpointing = "off", checkpoint_every: int = 1,
+                         attention_backend: str | None = None) -> RoleSpec:
+        from fv_accel.memory import wan_role_spec
+
+        return wan_role_spec(config, num_params=num_params, block_params=block_params, trainable=trainable,
+                             weight_bytes=weight_bytes, activation_checkpointing=activation_checkpointing,
+                             checkpoint_every=checkpoint_every, attention_backend=attention_backend)
 
     @classmethod
     def diffusers_model_class(cls) -> str:
