@@ -577,13 +577,16 @@ def import_plugins(modules: Any) -> None:
 
 
 def check_validation_prompts(cfg: RunConfig) -> None:
-    """Validation captions need the student's pipeline to have a tokenizer and a text encoder (checked here for
-    a local ``init_from``; a Hub id is checked when the callback loads them)."""
+    """Validation captions need the student's pipeline to have its family's text encoder (checked here for a local
+    ``init_from``; a Hub id is checked when the callback loads them)."""
+    from fv_accel.models import FAMILIES  # lazy: fv_accel.models imports this module
+
     validation = cfg.callbacks.validation
     if validation is None or not validation.prompts or "student" not in cfg.models:
         return
-    source = cfg.models["student"].init_from
-    check_pipeline_components(source, ["tokenizer", "text_encoder"],
+    student = cfg.models["student"]
+    source = student.init_from
+    check_pipeline_components(source, list(FAMILIES[student.family].text_encoder_components),
                               what=f"callbacks.validation.prompts: models.student.init_from {source!r}",
                               why="captions are encoded with the student pipeline's text encoder; give "
                                   "callbacks.validation.data_path with precomputed embeddings instead")

@@ -207,6 +207,9 @@ class ModelBase(ABC):
         one) accept. Every family that preprocesses videos implements it."""
         raise NotImplementedError(f"{cls.__name__} states no frame rule")
 
+    #: subfolders of a pipeline that :meth:`load_encoders` needs to encode text (checked before anything loads)
+    text_encoder_components: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def load_encoders(cls, source: str, *, key: str, device: torch.device, text_len: int, text_dtype: torch.dtype,
                       vae_dtype: torch.dtype | None = None, vae_tiling: bool = False) -> Encoders:

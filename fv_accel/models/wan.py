@@ -214,6 +214,7 @@ class WanEncoders(Encoders):
 class WanModel(ModelBase):
     block_class_names = ("WanTransformerBlock",)
     has_memory_model = True
+    text_encoder_components = ("tokenizer", "text_encoder")
     transformer: WanTransformer3DModel
     #: Wan's VAE (``AutoencoderKLWan``) maps 8×8 pixels to one latent cell and 4 frames to one latent frame
     #: (the first frame alone: clips have 4k+1 frames).
@@ -257,7 +258,7 @@ class WanModel(ModelBase):
                       vae_dtype: torch.dtype | None = None, vae_tiling: bool = False) -> WanEncoders:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        check_pipeline_components(source, ["tokenizer", "text_encoder"] + (["vae"] if vae_dtype is not None else []),
+        check_pipeline_components(source, [*cls.text_encoder_components] + (["vae"] if vae_dtype is not None else []),
                                   what=f"{key}: {source!r}", why="a diffusers pipeline directory is needed")
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
         text_encoder: torch.nn.Module = UMT5EncoderModel.from_pretrained(source, subfolder="text_encoder",
