@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from fv_accel.runtime import Topology
+
 
 def gather_full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the full (unsharded) state dict on rank 0 (on CPU), an empty dict on other ranks."""
@@ -27,7 +29,7 @@ def save_transformer_pretrained(
     Returns the directory on rank 0, None elsewhere.
     """
     state = gather_full_state_dict(module)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = Topology.from_process_group().rank
     out = Path(output_dir)
     if rank == 0:
         cls = type(module)
