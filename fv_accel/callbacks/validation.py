@@ -4,9 +4,9 @@ Every ``callbacks.validation.every_steps`` steps (and at step 0 with ``at_start`
 method's own sampler (:meth:`TrainingMethod.validation_sampler`: Euler for finetune, the few-step DMD sampler
 for DMD2) on ``num_samples`` prompts: rows spread evenly over the validation data (``data_path``, else the
 training data), whose precomputed text embeddings are read once. Prompt ``i``'s noise comes from its own
-generator seeded with :func:`prompt_seed` (``seed``, ``i``) at every validation, for both variants: the videos of
-different steps differ only by the weights, and a prompt's video does not depend on the number of ranks or the
-batch it is sampled in. The training RNG is never touched, so validation does not change the run.
+generator seeded with :func:`fv_accel.prompts.prompt_seed` (``seed``, ``i``) at every validation, for both
+variants: the videos of different steps differ only by the weights, and a prompt's video does not depend on the
+number of ranks or the batch it is sampled in. The training RNG is never touched, so validation does not change the run.
 
 The prompts are split over the ranks: rank r samples prompts r, r + W, ... (W ranks). The weights are
 FSDP-sharded, so each forward is a collective: every rank runs the same number of forwards on batches of the
@@ -34,7 +34,7 @@ import torch
 
 from fv_accel.callbacks.base import Callback
 from fv_accel.config import RunConfig, ValidationConfig
-from fv_accel.errors import ConfigError
+from fv_accel.prompts import encode_prompts, prompt_seed
 from fv_accel.sampling import spread_rows
 from fv_accel.video import decode_with_vae, frame_grid, render_latents, write_mp4
 
@@ -57,15 +57,6 @@ def _file_metadata(path: Path) -> dict[str, str] | None:
     except Exception:  # missing, partial or foreign: encode again
         return None
     return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"fv_accel.")}
-
-
-#: Seeds of different prompts are this far apart, so (seed, prompt) pairs never share a generator state.
-PROMPT_SEED_STRIDE = 2**32
-
-
-def prompt_seed(seed: int, index: int) -> int:
-    """The seed of validation prompt ``index``'s noise: a function of (``seed``, ``index``) only."""
-    return (seed * PROMPT_SEED_STRIDE + index) % 2**64
 
 
 def rank_prompts(num_prompts: int, rank: int, world_size: int) -> tuple[list[int], int]:
@@ -151,19 +142,10 @@ class ValidationCallback(Callback):
                  "fv_accel.text_len": str(text_len)}
         if (trainer is None or trainer.is_main) and _file_metadata(out) != stamp:
             device = trainer.accelerator.device if trainer is not None else torch.device("cpu")
-            text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             t0 = time.perf_counter()
-            try:
-                encoders = FAMILIES[student.family].load_encoders(
-                    source, key="models.student.init_from", device=device, text_len=text_len, text_dtype=text_dtype)
-            except Exception as exc:
-                raise ConfigError(f"callbacks.validation.prompts: cannot load the tokenizer and text encoder of "
-                                  f"models.student.init_from {source!r} ({type(exc).__name__}: "
-                                  f"{(str(exc).strip().splitlines() or [''])[0]})") from None
-            embeddings = encoders.encode_text(list(self.config.prompts))
-            del encoders
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            embeddings = encode_prompts(FAMILIES[student.family], source, list(self.config.prompts),
+                                        key="models.student.init_from", what="callbacks.validation.prompts",
+                                        device=device, text_len=text_len)
             write_text_rows(out, [f"prompt-{i}" for i in range(len(embeddings))], list(self.config.prompts),
                             embeddings, metadata=stamp)
             logger.info("validation: encoded %d prompt(s) with the text encoder of %s into %s (%.1f s)",
