@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fv_accel.errors import ConfigError
+from fv_accel.errors import ConfigError, FvAccelError
 
 if TYPE_CHECKING:
     from fv_accel.models.base import ModelBase
@@ -35,6 +35,8 @@ def encode_prompts(family: type[ModelBase], source: str, prompts: list[str], *, 
     text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         encoders = family.load_encoders(source, key=key, device=device, text_len=text_len, text_dtype=text_dtype)
+    except FvAccelError:
+        raise  # already one line naming the culprit (e.g. a missing tokenizer/)
     except Exception as exc:
         raise ConfigError(f"{what}: cannot load the tokenizer and text encoder of {key} {source!r} "
                           f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})") from None
