@@ -312,3 +312,13 @@ def distill_default_config(root: Path = TOY_ROOT, output_dir: str | None = None,
         },
         "callbacks": {"ema": {"decay": TOY_EMA_DECAY, "start_step": 0}},
     }
+
+
+def nearest_mode(latents: torch.Tensor, conditions: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Per sample: index of the nearest mode centre *of its own condition* (another condition's centre never
+    counts, however near), the assignment behind the quality table's mode coverage and balance.
+
+    ``latents`` [N, C, T, H, W] in the stored space; ``conditions`` [N]; ``centres`` [N_cond, N_mode, C, T, H, W]
+    (``world.safetensors``)."""
+    own = centres[conditions.long()].flatten(2).double()  # [N, N_mode, D]
+    return (own - latents.flatten(1).double()[:, None]).norm(dim=2).argmin(dim=1)

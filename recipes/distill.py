@@ -5,7 +5,8 @@
 
 Without --config it runs the embedded toy default: on first use it writes the toy dataset to outputs/toy/data/,
 trains the tiny teacher with `finetune` into outputs/toy/teacher/, then distills into outputs/toy/distill/ and
-prints the quality table (student@K vs teacher@K vs teacher@50), also written to <output_dir>/quality.json.
+prints the quality table (student@K vs teacher@K vs teacher@50: precision distance, mode coverage, mode balance),
+also written to <output_dir>/quality.json, with a picture of the samples in <output_dir>/quality.png.
 Later runs reuse the data and the teacher. Real recipes: recipes/configs/*.yaml.
 """
 
@@ -60,9 +61,16 @@ def _toy_data_dir(cfg: RunConfig) -> Path | None:
 
 
 def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
-    """After a toy-world distillation: the quality table (EMA student when EMA is on), on stdout and in JSON."""
+    """After a toy-world distillation: the quality table (EMA student when EMA is on), on stdout and in JSON,
+    and its picture (PNG, also logged to the trackers that take images)."""
     from fv_accel.methods.dmd2 import DMD2MethodConfig
-    from fv_accel.quality import format_quality_table, toy_quality, write_quality_json
+    from fv_accel.quality import (
+        format_quality_table,
+        log_quality_image,
+        toy_quality,
+        write_quality_json,
+        write_quality_png,
+    )
 
     data_dir = _toy_data_dir(cfg)
     if data_dir is None or not isinstance(cfg.method, DMD2MethodConfig):
@@ -75,9 +83,13 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
                               dmd_denoising_steps=cfg.method.dmd_denoising_steps,
                               text_len=cfg.training.data.text_len)
     if trainer.topology.is_main:
-        path = write_quality_json(results, cfg.training.checkpoint.output_dir)
+        output_dir = cfg.training.checkpoint.output_dir
+        path = write_quality_json(results, output_dir)
+        png, image = write_quality_png(results, data_dir, output_dir)
+        log_quality_image(accelerator, image, step=trainer.step)
         student = "EMA student" if ema is not None else "student"
-        print(f"toy quality ({student}; written to {path}):\n{format_quality_table(results)}", flush=True)
+        print(f"toy quality ({student}; written to {path}, picture {png.name}):\n{format_quality_table(results)}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

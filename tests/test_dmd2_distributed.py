@@ -44,3 +44,9 @@ def test_two_process_metrics_follow_gating(toy_root: Path, tmp_path: Path) -> No
     assert {p.name.split("_")[2] for p in ckpt.glob("*.distcp")} == {"0", "1"}
     meta = json.loads((ckpt / "metadata.json").read_text())
     assert meta["config"]["models"]["critic"]["init_from"] == str(toy_root / "init")  # defaulted to the teacher
+    # the toy world's after-training quality table (rank 0 writes it): every model, all three metrics, the picture
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["models"]) == {"student@4", "teacher@4", "teacher@50"}
+    assert all(set(m) == {"distance", "mode_coverage", "mode_entropy"} for m in quality["models"].values())
+    assert quality["samples_per_condition"] * quality["num_conditions"] >= 64
+    assert (out / "quality.png").stat().st_size > 0 and "distance  coverage  entropy" in proc.stdout
