@@ -248,7 +248,13 @@ class TrainingConfig(_Strict):
 
 class EMAConfig(_Strict):
     decay: float = Field(0.99, gt=0, lt=1)
-    """After each student step: ema ← decay·ema + (1 − decay)·student."""
+    """At each update (see ``update``): ema ← decay·ema + (1 − decay)·student."""
+    update: Literal["every_step", "generator_steps"] = "every_step"
+    """When the EMA updates. ``every_step`` (default, as FastVideo): after every optimizer step of the loop,
+    also the critic-only steps of DMD2, where the student's weights did not change (the average then moves
+    further toward the current weights). ``generator_steps``: only at steps where the student stepped, so the
+    horizon counts student updates (with DMD2's ``generator_update_interval`` N it is N× as many loop steps).
+    Identical for methods whose student steps every step (finetune)."""
     start_step: int = Field(0, ge=0)
     """First step at which the EMA updates; its first update copies the student's weights."""
     device: Literal["gpu", "cpu"] = "gpu"

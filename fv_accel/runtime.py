@@ -217,12 +217,14 @@ def rank0_result(compute: Callable[[], T], *, topology: Topology | None = None,
 SEED_STRIDE = 1_000_003
 #: Offset of the streams every rank draws alike (a method's ``choice_generator``; the global RNGs add the rank).
 SHARED_STREAM_OFFSET = 7_919
+#: Offset (plus the rank) of a method's per-rank host-side choices (``rank_choice_generator``).
+RANK_CHOICE_STREAM_OFFSET = 2 * SHARED_STREAM_OFFSET
 
 
 def derived_seed(seed: int, offset: int) -> int:
     """The seed of one random stream of a run seeded with ``seed`` (``training.data.seed``): the method's
-    per-rank generator uses ``offset = rank``, its rank-independent choices ``SHARED_STREAM_OFFSET``, the
-    global RNGs ``rank + SHARED_STREAM_OFFSET``."""
+    per-rank generator uses ``offset = rank``, its rank-independent choices ``SHARED_STREAM_OFFSET``, its
+    per-rank host-side choices ``rank + RANK_CHOICE_STREAM_OFFSET``, the global RNGs ``rank + SHARED_STREAM_OFFSET``."""
     return seed * SEED_STRIDE + offset
 
 

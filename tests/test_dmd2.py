@@ -52,14 +52,52 @@ def test_cfg_is_the_standard_form() -> None:
     torch.testing.assert_close(cfg_combine(cond, uncond, 1.0), cond)
 
 
-def test_score_timesteps_in_shifted_window() -> None:
-    cfg = DMD2MethodConfig(name="dmd2", min_timestep_ratio=0.2, max_timestep_ratio=0.9, score_timestep_shift=3.0)
+def test_score_timesteps_window_then_shift() -> None:
+    cfg = DMD2MethodConfig(name="dmd2", min_timestep_ratio=0.2, max_timestep_ratio=0.9, score_timestep_shift=3.0,
+                           score_timestep_sampling="window_then_shift")
     t = score_timesteps(4096, cfg, generator=torch.Generator().manual_seed(1), device=torch.device("cpu"))
     assert float(t.min()) >= 200.0 and float(t.max()) <= 900.0
     u = torch.rand(4096, generator=torch.Generator().manual_seed(1))
     expected = (1000 * flow.shift_unit((200 + 700 * u) / 1000, 3.0)).clamp(200, 900)
     torch.testing.assert_close(t, expected)
     assert float((t == 900).float().mean()) > 0.1  # shift 3 pushes the mass to the top of the window
+
+
+def test_score_timesteps_shift_then_clamp_is_the_default() -> None:
+    cfg = DMD2MethodConfig(name="dmd2", min_timestep_ratio=0.2, max_timestep_ratio=0.9, score_timestep_shift=3.0)
+    assert cfg.score_timestep_sampling == "shift_then_clamp"
+    t = score_timesteps(4096, cfg, generator=torch.Generator().manual_seed(1), device=torch.device("cpu"))
+    u = torch.rand(4096, generator=torch.Generator().manual_seed(1))
+    # shift(1000·u) = 1000·3u / (1 + 2u), then clamped into [200, 900]
+    torch.testing.assert_close(t, (1000 * 3 * u / (1 + 2 * u)).clamp(200, 900))
+    # shift(t) < 200 ⇔ 3u/(1+2u) < 0.2 ⇔ u < 0.2/2.6: that share of draws sits exactly on the lower end
+    assert float((t == 200).float().mean()) == pytest.approx(0.2 / 2.6, abs=0.02)
+
+
+def test_score_timesteps_with_the_13b_recipe_reach_low_noise() -> None:
+    """The 1.3B recipe's window (0.02–0.98) and shift (8), 10⁵ draws. shift_then_clamp: shift(1000·u) < 30 ⇔
+    8u/(1 + 7u) < 0.03 ⇔ u < 0.03/7.79 (0.385 % of draws), < 20 ⇔ u < 0.02/7.86 (clamped to 20).
+    window_then_shift: the smallest t is shift(20) = 1000·0.16/1.14 = 140.35."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes/configs/wan2.1_t2v_1.3b_dmd2.yaml").read_text())
+    method = recipe["method"]
+    assert (method["min_timestep_ratio"], method["max_timestep_ratio"], method["score_timestep_shift"]) == \
+        (0.02, 0.98, 8.0)  # the numbers the hand computation uses
+    n = 100_000
+    draws = {}
+    for sampling in ("shift_then_clamp", "window_then_shift"):
+        cfg = DMD2MethodConfig.model_validate({**method, "score_timestep_sampling": sampling})
+        draws[sampling] = score_timesteps(n, cfg, generator=torch.Generator().manual_seed(0),
+                                          device=torch.device("cpu"))
+    t = draws["shift_then_clamp"]
+    assert float(t.min()) == pytest.approx(20.0) and float(t.max()) == pytest.approx(980.0)  # the window holds
+    below_30 = int((t < 30).sum())
+    assert below_30 == pytest.approx(n * 0.03 / 7.79, rel=0.25)  # ≈ 385
+    assert int((t <= 20.0 + 1e-3).sum()) == pytest.approx(n * 0.02 / 7.86, rel=0.25)  # ≈ 254 on the lower end
+    old = draws["window_then_shift"]
+    assert float(old.min()) >= 140.35 - 1e-3 and float(old.max()) <= 980.0
+    assert float(old.min()) < 141.0  # the bound is reached (u near 0): it is the window's real lower end
 
 
 def test_gating_over_seven_steps() -> None:
@@ -270,3 +308,156 @@ def test_backward_refuses_a_scale_other_than_the_early_one(toy_root: Path, tmp_p
     out = method.single_train_step(next(built.data), 1)
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         method.backward(out, grad_accum_rounds=2)
+
+
+def _reference_rollout(method: Any, cond: Any, index: int) -> torch.Tensor:
+    """FastVideo's simulate rollout written out: noise, ALL K − 1 no-grad steps with every re-noised latent kept,
+    then the step ``index`` from the kept latent that reached it (the noise itself for index 0)."""
+    student, steps, b = method.student, method.config.dmd_denoising_steps, cond.batch_size
+    gen = method.cuda_generator
+    full = lambda s: torch.full((b,), float(s))  # noqa: E731
+    x = torch.randn((b, *cond.latent_shape), generator=gen)
+    kept = [x]
+    with torch.no_grad():
+        for j in range(len(steps) - 1):
+            x0 = student.predict_x0(x, full(steps[j]), cond.text_embeds_bld)
+            x = student.add_noise(x0, torch.randn(x0.shape, generator=gen), full(steps[j + 1]))
+            kept.append(x)
+        return student.predict_x0(kept[index], full(steps[index]), cond.text_embeds_bld)
+
+
+@pytest.mark.parametrize("sampling", ["per_rank", "shared"])
+def test_simulate_rollout_forwards_and_graded_step(toy_root: Path, tmp_path: Path, single_process_dist: Any,
+                                                   sampling: str) -> None:
+    """per_rank: K student forwards whatever step was drawn, and x̂0 equals the FastVideo-style reference (all
+    K − 1 no-grad steps, graded input taken from the chain); shared: index + 1 forwards. The graded forward (the
+    one run with grad) is at the drawn step."""
+    from fv_accel.build import build_run
+
+    steps = [1000, 750, 500, 250]
+    cfg = _config(toy_root, tmp_path, dmd_denoising_steps=steps, rollout_step_sampling=sampling)
+    built = build_run(cfg, single_process_dist)
+    method = built.method
+    method.on_train_start()
+    assert built.data is not None
+    cond = method.student.prepare_batch(next(built.data), method.student.device)
+    calls: list[tuple[float, bool]] = []
+    original = method.student.predict_x0
+
+    def spy(x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        calls.append((float(t[0]), torch.is_grad_enabled()))
+        return original(x_t, t, text)
+
+    seen: set[int] = set()
+    for _ in range(12):
+        choice_state = (method.rank_choice_generator if sampling == "per_rank" else method.choice_generator)
+        assert choice_state is not None and method.cuda_generator is not None
+        index = int(torch.randint(len(steps), (1,), generator=torch.Generator().set_state(choice_state.get_state())))
+        noise_state = method.cuda_generator.get_state()
+        calls.clear()
+        method.student.predict_x0 = spy  # type: ignore[method-assign]
+        x0, num_forwards = method.rollout(cond, grad=True)
+        method.student.predict_x0 = original  # type: ignore[method-assign]
+        seen.add(index)
+        assert num_forwards == len(calls) == (len(steps) if sampling == "per_rank" else index + 1)
+        assert [t for t, grad in calls if grad] == [float(steps[index])]  # one graded forward, at the drawn step
+        assert x0.requires_grad
+        if sampling == "per_rank":
+            after = method.cuda_generator.get_state()
+            method.cuda_generator.set_state(noise_state)
+            torch.testing.assert_close(x0.detach(), _reference_rollout(method, cond, index), rtol=0, atol=0)
+            assert torch.equal(method.cuda_generator.get_state(), after)  # the same draws as the reference
+    assert len(seen) > 1  # several graded steps were exercised
+
+
+def test_rank_choice_generator_is_in_the_random_state(toy_root: Path, tmp_path: Path,
+                                                      single_process_dist: Any) -> None:
+    """The per-rank graded-step draws resume where they were: a saved random state replays them exactly."""
+    from fv_accel.build import build_run
+
+    method = build_run(_config(toy_root, tmp_path, dmd_denoising_steps=[1000, 750, 500, 250]),
+                       single_process_dist, with_data=False).method
+    method.on_train_start()
+    for _ in range(3):
+        method.graded_step_index()
+    state = method.random_state()
+    assert "rank_choice_generator" in state
+    expected = [method.graded_step_index() for _ in range(20)]
+    method.on_train_start()  # re-seeded: the stream starts over
+    method.load_random_state(state)
+    assert [method.graded_step_index() for _ in range(20)] == expected
+
+
+def _pipeline_with_eos(toy_root: Path, where: Path) -> Path:
+    """The tiny Wan pipeline (tests/conftest.py), its tokenizer ending every text with ``</s>`` as UMT5's does,
+    so "" encodes to one real token (the tiny tokenizer alone gives none, i.e. zeros)."""
+    from conftest import build_tiny_wan_pipeline
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    pipe = build_tiny_wan_pipeline(where, toy_root / "init" / "transformer")
+    tokenizer = AutoTokenizer.from_pretrained(pipe / "tokenizer")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer.save_pretrained(pipe / "tokenizer")
+    return pipe
+
+
+@pytest.mark.parametrize("uncond", ["zeros", "negative_prompt", "empty_prompt"])
+def test_uncond_is_what_the_teachers_unconditional_branch_sees(toy_root: Path, tmp_path: Path,
+                                                               single_process_dist: Any, uncond: str) -> None:
+    """The unconditional half of the teacher's batched CFG forward: zeros (even with a negative-prompt file
+    configured), the negative prompt's embedding from its file, or "" encoded by the pipeline's own tokenizer and
+    text encoder (called directly here), zero-padded to text_len."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    from fv_accel.build import build_run
+    from fv_accel.data.preprocess import write_text_rows
+
+    pipe = _pipeline_with_eos(toy_root, tmp_path / "pipe")
+    negative = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
+    write_text_rows(tmp_path / "neg.parquet", ["negative_prompt"], ["blurry"], [negative])
+    cfg = resolve_config({
+        "models": {"student": {"init_from": str(pipe), "latent_stats": "identity"},
+                   "teacher": {"init_from": str(pipe), "trainable": False, "latent_stats": "identity"}},
+        "method": {"name": "dmd2", "dmd_denoising_steps": [1000, 500], "real_score_guidance_scale": 2.5,
+                   "uncond": uncond},
+        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 2, "text_len": 8,
+                              "negative_prompt_path": str(tmp_path / "neg.parquet")},
+                     "tracker": {"backends": []}, "checkpoint": {"output_dir": str(tmp_path / "out")}},
+    })
+    built = build_run(cfg, single_process_dist)
+    method = built.method
+    method.on_train_start()
+    assert built.data is not None
+    cond = method.student.prepare_batch(next(built.data), method.student.device)
+    teacher = method.role_models["teacher"]
+    seen: list[torch.Tensor] = []
+    original = teacher.predict_x0
+
+    def spy(x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        seen.append(text.detach().clone())
+        return original(x_t, t, text)
+
+    teacher.predict_x0 = spy  # type: ignore[method-assign]
+    x_t = torch.randn(2, *cond.latent_shape, generator=torch.Generator().manual_seed(0))
+    method.teacher_x0(x_t, torch.tensor([300.0, 800.0]), cond)
+    (text,) = seen
+    assert torch.equal(text[:2], cond.text_embeds_bld)
+    expected = torch.zeros(8, 32)
+    if uncond == "negative_prompt":
+        expected[:3] = negative
+    elif uncond == "empty_prompt":
+        tokenizer = AutoTokenizer.from_pretrained(pipe / "tokenizer")
+        ids = tokenizer([""], return_tensors="pt").input_ids
+        assert ids.tolist() == [[1]]  # just </s>
+        with torch.no_grad():
+            hidden = UMT5EncoderModel.from_pretrained(pipe / "text_encoder").eval()(ids).last_hidden_state[0]
+        expected[:1] = hidden
+        assert bool(hidden.abs().sum() > 0)
+    torch.testing.assert_close(text[2:], expected.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_prompt_needs_a_text_encoder(toy_root: Path, tmp_path: Path) -> None:
+    """The toy init is a transformer alone: no tokenizer/ or text_encoder/ to encode "" with (exit 2)."""
+    with pytest.raises(ConfigError, match=r"method\.uncond=empty_prompt.*tokenizer/"):
+        _config(toy_root, tmp_path, uncond="empty_prompt")

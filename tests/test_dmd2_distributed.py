@@ -50,3 +50,38 @@ def test_two_process_metrics_follow_gating(toy_root: Path, tmp_path: Path) -> No
     assert all(set(m) == {"distance", "mode_coverage", "mode_entropy"} for m in quality["models"].values())
     assert quality["samples_per_condition"] * quality["num_conditions"] >= 64
     assert (out / "quality.png").stat().st_size > 0 and "distance  coverage  entropy" in proc.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_per_rank_graded_steps_differ_and_forward_counts_match(toy_root: Path, tmp_path: Path) -> None:
+    """``rollout_step_sampling: per_rank`` (the default) on 2 processes, 20 steps, a student update every step:
+    each rank draws its own graded step (over 20 steps at least one differs between ranks), yet both run the same
+    number of student forwards at every step (K per rollout, two rollouts a step: 8), so FSDP stays aligned."""
+    data = tmp_path / "data"  # the toy parquet without world.safetensors: no quality table after training
+    data.mkdir()
+    for part in (toy_root / "data").glob("*.parquet"):
+        (data / part.name).symlink_to(part)
+    recipe = write_recipe(tmp_path / "dmd2.yaml", toy_root, tmp_path / "run", generator_update_interval=1)
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["training"]["data"]["data_path"] = str(data)
+    cfg["training"]["loop"]["max_train_steps"] = 20
+    cfg["training"]["checkpoint"]["save_steps"] = 0
+    recipe.write_text(yaml.safe_dump(cfg))
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    proc = run_2proc(["tests/dist_scripts/dmd2_rollout_spy.py", "--config", str(recipe)], cwd=REPO,
+                     FVR_SPY_DIR=str(spy))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((spy / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [len(r) for r in ranks] == [20, 20]
+    steps = [1000.0, 750.0, 500.0, 250.0]
+    graded: list[list[float]] = [[], []]
+    for r, per_step in enumerate(ranks):
+        for forwards in per_step:
+            assert len(forwards) == 2 * len(steps)  # generator rollout + critic rollout, K forwards each
+            with_grad = [t for t, grad in forwards if grad]
+            assert len(with_grad) == 1 and with_grad[0] in steps
+            graded[r].append(with_grad[0])
+    assert [len(a) for a in ranks[0]] == [len(b) for b in ranks[1]]
+    assert any(a != b for a, b in zip(graded[0], graded[1], strict=True)), graded

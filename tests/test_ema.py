@@ -28,7 +28,7 @@ def set_weights(module: nn.Linear, value: float) -> None:
 
 def test_decay_arithmetic_and_gating() -> None:
     lin = nn.Linear(3, 2)
-    ema = EMACallback(EMAConfig(decay=0.75, start_step=2), fake_method(lin))
+    ema = EMACallback(EMAConfig(decay=0.75, start_step=2, update="generator_steps"), fake_method(lin))
     ema.on_train_start(None)  # type: ignore[arg-type]
     set_weights(lin, 1.0)
     ema.on_after_optimizer_step(None, 1, ["student"])  # type: ignore[arg-type]  # before start_step
@@ -47,6 +47,34 @@ def test_decay_arithmetic_and_gating() -> None:
     ema.on_after_optimizer_step(None, 5, ["student"])  # type: ignore[arg-type]
     assert torch.equal(ema.shadow_full()["weight"], torch.full((2, 3), 3.0))
     assert ema.num_updates == 3
+
+
+def test_every_step_updates_after_critic_only_steps_too() -> None:
+    """``update: every_step`` (the default): the EMA updates after every optimizer step, whichever roles stepped.
+    Oracle: k updates of a constant weight w from shadow s give s_k = w + d^k (s − w)."""
+    d, s, w, k = 0.5, 8.0, 0.0, 3
+    lin = nn.Linear(3, 2)
+    ema = EMACallback(EMAConfig(decay=d), fake_method(lin))
+    assert ema.update_on == "every_step"
+    ema.on_train_start(None)  # type: ignore[arg-type]
+    set_weights(lin, s)
+    ema.on_after_optimizer_step(None, 1, ["critic", "student"])  # type: ignore[arg-type]  # first: copy s
+    set_weights(lin, w)  # the student's last update; the next steps are DMD2's critic-only steps
+    for step in range(2, 2 + k):
+        ema.on_after_optimizer_step(None, step, ["critic"])  # type: ignore[arg-type]
+    assert ema.num_updates == 1 + k
+    expected = w + d**k * (s - w)  # 1.0, exact in binary
+    assert torch.equal(ema.shadow_full()["weight"], torch.full((2, 3), expected))
+    assert torch.equal(ema.shadow_full()["bias"], torch.full((2,), -expected))
+
+    gated = EMACallback(EMAConfig(decay=d, update="generator_steps"), fake_method(lin))
+    gated.on_train_start(None)  # type: ignore[arg-type]
+    set_weights(lin, s)
+    gated.on_after_optimizer_step(None, 1, ["critic", "student"])  # type: ignore[arg-type]
+    set_weights(lin, w)
+    for step in range(2, 2 + k):
+        gated.on_after_optimizer_step(None, step, ["critic"])  # type: ignore[arg-type]
+    assert gated.num_updates == 1 and torch.equal(gated.shadow_full()["weight"], torch.full((2, 3), s))
 
 
 def test_swapped_in_restores_exactly_even_on_error() -> None:

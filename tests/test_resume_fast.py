@@ -1,5 +1,5 @@
-"""Exact resume in the fast tier: one process, the tiny Wan, DMD2 (which draws from both of the method's
-generators: ``cuda_generator`` for noise and timesteps, ``choice_generator`` for the rollout step).
+"""Exact resume in the fast tier: one process, the tiny Wan, DMD2 (which draws from two of the method's
+generators: ``cuda_generator`` for noise and timesteps, ``rank_choice_generator`` for the rollout step).
 
 The reference is the uninterrupted run: its per-step losses from the checkpoint on are what a correct resume
 must reproduce, exactly on CPU. A resume that re-seeds any random stream instead of restoring it replays that

@@ -1,9 +1,10 @@
 """Exponential moving average of the student's weights, kept as fp32 copies of this rank's FSDP2 shards.
 
-``shadow ← decay · shadow + (1 − decay) · weights`` after every optimizer step in which the student stepped, from
-``callbacks.ema.start_step`` on; the first active step initialises the shadow to the weights. The update touches
-only the local shard of each parameter (``DTensor.to_local()``): no all-gather per step, and the memory cost is
-one fp32 copy of this rank's shard of the student's trainable parameters (allocated at train start).
+``shadow ← decay · shadow + (1 − decay) · weights`` after every optimizer step of the loop
+(``callbacks.ema.update: every_step``) or only after those in which the student stepped (``generator_steps``),
+from ``callbacks.ema.start_step`` on; the first active step initialises the shadow to the weights. The update
+touches only the local shard of each parameter (``DTensor.to_local()``): no all-gather per step, and the memory
+cost is one fp32 copy of this rank's shard of the student's trainable parameters (allocated at train start).
 
 Where the shadow lives (``callbacks.ema.device``):
 
@@ -82,6 +83,7 @@ class EMACallback(Callback):
     def __init__(self, config: EMAConfig, method: TrainingMethod) -> None:
         self.decay = float(config.decay)
         self.start_step = int(config.start_step)
+        self.update_on = config.update
         self.device = config.device
         self.method = method
         self.initialized = False
@@ -133,7 +135,10 @@ class EMACallback(Callback):
 
     # -- update -----------------------------------------------------------------------------------------------
     def is_active(self, step: int, stepped_roles: list[str]) -> bool:
-        return EMA_ROLE in stepped_roles and step >= self.start_step
+        """Whether the EMA updates after the optimizer step of ``step`` that stepped ``stepped_roles``."""
+        if self.update_on == "generator_steps" and EMA_ROLE not in stepped_roles:
+            return False
+        return step >= self.start_step
 
     @torch.no_grad()
     def update(self) -> None:

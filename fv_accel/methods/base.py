@@ -46,7 +46,7 @@ from fv_accel.config import MethodConfigBase, OptimizerConfig, RunConfig
 from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
 from fv_accel.models.base import ModelBase
-from fv_accel.runtime import SHARED_STREAM_OFFSET, Topology, derived_seed
+from fv_accel.runtime import RANK_CHOICE_STREAM_OFFSET, SHARED_STREAM_OFFSET, Topology, derived_seed
 from fv_accel.sampling import EulerSampler, Generators, Sampler
 
 
@@ -113,6 +113,7 @@ class TrainingMethod(nn.Module, ABC):
 
     cuda_generator: torch.Generator | None = None
     choice_generator: torch.Generator | None = None
+    rank_choice_generator: torch.Generator | None = None
     #: where this process sits (set by ``fv_accel.build.build_run``; None: read from the process group)
     topology: Topology | None = None
 
@@ -208,8 +209,10 @@ class TrainingMethod(nn.Module, ABC):
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        """Create the shared generator every random draw of the method and its models uses, and the host-side
-        ``choice_generator`` for random choices that change the number of forward passes."""
+        """Create the per-rank generator every random draw of the method and its models uses (``cuda_generator``,
+        on the student's device), the host-side ``choice_generator`` for random choices that change the number
+        of forward passes (the same on every rank), and the host-side ``rank_choice_generator`` for choices that
+        may differ between ranks without changing it (no device→host sync to read them)."""
         topology = self.topology or Topology.from_process_group()
         seed = self.training_config.data.seed
         self.cuda_generator = torch.Generator(device=self.student.device)
@@ -218,6 +221,8 @@ class TrainingMethod(nn.Module, ABC):
         # broadcast, and no device→host sync happens inside the step.
         self.choice_generator = torch.Generator()
         self.choice_generator.manual_seed(derived_seed(seed, SHARED_STREAM_OFFSET))
+        self.rank_choice_generator = torch.Generator()
+        self.rank_choice_generator.manual_seed(derived_seed(seed, topology.rank + RANK_CHOICE_STREAM_OFFSET))
 
     @abstractmethod
     def single_train_step(self, batch: Any, step: int) -> StepOutput:
@@ -298,18 +303,26 @@ class TrainingMethod(nn.Module, ABC):
         return states
 
     def random_state(self) -> dict[str, torch.Tensor]:
-        """``random_state.*`` of this rank: the method's shared generator."""
-        if self.cuda_generator is None or self.choice_generator is None:
+        """``random_state.*`` of this rank: the method's generators (see :meth:`on_train_start`)."""
+        generators = self._generators()
+        if generators is None:
             return {}
-        return {"generator": self.cuda_generator.get_state(), "choice_generator": self.choice_generator.get_state()}
+        return {key: gen.get_state() for key, gen in generators.items()}
 
     def load_random_state(self, state: dict[str, torch.Tensor]) -> None:
-        if self.cuda_generator is None or self.choice_generator is None:
+        generators = self._generators()
+        if generators is None:
             raise RuntimeError("on_train_start() must run before the random state is restored")
-        if "generator" in state:
-            self.cuda_generator.set_state(state["generator"])
-        if "choice_generator" in state:
-            self.choice_generator.set_state(state["choice_generator"])
+        for key, gen in generators.items():
+            if key in state:  # a checkpoint from before a generator existed keeps its fresh seed
+                gen.set_state(state[key])
+
+    def _generators(self) -> dict[str, torch.Generator] | None:
+        """The method's generators by their ``random_state`` key; None before :meth:`on_train_start`."""
+        if self.cuda_generator is None or self.choice_generator is None or self.rank_choice_generator is None:
+            return None
+        return {"generator": self.cuda_generator, "choice_generator": self.choice_generator,
+                "rank_choice_generator": self.rank_choice_generator}
 
     def seed_optimizer_state_for_resume(self) -> None:
         """Materialise optimizer state (parameters unchanged) so DCP has tensors to load into.

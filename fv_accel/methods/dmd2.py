@@ -5,7 +5,8 @@ Roles: ``student`` (trainable, the few-step generator), ``teacher`` (frozen, the
 
 Per (1-based) step of the loop:
 - generator step (``step > critic_warmup_steps`` and ``step % generator_update_interval == 0``):
-  the student rolls out x̂0 with one graded forward; x̂0 is noised to a score timestep t; the critic gives
+  the student rolls out x̂0 with one graded forward (:meth:`DMD2Method.rollout`); x̂0 is noised to a score
+  timestep t (:func:`score_timesteps`); the critic gives
   ``f = x0_fake(x_t)``, the teacher gives the CFG x0 ``r = r_u + w·(r_c − r_u)`` (cond and uncond in one
   batched forward); ``g = (f − r) / mean|x̂0 − r|`` and ``generator_loss = 0.5·mean((x̂0 − sg(x̂0 − g))²)``,
   whose gradient with respect to x̂0 is ``g / numel``: it pulls x̂0 toward the teacher and away from the critic;
@@ -26,8 +27,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from fv_accel import flow
-from fv_accel.config import MethodConfigBase, OptimizerConfig, RunConfig
+from fv_accel.config import MethodConfigBase, OptimizerConfig, RunConfig, check_pipeline_components
 from fv_accel.data import LatentBatch
+from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
 from fv_accel.methods.base import StepOutput, TrainingMethod
 from fv_accel.methods.registry import register_method
@@ -55,9 +57,24 @@ class DMD2MethodConfig(MethodConfigBase):
     max_timestep_ratio: float = Field(0.98, ge=0, le=1)
     """Upper end of that window (must be > ``min_timestep_ratio``)."""
     score_timestep_shift: float = Field(3.0, gt=0)
-    """Shift applied to the score (teacher/critic) timestep before clamping to the window."""
-    uncond: Literal["zeros", "negative_prompt"] = "zeros"
-    """Unconditional branch of the teacher: zero text embeddings, or the dataset's negative-prompt embedding."""
+    """Shift applied to the score (teacher/critic) timestep (see ``score_timestep_sampling``)."""
+    score_timestep_sampling: Literal["shift_then_clamp", "window_then_shift"] = "shift_then_clamp"
+    """How the score timestep t is drawn. ``shift_then_clamp`` (default, as FastVideo): u uniform in [0, 1),
+    t = shift(1000·u), clamped into ``[min, max]·1000``; the ends of the window collect the mass shifted past
+    them, and small t (low noise) is reached. ``window_then_shift``: u uniform in the window, then shifted (and
+    clamped): the smallest t is shift(min·1000), e.g. 140 for min 0.02 and shift 8."""
+    rollout_step_sampling: Literal["per_rank", "shared"] = "per_rank"
+    """How the rollout's graded step is drawn from ``dmd_denoising_steps``. ``per_rank`` (default, as
+    FastVideo): each rank draws its own, so one student update mixes steps across ranks; a ``simulate`` rollout
+    then always runs all K − 1 no-grad steps plus the graded one (K student forwards on every rank, whatever
+    each drew: FSDP collectives stay aligned with no broadcast). ``shared``: one draw for all ranks, and the
+    rollout stops at the graded step (index + 1 forwards; fewer on average, but with Adam β1 = 0 each student
+    update trains one step only)."""
+    uncond: Literal["zeros", "negative_prompt", "empty_prompt"] = "zeros"
+    """The teacher's unconditional text embedding in its CFG. ``zeros``: all-zero embeddings (what CFG dropout
+    trains). ``negative_prompt``: the embedding of ``training.data.negative_prompt_path`` (required).
+    ``empty_prompt``: "" encoded once per rank at train start by the student pipeline's text encoder
+    (``models.student.init_from`` needs one). FastVideo uses the negative prompt."""
     critic_optimizer: OptimizerConfig = Field(
         default_factory=lambda: OptimizerConfig(learning_rate=4e-5, betas=[0.0, 0.999])
     )
@@ -119,10 +136,39 @@ def dmd_loss(x0_student: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def score_timesteps(batch_size: int, cfg: DMD2MethodConfig, *, generator: torch.Generator,
                     device: torch.device) -> torch.Tensor:
-    """t for the teacher / critic: uniform in the window ``[min, max]·1000``, shifted, clamped to the window."""
+    """t for the teacher / critic, in the window ``[min, max]·1000`` (``method.score_timestep_sampling``):
+    uniform over [0, 1000), shifted, clamped to the window; or uniform in the window, shifted, clamped."""
     lo, hi = cfg.min_timestep_ratio * flow.NUM_TRAIN_TIMESTEPS, cfg.max_timestep_ratio * flow.NUM_TRAIN_TIMESTEPS
-    t = lo + (hi - lo) * torch.rand(batch_size, generator=generator, device=device)
+    u = torch.rand(batch_size, generator=generator, device=device)
+    if cfg.score_timestep_sampling == "shift_then_clamp":
+        t = flow.NUM_TRAIN_TIMESTEPS * u
+    else:
+        t = lo + (hi - lo) * u
     return flow.shift_timestep(t, cfg.score_timestep_shift).clamp(lo, hi)
+
+
+def encode_empty_prompt(cfg: RunConfig, device: torch.device) -> torch.Tensor:
+    """"" through the student pipeline's text encoder (loaded on ``device`` for this and freed), zero-padded to
+    ``[training.data.text_len, D]`` as the data loader pads captions; float32 on the host."""
+    from fv_accel.models import FAMILIES  # lazy: fv_accel.models imports fv_accel.config
+
+    student = cfg.models["student"]
+    text_len = cfg.training.data.text_len
+    try:
+        encoders = FAMILIES[student.family].load_encoders(
+            student.init_from, key="models.student.init_from", device=device, text_len=text_len,
+            text_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"method.uncond=empty_prompt: cannot load the text encoder of models.student.init_from "
+                          f"{student.init_from!r} ({type(exc).__name__}: {first})") from None
+    (embedding,) = encoders.encode_text([""])
+    del encoders
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    out = torch.zeros(text_len, embedding.shape[1])
+    out[: min(text_len, embedding.shape[0])] = embedding[:text_len].float()
+    return out
 
 
 @register_method
@@ -149,6 +195,22 @@ class DMD2Method(TrainingMethod):
         if method.uncond == "negative_prompt" and not cfg.training.data.negative_prompt_path:
             raise ValueError("method.uncond=negative_prompt needs training.data.negative_prompt_path (a text-only "
                              "parquet with the negative-prompt embedding); or set method.uncond=zeros")
+        if method.uncond == "empty_prompt":
+            from fv_accel.models import FAMILIES  # lazy: fv_accel.models imports fv_accel.config
+
+            student = cfg.models["student"]
+            components = list(FAMILIES[student.family].text_encoder_components)
+            if not components:
+                raise ValueError(f"method.uncond=empty_prompt: model family {student.family!r} has no text "
+                                 "encoder; set method.uncond=zeros or negative_prompt")
+            try:
+                check_pipeline_components(
+                    student.init_from, components,
+                    what=f"method.uncond=empty_prompt: models.student.init_from {student.init_from!r}",
+                    why="the empty prompt is encoded with the student pipeline's text encoder; set method.uncond="
+                        "zeros or negative_prompt")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
 
     def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase]) -> None:
         super().__init__(cfg=cfg, role_models=role_models)
@@ -156,6 +218,14 @@ class DMD2Method(TrainingMethod):
         self.config: DMD2MethodConfig = cfg.method
         self.teacher = role_models["teacher"]
         self.critic = role_models["critic"]
+        self.empty_prompt_ld: torch.Tensor | None = None
+        """``method.uncond=empty_prompt``: "" encoded by the student pipeline's text encoder, zero-padded to
+        ``[text_len, D]`` (host, float32); set by :meth:`on_train_start`."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.config.uncond == "empty_prompt" and self.empty_prompt_ld is None:
+            self.empty_prompt_ld = encode_empty_prompt(self.cfg, self.student.device)
 
     # -- gating -------------------------------------------------------------------------------------------------
     def is_generator_step(self, step: int) -> bool:
@@ -175,10 +245,21 @@ class DMD2Method(TrainingMethod):
         return ["student", "critic"] if self.is_generator_step(step) else ["critic"]
 
     # -- student rollout ----------------------------------------------------------------------------------------
-    def rollout(self, cond: ConditionBatch, *, grad: bool) -> tuple[torch.Tensor, int]:
-        """Student sample x̂0 (normalised space) with exactly one graded forward when ``grad``.
+    def graded_step_index(self) -> int:
+        """Index into ``dmd_denoising_steps`` of the rollout's graded step (``method.rollout_step_sampling``),
+        drawn on the host (no device sync): from the per-rank ``rank_choice_generator``, or from the
+        ``choice_generator`` every rank draws alike."""
+        per_rank = self.config.rollout_step_sampling == "per_rank"
+        gen = self.rank_choice_generator if per_rank else self.choice_generator
+        assert gen is not None, "on_train_start() was not called"
+        return int(torch.randint(len(self.config.dmd_denoising_steps), (1,), generator=gen))
 
-        Returns x̂0 and the number of student forwards it took (identical on every rank)."""
+    def rollout(self, cond: ConditionBatch, *, grad: bool) -> tuple[torch.Tensor, int]:
+        """Student sample x̂0 (normalised space) at the graded step, with exactly one graded forward when ``grad``.
+
+        Returns x̂0 and the number of student forwards it took, identical on every rank: ``simulate`` runs K
+        (all K − 1 no-grad steps, then the graded one) with ``rollout_step_sampling: per_rank``, index + 1 with
+        ``shared`` (the index is the same on every rank); ``data_latent`` runs one."""
         assert self.cuda_generator is not None, "on_train_start() was not called"
         gen = self.cuda_generator
         student = self.student
@@ -186,10 +267,7 @@ class DMD2Method(TrainingMethod):
         steps = self.config.dmd_denoising_steps
         b = cond.batch_size
         text = cond.text_embeds_bld
-        # The graded step decides how many forwards run: drawn from the host-side generator that is identical
-        # on every rank (no broadcast, no device sync).
-        assert self.choice_generator is not None
-        index = int(torch.randint(len(steps), (1,), generator=self.choice_generator))
+        index = self.graded_step_index()
         if self.config.rollout_mode == "data_latent":
             if cond.latents_bcthw is None:
                 raise ValueError("method.rollout_mode=data_latent needs latents; text-only data needs simulate")
@@ -198,19 +276,40 @@ class DMD2Method(TrainingMethod):
             x_t = student.add_noise(cond.latents_bcthw, noise, t)
             with torch.set_grad_enabled(grad):
                 return student.predict_x0(x_t, t, text), 1
-        # simulate: pure noise → no-grad steps 0..index−1 (x0 prediction, re-noised to the next step) → step index
+        # simulate: pure noise → no-grad steps (x0 prediction, re-noised to the next step) → the graded step, whose
+        # input is the noise (index 0) or the latent the no-grad chain reached at steps[index].
+        # per_rank: the chain always runs all K − 1 steps, so every rank runs K forwards whatever it drew (the
+        # steps after the graded one are discarded); shared: it stops at the graded step.
         x_t = torch.randn((b, *cond.latent_shape), generator=gen, device=device)
-        for k in range(index):
+        graded_input = x_t
+        num_chain = len(steps) - 1 if self.config.rollout_step_sampling == "per_rank" else index
+        for k in range(num_chain):
             t = torch.full((b,), float(steps[k]), device=device)
             with torch.no_grad():
                 x0 = student.predict_x0(x_t, t, text)
             noise = torch.randn(x0.shape, generator=gen, device=device)
             x_t = student.add_noise(x0, noise, torch.full((b,), float(steps[k + 1]), device=device))
+            if k + 1 == index:
+                graded_input = x_t
         t = torch.full((b,), float(steps[index]), device=device)
         with torch.set_grad_enabled(grad):
-            return student.predict_x0(x_t, t, text), index + 1
+            return student.predict_x0(graded_input, t, text), num_chain + 1
 
     # -- scores -------------------------------------------------------------------------------------------------
+    def uncond_embeds(self, cond: ConditionBatch) -> torch.Tensor:
+        """The teacher's unconditional text embeddings for ``cond`` (``method.uncond``), ``[B, L, D]``."""
+        text = cond.text_embeds_bld
+        if self.config.uncond == "zeros":
+            return torch.zeros_like(text)
+        if self.config.uncond == "negative_prompt":
+            return cond.uncond_embeds_bld  # the loader's, from training.data.negative_prompt_path (check_config)
+        assert self.empty_prompt_ld is not None, "on_train_start() was not called"
+        empty = self.empty_prompt_ld.to(text.device, text.dtype, non_blocking=True)
+        if empty.shape != text.shape[1:]:
+            raise ConfigError(f"method.uncond=empty_prompt: the text encoder gives [{empty.shape[0]}, "
+                              f"{empty.shape[1]}] embeddings but the data has {list(text.shape[1:])}")
+        return empty.expand_as(text)
+
     @torch.no_grad()
     def teacher_x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: ConditionBatch) -> tuple[torch.Tensor, int]:
         """Teacher CFG x0; cond and uncond in ONE batched forward. Returns it and the samples forwarded."""
@@ -218,7 +317,7 @@ class DMD2Method(TrainingMethod):
         if w == 1.0:  # uncond + 1·(cond − uncond) = cond: the uncond half would be wasted compute
             return self.teacher.predict_x0(x_t, t, cond.text_embeds_bld), x_t.shape[0]
         x0 = self.teacher.predict_x0(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([cond.text_embeds_bld, cond.uncond_embeds_bld]))
+                                     torch.cat([cond.text_embeds_bld, self.uncond_embeds(cond)]))
         r_cond, r_uncond = x0.chunk(2)
         return cfg_combine(r_cond, r_uncond, w), 2 * x_t.shape[0]
 
@@ -295,5 +394,5 @@ class DMD2Method(TrainingMethod):
         return DMDSampler(tuple(config.dmd_denoising_steps))
 
 
-__all__ = ["DMD2Method", "DMD2MethodConfig", "cfg_combine", "dmd_gradient", "dmd_loss", "is_generator_step", "num_generator_steps",
-           "score_timesteps"]
+__all__ = ["DMD2Method", "DMD2MethodConfig", "cfg_combine", "dmd_gradient", "dmd_loss", "encode_empty_prompt",
+           "is_generator_step", "num_generator_steps", "score_timesteps"]
