@@ -198,3 +198,17 @@ def test_dmd2_with_lora_student_and_critic_under_bf16(toy_root: Path, tmp_path: 
             dtype = torch.float32 if any(k in name.split(".") for k in keep_fp32) else torch.bfloat16
             assert value.dtype == dtype, (role, name)
             assert torch.equal(value, stored.to(dtype)), (role, name)
+
+
+def test_the_push_retry_command_keeps_merge_lora(tmp_path: Path) -> None:
+    """A failed push tells the user a command that redoes the same export: parsed back, it asks for the same."""
+    import shlex
+
+    from fv_accel.export import parse_args, retry_command
+
+    argv = ["--checkpoint", "run", "--role", "ema", "--output", "out", "--merge-lora", "--push-to-hub", "me/x"]
+    command = shlex.split(retry_command(parse_args(argv), tmp_path / "checkpoint-4"))
+    assert command[:2] == ["python", "recipes/export.py"]
+    again = parse_args(command[2:])
+    assert again.merge_lora and again.role == "ema" and again.push_to_hub == "me/x"
+    assert not parse_args(argv[:6]).merge_lora

@@ -80,8 +80,9 @@ def peft_config(lora: LoraConfig, targets: Sequence[str]) -> Any:
     """The ``peft.LoraConfig`` of ``models.<role>.lora`` (also written into a LoRA export's metadata)."""
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(targets), init_lora_weights=True)
+    # peft annotates lora_alpha as int but only ever divides by it; a float alpha is kept exact.
+    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha,  # type: ignore[arg-type]
+                          lora_dropout=lora.dropout, target_modules=list(targets), init_lora_weights=True)
 
 
 def inject_adapters(model: ModelBase) -> None:
