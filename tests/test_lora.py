@@ -212,3 +212,13 @@ def test_the_push_retry_command_keeps_merge_lora(tmp_path: Path) -> None:
     again = parse_args(command[2:])
     assert again.merge_lora and again.role == "ema" and again.push_to_hub == "me/x"
     assert not parse_args(argv[:6]).merge_lora
+
+
+def test_a_lora_export_counts_as_an_earlier_export(tmp_path: Path) -> None:
+    """The Hub push re-exports into one directory each time: a LoRA export there must be replaceable."""
+    from fv_accel.export import is_previous_export
+
+    (tmp_path / "README.md").write_text("card")
+    assert not is_previous_export(tmp_path)  # a card alone is not an export
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert is_previous_export(tmp_path)
