@@ -45,6 +45,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, use_attribute_docstrings=True)
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters (peft) on a trainable role's transformer: the base weights stay frozen and are stored like a
+    frozen role's (``frozen_dtype`` under bf16); only the adapters train, are checkpointed and averaged by the EMA
+    ([models.md](models.md#lora))."""
+
+    rank: int = Field(16, ge=1)
+    """Rank r of each adapter: ``W x + (alpha / r)·B A x`` with A [r, in], B [out, r]."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale numerator: the update is multiplied by ``alpha / rank``."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input (training only)."""
+    target_modules: list[str] | None = None
+    """Linear layers to adapt, as peft matches them: a module name or its dotted suffix (``to_q``,
+    ``ffn.net.2``). null: the family's default (Wan: attention ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of
+    ``attn1`` and ``attn2``, and the FFN ``ffn.net.0.proj``, ``ffn.net.2``). An entry matching no linear layer
+    is an error (exit 2)."""
+    init: Literal["default", "gaussian"] = "default"
+    """Initialisation of A (B starts at zero, so step 0 is the base model): ``default`` Kaiming-uniform as in
+    peft and ``nn.Linear``; ``gaussian`` normal with std 1/rank. Drawn from a seed derived from the role and
+    parameter name, identical on every rank whatever the sharding."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any(not name for name in value)):
+            raise ValueError("must be null or a list of non-empty module names")
+        return value
+
+
 class ModelConfig(_Strict):
     """One role model (student, teacher, critic, ...)."""
 
@@ -82,6 +111,14 @@ class ModelConfig(_Strict):
     (or ``config.json``) holds ``latents_mean`` and ``latents_std`` (its VAE decodes validation videos). All
     roles share one latent space: different statistics between roles are an error (exit 2). A local source is
     checked when the config is resolved, a Hub id when the roles load; both before any weight is read."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of the full transformer (trainable roles only); null = full fine-tuning."""
+
+    @model_validator(mode="after")
+    def _lora_needs_trainable(self) -> ModelConfig:
+        if self.lora is not None and not self.trainable:
+            raise ValueError("lora is set on a frozen role (trainable: false); remove lora or set trainable: true")
+        return self
 
 
 class OptimizerConfig(_Strict):

@@ -32,14 +32,29 @@ class RoleModuleContainer(nn.Module):
 
 
 class ModelState(Stateful):
-    def __init__(self, module: nn.Module) -> None:
+    """A module's weights. ``trainable_only`` (a LoRA role): only the parameters that train (the adapters) are
+    saved and loaded; the frozen base comes from ``init_from`` again on resume and is never written."""
+
+    def __init__(self, module: nn.Module, *, trainable_only: bool = False) -> None:
         self.module = module
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only)
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.module)
+        return get_model_state_dict(self.module, options=self.options)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.module, state_dict, options=StateDictOptions(strict=True))
+        if not self.options.ignore_frozen_params:
+            set_model_state_dict(self.module, state_dict, options=StateDictOptions(strict=True))
+            return
+        # Non-strict because the frozen base is absent by design; every saved entry must still land.
+        expected = set(self.state_dict())
+        if set(state_dict) != expected:
+            raise RuntimeError(f"trainable-only weights: got {sorted(set(state_dict) ^ expected)[:4]} that do not "
+                               "match the module's trainable parameters")
+        result = set_model_state_dict(self.module, state_dict,
+                                      options=StateDictOptions(strict=False, ignore_frozen_params=True))
+        if result.unexpected_keys:
+            raise RuntimeError(f"trainable-only weights: unexpected keys {result.unexpected_keys[:4]}")
 
 
 class OptimizerState(Stateful):

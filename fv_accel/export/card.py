@@ -62,6 +62,7 @@ def build_model_card(
     base_source: Path | None,
     repo_id: str | None,
     output: Path,
+    is_lora: bool = False,
 ) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -77,7 +78,7 @@ def build_model_card(
         license=_base_license(base_source) or "other",
         library_name="diffusers",
         pipeline_tag="text-to-video",
-        tags=list(CARD_TAGS) + [method],
+        tags=list(CARD_TAGS) + [method] + (["lora"] if is_lora else []),
     )
     where = repo_id or str(output)
     settings = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in method_settings(config).items())
@@ -126,6 +127,19 @@ pipe = {pipeline_cls}.from_pretrained("{base_ref}", transformer=transformer, tor
 {sched}video = pipe(prompt="A cat walks on the grass, realistic", {steps_arg}).frames[0]
 export_to_video(video, "sample.mp4", fps=16)
 ```'''
+    if is_lora:
+        snippet = f'''```python
+import torch
+from diffusers import {pipeline_cls}
+from diffusers.utils import export_to_video
+
+pipe = {pipeline_cls}.from_pretrained("{base_id or base_init}", torch_dtype=torch.bfloat16)
+pipe.load_lora_weights("{where}")  # the adapters of this repo onto the base transformer
+pipe.to("cuda")
+video = pipe(prompt="A cat walks on the grass, realistic", {steps_arg}).frames[0]
+export_to_video(video, "sample.mp4", fps=16)
+```'''
+        what = f"LoRA adapters of {what} (load them onto the base model below)"
     body = f"""
 # {Path(where).name} — {method} ({role})
 

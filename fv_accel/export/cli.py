@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="directory to write (new, empty, or an earlier export)")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="a LoRA run: write the base with the adapters merged in (W + alpha/rank·B·A) as a full "
+                             "transformer / pipeline instead of a diffusers LoRA")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="upload the export to this repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--revision", default=None, help="Hub branch to push to (default main)")
@@ -41,6 +44,8 @@ def retry_command(args: argparse.Namespace, checkpoint: Path) -> str:
     """The exact command that redoes this export and push (what a failed push tells the user to run)."""
     cmd = ["python", "recipes/export.py", "--checkpoint", str(checkpoint), "--role", args.role,
            "--output", str(args.output), "--dtype", args.dtype, "--push-to-hub", args.push_to_hub]
+    if args.merge_lora:
+        cmd.append("--merge-lora")
     if args.max_shard_size != "5GB":
         cmd += ["--max-shard-size", args.max_shard_size]
     if args.private:
@@ -61,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = export_checkpoint(args.checkpoint, role=args.role, output=args.output, dtype=args.dtype,
-                                   max_shard_size=args.max_shard_size, repo_id=args.push_to_hub)
-        print(f"exported {result.role} (step {result.step}, {result.dtype}) to {result.output}"
-              f"{' as a complete diffusers pipeline' if result.is_pipeline else ''}", flush=True)
+                                   max_shard_size=args.max_shard_size, repo_id=args.push_to_hub,
+                                   merge_lora=args.merge_lora)
+        kind = (" as a diffusers LoRA" if result.is_lora else
+                " as a complete diffusers pipeline" if result.is_pipeline else "")
+        print(f"exported {result.role} (step {result.step}, {result.dtype}) to {result.output}{kind}", flush=True)
         if args.push_to_hub:
             checkpoint = resolve_checkpoint(args.checkpoint, "") or Path(args.checkpoint)
             pushed = push_folder(result.output, args.push_to_hub, private=args.private, revision=args.revision,

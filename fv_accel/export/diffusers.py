@@ -85,6 +85,67 @@ def build_transformer(model_cfg: dict[str, Any], state: dict[str, torch.Tensor],
     return model.eval()
 
 
+# -- LoRA ------------------------------------------------------------------------------------------------------
+#: the file diffusers' ``load_lora_weights`` / ``load_lora_adapter`` read from a directory
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_config_of(role: str, model_cfg: dict[str, Any]) -> tuple[Any, list[str]] | None:
+    """``(models.<role>.lora, its target modules)`` of a run's role (targets: the family's default when the
+    config has none); None for a role trained without LoRA."""
+    from fv_accel.config import LoraConfig
+
+    raw = model_cfg.get("lora")
+    if raw is None:
+        return None
+    try:
+        lora = LoraConfig.model_validate(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"models.{role}.lora in the checkpoint's metadata.json is unreadable: {exc}") from None
+    targets = list(lora.target_modules or family_of(model_cfg).lora_target_modules)
+    return lora, targets
+
+
+def write_lora(out: Path, family: type[ModelBase], adapters: dict[str, torch.Tensor], lora: Any,
+               targets: list[str], dtype: torch.dtype) -> None:
+    """Write ``adapters`` (training names, ``<linear>.lora_A.default.weight``) as a diffusers LoRA: the
+    pipeline class's own ``save_lora_weights`` (keys ``transformer.<linear>.lora_A.weight``, the peft config
+    with rank and alpha in the file's metadata), which ``load_lora_weights`` / ``load_lora_adapter`` read."""
+    import diffusers
+
+    from fv_accel.models.lora import diffusers_lora_state_dict, peft_config
+
+    pipeline_cls = getattr(diffusers, family.diffusers_pipeline_class())
+    layers = {k: v.to(dtype).contiguous() for k, v in diffusers_lora_state_dict(adapters).items()}
+    pipeline_cls.save_lora_weights(str(out), transformer_lora_layers=layers, weight_name=LORA_WEIGHTS_FILE,
+                                   transformer_lora_adapter_metadata=peft_config(lora, targets).to_dict())
+
+
+def merged_state_dict(role: str, model_cfg: dict[str, Any], adapters: dict[str, torch.Tensor], lora: Any,
+                      ) -> dict[str, torch.Tensor]:
+    """The base transformer's weights (read from ``init_from``) with the adapters merged in,
+    ``W + (alpha / rank)·B A`` (``fv_accel/models/lora.py``)."""
+    from safetensors.torch import load_file
+
+    from fv_accel.config import ModelConfig
+    from fv_accel.models.lora import merge_into
+
+    try:
+        files = family_of(model_cfg).weight_files(role, ModelConfig.model_validate(model_cfg))
+        base: dict[str, torch.Tensor] = {}
+        for file in files:
+            base.update(load_file(str(file)))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"--merge-lora: cannot read the base weights of models.{role}.init_from "
+                              f"{model_cfg['init_from']!r} ({type(exc).__name__}: {exc})") from None
+    try:
+        return merge_into(base, adapters, rank=lora.rank, alpha=lora.alpha)
+    except KeyError as exc:
+        raise CheckpointError(f"--merge-lora: the adapters do not fit the base of models.{role} (no {exc})") from None
+
+
 # -- the scheduler ---------------------------------------------------------------------------------------------
 def denoising_steps_of(config: dict[str, Any]) -> list[int] | None:
     steps = config.get("method", {}).get("dmd_denoising_steps")

@@ -10,6 +10,9 @@ Output (docs/export.md):
     <output>/README.md         model card
     <output>/model_index.json, vae/, text_encoder/, tokenizer/, scheduler/ ...
                                when the role's init_from is a full diffusers pipeline
+A role trained with LoRA (``models.<role>.lora``) instead gives, unless ``--merge-lora``:
+    <output>/pytorch_lora_weights.safetensors   the adapters in diffusers' LoRA format (load_lora_weights)
+    <output>/README.md                          model card naming the base to load them onto
 
 Everything is written into a temporary sibling directory and renamed into place, so a failed export never
 leaves a half-written ``<output>``.
@@ -23,21 +26,26 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fv_accel.checkpoint import resolve_checkpoint
 from fv_accel.errors import ConfigError
 from fv_accel.export.card import build_model_card
 from fv_accel.export.diffusers import (
     DTYPES,
+    LORA_WEIGHTS_FILE,
     build_transformer,
     export_dtype_of,
     family_of,
+    lora_config_of,
+    merged_state_dict,
     pipeline_source,
     scheduler_of,
     transformer_class,
+    write_lora,
     write_pipeline,
 )
-from fv_accel.export.reader import EXPORT_ROLES, model_role_of, read_export_state_dict, read_run
+from fv_accel.export.reader import EXPORT_ROLES, RunRecord, model_role_of, read_export_state_dict, read_run
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +60,13 @@ class ExportResult:
     denoising_steps: list[int] | None
     num_parameters: int
     files: list[str] = field(default_factory=list)
+    is_lora: bool = False
+    """A diffusers LoRA (``pytorch_lora_weights.safetensors``) to load onto the base, not a full model."""
 
 
 def is_previous_export(path: Path) -> bool:
-    return (path / "transformer" / "config.json").is_file() and (path / "README.md").is_file()
+    return (path / "README.md").is_file() and ((path / "transformer" / "config.json").is_file()
+                                               or (path / LORA_WEIGHTS_FILE).is_file())
 
 
 def export_checkpoint(
@@ -66,11 +77,14 @@ def export_checkpoint(
     dtype: str = "bf16",
     max_shard_size: str | int = "5GB",
     repo_id: str | None = None,
+    merge_lora: bool = False,
 ) -> ExportResult:
     """Export ``role`` of a checkpoint (or an output dir's newest complete one) into ``output``.
 
     ``output`` must not exist, be empty, or hold an earlier export (which is then replaced atomically).
-    ``repo_id`` only names the model in the card's usage snippet.
+    ``repo_id`` only names the model in the card's usage snippet. A role trained with LoRA is written as a
+    diffusers LoRA (``pytorch_lora_weights.safetensors`` + card) to load onto its base; with ``merge_lora`` as
+    the base with the adapters merged in, like a full fine-tune's export.
     """
     if role not in EXPORT_ROLES:
         raise ConfigError(f"--role must be one of {', '.join(EXPORT_ROLES)}, got {role!r}")
@@ -84,12 +98,22 @@ def export_checkpoint(
         raise ConfigError("--checkpoint is required")
     run = read_run(ckpt, role)
     config, step = run.config, run.step
-    model_cfg = config["models"][model_role_of(role)]
+    model_role = model_role_of(role)
+    model_cfg = config["models"][model_role]
     family = family_of(model_cfg)
+    lora = lora_config_of(model_role, model_cfg)
+    if merge_lora and lora is None:
+        raise ConfigError(f"--merge-lora: models.{model_role} of the run has no lora section (a full fine-tune: "
+                          "export it without --merge-lora)")
+    if lora is not None and not merge_lora:
+        return _export_lora(run, role=role, out=out, dtype=dtype, repo_id=repo_id, lora=lora)
 
-    # Each tensor is read straight into its export dtype: peak ≈ one copy of the model in that dtype.
-    dtype_of = export_dtype_of(transformer_class(family), DTYPES[dtype])
-    state = read_export_state_dict(ckpt, role, dtype_of)
+    if lora is not None:  # adapters (fp32 as saved) merged into the base, then exported like a full model
+        state = merged_state_dict(model_role, model_cfg, read_export_state_dict(ckpt, role), lora[0])
+    else:
+        # Each tensor is read straight into its export dtype: peak ≈ one copy of the model in that dtype.
+        dtype_of = export_dtype_of(transformer_class(family), DTYPES[dtype])
+        state = read_export_state_dict(ckpt, role, dtype_of)
     model = build_transformer(model_cfg, state, DTYPES[dtype])
     del state
     num_parameters = sum(p.numel() for p in model.parameters())
@@ -111,20 +135,55 @@ def export_checkpoint(
             base_source=base, repo_id=repo_id, output=out,
         )
         card.save(tmp / "README.md")
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp (and safetensors) create owner-only modes
-            if not path.is_symlink():
-                path.chmod(0o755 if path.is_dir() else 0o644)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        files = _place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s of %s (step %d, %s, %d parameters) to %s", role, ckpt, step, dtype, num_parameters,
                 out)
     return ExportResult(output=out, role=role, step=step, dtype=dtype, is_pipeline=base is not None,
                         denoising_steps=denoising_steps, num_parameters=num_parameters, files=files)
+
+
+def _place(tmp: Path, out: Path) -> list[str]:
+    """Make ``tmp`` readable and rename it to ``out`` (replacing an earlier export); its files, relative."""
+    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp (and safetensors) create owner-only modes
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return files
+
+
+def _export_lora(run: RunRecord, *, role: str, out: Path, dtype: str, repo_id: str | None,
+                 lora: tuple[Any, list[str]]) -> ExportResult:
+    """A LoRA role's adapters as a diffusers LoRA directory (``pytorch_lora_weights.safetensors``, README)."""
+    ckpt, world_size = run.checkpoint, run.world_size
+    model_cfg = run.config["models"][model_role_of(role)]
+    family = family_of(model_cfg)
+    adapters = read_export_state_dict(ckpt, role)
+    num_parameters = sum(t.numel() for t in adapters.values())
+    denoising_steps, scheduler_cfg = scheduler_of(run.config, role)
+    local_base = Path(model_cfg["init_from"]).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_lora(tmp, family, adapters, lora[0], lora[1], DTYPES[dtype])
+        card = build_model_card(
+            config=run.config, role=role, step=run.step, world_size=world_size, dtype=dtype, is_pipeline=False,
+            denoising_steps=denoising_steps, scheduler_cfg=scheduler_cfg,
+            base_source=local_base if local_base.is_dir() else None, repo_id=repo_id, output=out, is_lora=True,
+        )
+        card.save(tmp / "README.md")
+        files = _place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("exported the LoRA of %s of %s (step %d, %s, %d adapter parameters) to %s", role, ckpt, run.step,
+                dtype, num_parameters, out)
+    return ExportResult(output=out, role=role, step=run.step, dtype=dtype, is_pipeline=False,
+                        denoising_steps=denoising_steps, num_parameters=num_parameters, files=files, is_lora=True)

@@ -286,8 +286,8 @@ class TrainingMethod(nn.Module, ABC):
 
     # -- checkpointing --------------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Stateful]:
-        """DCP-ready state of every trainable role: ``roles.<role>.<module>``, ``optimizers.<role>``,
-        ``schedulers.<role>``. Per-rank random state is saved separately, after the collective save
+        """DCP-ready state of every trainable role: ``roles.<role>.<module>`` (a LoRA role: its adapters only),
+        ``optimizers.<role>``, ``schedulers.<role>``. Per-rank random state is saved separately, after the collective save
         (see :meth:`random_state`)."""
         states: dict[str, Stateful] = {}
         for name, role in self.roles.items():
@@ -295,7 +295,8 @@ class TrainingMethod(nn.Module, ABC):
                 continue
             modules = role.modules
             for module_name, module in modules.items():
-                states[layout.role_module_key(name, module_name)] = ModelState(module)
+                states[layout.role_module_key(name, module_name)] = ModelState(
+                    module, trainable_only=role.model.config.lora is not None)
             if role.optimizer is not None:
                 states[layout.optimizer_key(name)] = OptimizerState(RoleModuleContainer(modules), role.optimizer)
             if role.scheduler is not None:

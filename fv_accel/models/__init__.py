@@ -43,11 +43,13 @@ def resolve_latent_stats(models: dict[str, ModelConfig], *, include_hub: bool = 
 def load_role_model(role: str, model_cfg: ModelConfig, *, mixed_precision: str,
                     latent_stats: LatentStats | None = None, on_meta: bool = False) -> ModelBase:
     """Load one role's transformer and prepare it (:func:`prepare_transformer`; sharding comes next). Trainable
-    roles hold fp32 master weights; frozen roles may stay bf16. ``latent_stats`` already resolved
-    (:func:`resolve_latent_stats`); None: the family resolves them. ``on_meta``: read no weights, parameters on
-    the ``meta`` device (shard, then :func:`materialize_roles`)."""
+    roles hold fp32 master weights; frozen roles, and the frozen base of a LoRA role (its adapters are fp32),
+    may stay bf16. ``latent_stats`` already resolved (:func:`resolve_latent_stats`); None: the family resolves
+    them. ``on_meta``: read no weights, parameters on the ``meta`` device (shard, then
+    :func:`materialize_roles`)."""
     dtype = torch.float32
-    if not model_cfg.trainable and mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16":
+    frozen_base = not model_cfg.trainable or model_cfg.lora is not None
+    if frozen_base and mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16":
         dtype = torch.bfloat16
     family = FAMILIES[model_cfg.family]
     try:
@@ -75,7 +77,8 @@ def is_on_meta(module: torch.nn.Module) -> bool:
 def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> None:
     """Allocate on ``device`` and fill from ``init_from`` every role built ``on_meta`` (and sharded since).
     Roles with the same weights (DMD2's student, critic and teacher) share one read of each slice; every rank
-    reads only the rows of its own shards."""
+    reads only the rows of its own shards. LoRA adapters, in no file, are initialised here (after the fill)."""
+    from fv_accel.models.lora import init_adapters
     from fv_accel.models.sharded_load import fill_from_safetensors, materialize
 
     groups: dict[tuple[str, str, str], list[str]] = {}
@@ -91,6 +94,10 @@ def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> 
                 materialize(models[role].transformer, device)
             fill_from_safetensors([models[role].transformer for role in roles], files,
                                   key=f"models.{roles[0]}.init_from")
+            for role in roles:  # adapters are in no weight file: drawn now that their shards exist
+                lora_cfg = models[role].config.lora
+                if lora_cfg is not None:
+                    init_adapters(models[role].transformer, role, lora_cfg)
         except FvAccelError:
             raise
         except Exception as exc:  # safetensors/huggingface_hub errors for unusable weights

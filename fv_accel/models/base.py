@@ -130,6 +130,9 @@ class ModelBase(ABC):
     #: Class names of the transformer blocks that FSDP2 wraps one by one (``fv_accel.build.shard_roles`` sets
     #: them on the plugin per role).
     block_class_names: tuple[str, ...] = ()
+    #: The linear layers ``models.<role>.lora`` adapts when its ``target_modules`` is null (peft's matching: a
+    #: module name or its dotted suffix); ``fv_accel/models/lora.py``.
+    lora_target_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, role: str, transformer: torch.nn.Module, config: ModelConfig) -> None:
         self.role = role

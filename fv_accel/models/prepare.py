@@ -23,8 +23,9 @@ def prepare_transformer(model: ModelBase) -> None:
 
     1. ``requires_grad`` and train mode from ``trainable``: first, because adapters decide trainability on top
        of it and dynamo's guards see requires_grad as it stays for the run.
-    2. Adapters (LoRA) would be attached here: after the base weights are frozen, before checkpointing and
-       compilation wrap the blocks that hold them.
+    2. LoRA adapters (``lora``; ``fv_accel/models/lora.py``): after ``requires_grad``, which they override
+       (only they train), before checkpointing and compilation act on the blocks that hold them. A transformer
+       with loaded weights gets its adapters initialised here; one built on ``meta`` after it is filled.
     3. The attention backend (``attention_backend``), which compilation then traces.
     4. Activation checkpointing of the blocks (trainable roles; ``activation_checkpointing[_every]``).
     5. Regional compilation (``compile: regional``): each block, before ``fully_shard`` so FSDP2's hooks stay
@@ -35,6 +36,14 @@ def prepare_transformer(model: ModelBase) -> None:
     transformer = cast("ModelMixin", model.transformer)  # every family's transformer is a diffusers model
     transformer.requires_grad_(cfg.trainable)
     transformer.train(cfg.trainable)
+    if cfg.lora is not None:
+        from fv_accel.models import lora
+
+        lora.inject_adapters(model)
+        base = next(p for name, p in transformer.named_parameters() if not lora.is_adapter_name(name))
+        if not base.is_meta:
+            lora.materialize_adapters(transformer, base.device)
+            lora.init_adapters(transformer, model.role, cfg.lora)
     if cfg.attention_backend:
         transformer.set_attention_backend(cfg.attention_backend)
     blocks = model.transformer_blocks()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fv_accel.errors import CheckpointError
+from fv_accel.models.lora import base_weight_name, is_adapter_name
 
 #: diffusers' file names for a model's weights (one file, or shards listed by an index).
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -99,13 +100,17 @@ def _open(file: Path) -> Iterator[Any]:
 
 def fill_from_safetensors(modules: Sequence[nn.Module], files: Sequence[Path], *, key: str) -> None:
     """Copy every parameter and persistent buffer of ``modules`` (same architecture, materialised) from
-    ``files``, cast to each destination's dtype. Each slice is read once for all modules (roles with the same
-    ``init_from``) and the file is mapped per tensor, so at most one slice sits in host memory."""
+    ``files``, cast to each destination's dtype (LoRA adapters excepted). Each slice is read once for all
+    modules (roles with the same ``init_from``) and the file is mapped per tensor, so at most one slice sits in
+    host memory."""
     location: dict[str, Path] = {}
     for file in files:
         with _open(file) as handle:
             location.update(dict.fromkeys(handle.keys(), file))
-    states = [module.state_dict(keep_vars=True) for module in modules]
+    # Keyed by the names in the files: LoRA adapters are in none, and a base weight under peft's ``base_layer``
+    # has its plain name there (fv_accel/models/lora.py); roles with and without adapters share the reads.
+    states = [{base_weight_name(name): tensor for name, tensor in module.state_dict(keep_vars=True).items()
+               if not is_adapter_name(name)} for module in modules]
     with torch.no_grad():
         for name, first in states[0].items():
             if name not in location:

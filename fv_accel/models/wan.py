@@ -222,6 +222,9 @@ class WanModel(ModelBase):
     vae_temporal_factor = 4
     #: ``patch_size`` (t, h, w) of every published Wan 2.1 / 2.2 transformer.
     default_patch_size = (1, 2, 2)
+    #: LoRA's default targets: the self- and cross-attention projections (``attn1``/``attn2`` q, k, v and output)
+    #: and both FFN linears of every block; not the embedders, the modulation or ``proj_out``.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
     @classmethod
     def role_memory_spec(cls, config: Mapping[str, Any], *, num_params: int, block_params: int, trainable: bool,
