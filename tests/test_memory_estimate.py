@@ -7,6 +7,7 @@ per-token coefficients the module documents.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -229,3 +230,27 @@ def test_summary_reports_a_fit_against_the_target(toy_root: Path, tmp_path: Path
     assert sum(roles) == pytest.approx(peak, abs=0.02)
     assert lines[-1].startswith("  fits 80.00 GiB (training.target_device_memory_gib)")
     assert not any("WARNING" in line for line in lines)
+
+
+def test_a_lora_role_pays_full_states_only_for_its_adapters() -> None:
+    """Hand arithmetic: a trainable role training A of its P parameters (LoRA) stores the base like a frozen
+    bf16 role (2 bytes each) and the adapters in fp32 with AdamW m+v and fp32 gradients; the EMA tracks only
+    the adapters. Wan 14B, rank 16: A = 4.79 M·16 (docs/models.md)."""
+    from fv_accel.memory import RoleSpec, estimate_peak_memory
+
+    p, a, s = 14_000_000_000, 119_808 * 16 * 40, 8
+    spec = RoleSpec(trainable=True, num_params=p, num_blocks=40, block_params=p // 40, hidden_dim=5120,
+                    ffn_dim=13824, num_heads=40, patch_size=(1, 2, 2), weight_bytes=2, trained_params=a)
+    est = estimate_peak_memory({"student": spec}, latent_shape=(16, 21, 60, 104), text_len=512, batch_size=1,
+                               shard_degree=s, mixed_precision="bf16", ema_role="student")
+    terms = {t.name: t.bytes for t in est.terms if t.role == "student"}
+    assert terms["weights (frozen base)"] == math.ceil(2 * (p - a) / s)
+    assert terms["weights (fp32 adapters)"] == math.ceil(4 * a / s)
+    assert terms["AdamW m+v"] == math.ceil(8 * a / s)
+    assert terms["EMA shadow"] == math.ceil(4 * a / s)
+    full = dataclasses.replace(spec, weight_bytes=4, trained_params=None)
+    full_est = estimate_peak_memory({"student": full}, latent_shape=(16, 21, 60, 104), text_len=512, batch_size=1,
+                                    shard_degree=s, mixed_precision="bf16", ema_role="student")
+    # weights 4 + AdamW 8 + gradients 4 + EMA 4 bytes per trained parameter; 2 per frozen base parameter
+    saved = (4 + 8 + 4 + 4) * p - (2 * (p - a) + (4 + 8 + 4 + 4) * a)
+    assert full_est.phases["after backward"] - est.phases["after backward"] == pytest.approx(saved / s, rel=1e-6)
