@@ -176,8 +176,17 @@ def load_model(cfg: RunConfig, checkpoint: Path, role: str) -> ModelBase:
     model = load_role_model(model_role, mcfg, mixed_precision="no")
     if role != "teacher":
         state = read_ema_state_dict(checkpoint) if role == "ema" else read_role_state_dict(checkpoint, "student")
+        state = {k: v.float() for k, v in state.items()}
         try:
-            model.transformer.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+            if mcfg.lora is None:
+                model.transformer.load_state_dict(state, strict=True)
+            else:
+                # A LoRA run saved the adapters alone; the base is init_from's, as loaded above.
+                adapters = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
+                if set(state) != adapters:
+                    raise RuntimeError(f"the checkpoint's {len(state)} tensors are not the role's {len(adapters)} "
+                                       f"LoRA adapters (models.student.lora changed?)")
+                model.transformer.load_state_dict(state, strict=False)
         except RuntimeError as exc:
             raise CheckpointError(f"{checkpoint}: {role} weights do not match models.student: {exc}") from None
     return model

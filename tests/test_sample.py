@@ -117,3 +117,38 @@ def test_student_sampler_is_chosen_by_the_method_class() -> None:
     euler = method_class("finetune").sampler(FinetuneMethodConfig(name="finetune"), num_steps=8,
                                              guidance_scale=5.0)
     assert euler == EulerSampler(num_steps=8, guidance_scale=5.0)
+
+
+def test_a_lora_checkpoint_samples_with_its_adapters(toy_root: Path, tmp_path: Path) -> None:
+    """A LoRA run's checkpoint holds the adapters alone: sampling puts exactly those on init_from's base (the
+    loaded adapters equal the saved tensors, the base equals init_from's), and the student differs from the
+    base model (its adapters trained)."""
+    from conftest import run_recipe_main
+
+    from fv_accel.checkpoint.layout import read_role_state_dict
+
+    out = tmp_path / "lora"
+    rc = run_recipe_main("finetune", [f"--models.student.init_from={toy_root / 'init'}",
+                                      "--models.student.latent_stats=identity", "--models.student.lora.rank=4",
+                                      f"--training.data.data_path={toy_root / 'data'}",
+                                      f"--training.checkpoint.output_dir={out}", "--training.loop.max_train_steps=2",
+                                      "--training.tracker.backends=[]", "--training.optimizer.learning_rate=0.01"])
+    assert rc == 0
+    ckpt = out / "checkpoint-2"
+    cfg, _ = SAMPLE.read_run_config(ckpt)
+    model = SAMPLE.load_model(cfg, ckpt, "student")
+    saved = read_role_state_dict(ckpt, "student")
+    params = dict(model.transformer.named_parameters())
+    assert set(saved) == {n for n, p in params.items() if p.requires_grad} and saved
+    assert all(torch.equal(params[n].detach(), v.float()) for n, v in saved.items())
+    base = SAMPLE.load_model(cfg, ckpt, "teacher") if "teacher" in cfg.models else None
+    assert base is None  # a finetune run has no teacher: compare against init_from directly
+    from safetensors.torch import load_file as read
+
+    init = read(str(toy_root / "init" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    q = "blocks.0.attn1.to_q"
+    assert torch.equal(params[f"{q}.base_layer.weight"].detach(), init[f"{q}.weight"].float())
+    assert any(v.abs().sum() > 0 for n, v in saved.items() if ".lora_B." in n)  # trained: the student moved
+    rc, err, result = _sample(out, tmp_path / "s.safetensors", "student", steps=2, n=2)
+    assert rc == 0, err[-2000:]
+    assert result is not None and tuple(result["latents"].shape) == (2, 16, 2, 8, 8)
