@@ -35,6 +35,9 @@ def build_trainer(cfg: RunConfig, accelerator: Accelerator, *, dry_run: bool = F
     from fv_accel.summary import print_run_summary
 
     topology = Topology.from_accelerator(accelerator)
+    if topology.is_main and topology.device_mesh is not None:
+        logger.info("layout: %d data rank(s) x context parallel %d (device mesh %s)", topology.data_world_size,
+                    topology.cp_size, topology.device_mesh)
     output_dir = cfg.training.checkpoint.output_dir
     if not dry_run:  # before anything is loaded: one view of the output directory, or nothing works
         check_shared_output_dir(output_dir, topology)

@@ -309,12 +309,12 @@ class WanModel(ModelBase):
                               f"{heads}")
         # diffusers looks the group up by the dimension names "ring" and "ulysses": the same ranks as the cp
         # sub-mesh, seen as a (1, degree) mesh.
-        cp_mesh = mesh._unflatten(0, (1, degree), ("ring", "ulysses"))
-        backend = self.config.attention_backend or "native (default)"
+        config = ContextParallelConfig(ulysses_degree=degree,
+                                       mesh=mesh._unflatten(0, (1, degree), ("ring", "ulysses")))
+        backend = self.config.attention_backend or "native"
         try:
             with _device_count_at_least_one():
-                self.transformer.enable_parallelism(
-                    config=ContextParallelConfig(ulysses_degree=degree, mesh=cp_mesh))
+                self.transformer.enable_parallelism(config=config)
         except ValueError as exc:  # diffusers refuses attention backends without context-parallel support
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ConfigError(f"models.{self.role}.attention_backend {backend!r} cannot run under "
