@@ -233,6 +233,11 @@ class Topology:
         return self.device_mesh["cp"] if self.cp_size > 1 else None
 
     @property
+    def cp_rank(self) -> int:
+        """This rank's place in its context-parallel group (0 without context parallel)."""
+        return int(self.cp_mesh.get_local_rank()) if self.cp_size > 1 else 0
+
+    @property
     def is_main(self) -> bool:
         """The process that writes run files (config, metrics, checkpoint metadata)."""
         return self.rank == 0

@@ -132,3 +132,30 @@ def test_cp_the_model_cannot_split_exits_2(case: str, toy_root: Path, tmp_path: 
     assert "(exitcode: 1)" not in proc.stderr
     assert expected in proc.stderr
     assert "filled student" not in proc.stderr  # refused while the weights were still on meta
+
+
+@pytest.mark.distributed
+def test_cp2_validation_videos_equal_one_process(toy_root: Path, tmp_path: Path) -> None:
+    """Validation at step 0 (3 prompts, 2 sampling steps) under cp = 2: the CP group samples each prompt
+    together (not one prompt per rank) and writes the videos of 1 process, to one 8-bit level."""
+    import av
+    import numpy as np
+
+    def frames(path: Path) -> np.ndarray:
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(int)
+
+    args = ["--training.loop.max_train_steps=1", "--training.data.train_batch_size=2",
+            "--callbacks.validation.at_start=true", "--callbacks.validation.num_samples=3",
+            "--callbacks.validation.num_inference_steps=2"]
+    proc = run_2proc(["recipes/finetune.py", *_finetune_args(toy_root, tmp_path / "cp2"), *args], cwd=REPO,
+                     config=CPU_CP2_2PROC)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run_recipe_main("finetune", [*_finetune_args(toy_root, tmp_path / "one"), *args]) == 0
+    names = [f"student-{i:02d}.mp4" for i in range(3)]
+    for out in ("cp2", "one"):
+        assert sorted(p.name for p in (tmp_path / out / "validation" / "step-0").glob("*.mp4")) == names
+    for name in names:
+        cp, one = (frames(tmp_path / out / "validation" / "step-0" / name) for out in ("cp2", "one"))
+        assert cp.shape == one.shape
+        assert np.abs(cp - one).max() <= 1, name

@@ -75,11 +75,11 @@ def _device_count_at_least_one() -> Iterator[None]:
     if count() > 0:
         yield
         return
-    torch.accelerator.device_count = lambda: 1  # type: ignore[assignment]
+    torch.accelerator.device_count = lambda: 1
     try:
         yield
     finally:
-        torch.accelerator.device_count = count  # type: ignore[assignment]
+        torch.accelerator.device_count = count
 
 
 def _read_json(path: Path, key: str) -> Any:
@@ -298,7 +298,7 @@ class WanModel(ModelBase):
         """Ulysses context parallel through diffusers' plan for this transformer (``_cp_plan``): the video
         tokens and RoPE tables are split after patch embedding, each attention exchanges heads for tokens
         (all-to-all, so the head count must divide by the degree), the text stays whole, and ``proj_out``'s
-        output is gathered. Ring attention is not offered: its CPU backend has no backward."""
+        output is gathered. Ring attention is not offered: the CPU backend cannot run it, so it is untested."""
         from diffusers import ContextParallelConfig
 
         degree = mesh.size()
@@ -314,7 +314,8 @@ class WanModel(ModelBase):
         backend = self.config.attention_backend or "native"
         try:
             with _device_count_at_least_one():
-                self.transformer.enable_parallelism(config=config)
+                # mypy sees diffusers' dummy class behind the public name
+                self.transformer.enable_parallelism(config=config)  # type: ignore[arg-type]
         except ValueError as exc:  # diffusers refuses attention backends without context-parallel support
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ConfigError(f"models.{self.role}.attention_backend {backend!r} cannot run under "
