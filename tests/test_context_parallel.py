@@ -159,3 +159,20 @@ def test_cp2_validation_videos_equal_one_process(toy_root: Path, tmp_path: Path)
         cp, one = (frames(tmp_path / out / "validation" / "step-0" / name) for out in ("cp2", "one"))
         assert cp.shape == one.shape
         assert np.abs(cp - one).max() <= 1, name
+
+
+def test_tokens_not_dividing_by_cp_exit_2() -> None:
+    """Latents [16, 3, 4, 4] with Wan's (1, 2, 2) patches are 3 × 2 × 2 = 12 tokens: cp 2, 3, 4 split them,
+    cp 5 cannot (counted by hand)."""
+    from types import SimpleNamespace
+
+    from fv_accel.build import check_context_parallel_tokens
+    from fv_accel.errors import ConfigError
+
+    data = SimpleNamespace(dataset=SimpleNamespace(latent_shape=(16, 3, 4, 4)))
+    roles = {"student": SimpleNamespace(latent_patch_size=(1, 2, 2))}
+    for cp in (1, 2, 3, 4):
+        check_context_parallel_tokens(roles, data, cp)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"make 12 tokens per sample for models.student, not divisible by "
+                                          r"parallelism_config_cp_size 5"):
+        check_context_parallel_tokens(roles, data, 5)  # type: ignore[arg-type]
