@@ -8,6 +8,7 @@ the two halves of a sample different noise and a different loss."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,37 @@ def test_tokens_not_dividing_by_cp_exit_2() -> None:
     with pytest.raises(ConfigError, match=r"make 12 tokens per sample for models.student, not divisible by "
                                           r"parallelism_config_cp_size 5"):
         check_context_parallel_tokens(roles, data, 5)  # type: ignore[arg-type]
+
+
+class _Mesh:
+    """A stand-in for Accelerate's mesh of ``(dp_replicate, dp_shard, cp)`` sizes seen from ``rank`` (row-major,
+    cp innermost, as ``init_device_mesh`` lays ranks out)."""
+
+    def __init__(self, names: tuple[str, ...], sizes: tuple[int, ...], rank: int) -> None:
+        self.mesh_dim_names, self._sizes, self._rank = names, sizes, rank
+
+    def size(self, dim: int) -> int:
+        return self._sizes[dim]
+
+    def get_coordinate(self) -> list[int]:
+        coordinate, rest = [], self._rank
+        for size in reversed(self._sizes):
+            coordinate.append(rest % size)
+            rest //= size
+        return coordinate[::-1]
+
+
+@pytest.mark.parametrize(("names", "sizes"), [(("dp_replicate", "dp_shard", "cp"), (2, 2, 2)),
+                                              (("dp_shard", "cp"), (3, 2)), (("cp",), (4,))])
+def test_cp_peers_share_a_data_rank(names: tuple[str, ...], sizes: tuple[int, ...]) -> None:
+    """With cp innermost, ranks 2d and 2d + 1 (cp = 2) are one sample's halves: data rank d of world / cp."""
+    from types import SimpleNamespace
+
+    from fv_accel.runtime import Topology
+
+    world, cp = math.prod(sizes), sizes[-1]
+    for rank in range(world):
+        accelerator = SimpleNamespace(process_index=rank, num_processes=world, local_process_index=rank,
+                                      torch_device_mesh=_Mesh(names, sizes, rank))
+        topology = Topology.from_accelerator(accelerator)  # type: ignore[arg-type]
+        assert (topology.data_rank, topology.data_world_size, topology.cp_size) == (rank // cp, world // cp, cp)
