@@ -136,6 +136,7 @@ def test_cp_the_model_cannot_split_exits_2(case: str, toy_root: Path, tmp_path: 
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_cp2_validation_videos_equal_one_process(toy_root: Path, tmp_path: Path) -> None:
     """Validation at step 0 (3 prompts, 2 sampling steps) under cp = 2: the CP group samples each prompt
     together (not one prompt per rank) and writes the videos of 1 process, to one 8-bit level."""
