@@ -6,6 +6,7 @@ Constructors stay cheap (they take built collaborators); everything that reads w
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,15 +88,19 @@ def load_roles(cfg: RunConfig, mixed_precision: str) -> dict[str, ModelBase]:
 def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig) -> None:
     """FSDP2-shard every role: each trainable role in its own ``prepare()`` call with its optimizer and
     scheduler; frozen roles with the same plugin but no optimizer, kept out of Accelerate's saved models.
+    Under context parallel every role's sequence is split first (``ModelBase.enable_context_parallel``).
     Roles still on ``meta`` (:func:`load_roles`) are sharded empty, then filled from their files."""
     opt_cfgs = method.optimizer_configs()
     plugin = accelerator.state.fsdp_plugin
+    cp_mesh = method.topology.cp_mesh if method.topology is not None else None
     optimizer_names: dict[str, tuple[Any, list[list[str]]]] = {}
     for role, record in method.roles.items():
         model = record.model
         if list(model.modules()) != ["transformer"]:
             raise ConfigError(f"models.{role}: a role with modules {list(model.modules())} cannot be sharded yet "
                               "(one transformer per role)")
+        if cp_mesh is not None:  # before fully_shard (and on meta: a refusal costs no weight read)
+            model.enable_context_parallel(cp_mesh)
         plugin.transformer_cls_names_to_wrap = list(model.block_class_names)
         stored_dtypes = shard_fp32_modules(accelerator, model)
         if record.trainable:
@@ -185,7 +190,21 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = Tru
         data = build_data_stream(cfg.training.data, rank=topology.data_rank, world_size=topology.data_world_size,
                                  stop_signals=cfg.training.checkpoint.preempt_signals)
         check_latent_patching(method.role_models, data)
+        check_context_parallel_tokens(method.role_models, data, topology.cp_size)
     return BuiltRun(method=method, data=data)
+
+
+def check_context_parallel_tokens(role_models: dict[str, ModelBase], data: DataStream, cp_size: int) -> None:
+    """Ulysses splits each sample's tokens evenly over the context-parallel group: fail before step 1 (exit 2)
+    when the data's token count does not divide, instead of inside the first forward."""
+    if cp_size == 1:
+        return
+    c, *thw = data.dataset.latent_shape
+    for role, model in role_models.items():
+        tokens = math.prod(size // p for size, p in zip(thw, model.latent_patch_size, strict=True))
+        if tokens % cp_size:
+            raise ConfigError(f"training.data: latents [C, T, H, W] = {[c, *thw]} make {tokens} tokens per sample "
+                              f"for models.{role}, not divisible by parallelism_config_cp_size {cp_size}")
 
 
 def check_latent_patching(role_models: dict[str, ModelBase], data: DataStream) -> None:

@@ -35,14 +35,18 @@ def build_trainer(cfg: RunConfig, accelerator: Accelerator, *, dry_run: bool = F
     from fv_accel.summary import print_run_summary
 
     topology = Topology.from_accelerator(accelerator)
+    if topology.is_main and topology.device_mesh is not None:
+        logger.info("layout: %d data rank(s) x context parallel %d (device mesh %s)", topology.data_world_size,
+                    topology.cp_size, topology.device_mesh)
     output_dir = cfg.training.checkpoint.output_dir
     if not dry_run:  # before anything is loaded: one view of the output directory, or nothing works
         check_shared_output_dir(output_dir, topology)
         if topology.is_main:
             write_resolved_config(cfg, output_dir)
-    # Global RNGs (python, numpy, torch) seeded per rank, so that a run and its resumed copy start alike; the
-    # method draws from its own generator, these only matter to code outside fv_accel (a resume restores them).
-    seed_everything(derived_seed(cfg.training.data.seed, topology.rank + SHARED_STREAM_OFFSET))
+    # Global RNGs (python, numpy, torch) seeded per data rank, so that a run and its resumed copy start alike and
+    # context-parallel peers (one sample, split) draw alike; the method draws from its own generator, these only
+    # matter to code outside fv_accel (a resume restores them).
+    seed_everything(derived_seed(cfg.training.data.seed, topology.data_rank + SHARED_STREAM_OFFSET))
     resume = None
     if not dry_run:  # before the (long) build: a bad path or a refused rollback fails in seconds
         resume = resolve_resume(cfg.training.checkpoint, topology)

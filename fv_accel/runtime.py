@@ -1,17 +1,20 @@
 """The one Accelerator: FSDP2 everywhere (world size 1 included), on GPUs and on CPU over gloo.
 
 ``accelerate launch`` passes its choices through the environment (process layout, mixed precision,
-FSDP settings); :func:`build_accelerator` turns them into an Accelerator whose every model is FSDP2-sharded.
+FSDP settings, the ``parallelism_config_*`` layout); :func:`build_accelerator` turns them into an Accelerator
+whose every model is FSDP2-sharded over one device mesh.
 A plain ``python recipes/x.py`` gets a world-size-1 process group so the same code path runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import random
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,7 +25,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from fv_accel.errors import FvAccelError
+from fv_accel.errors import ConfigError, FvAccelError
 
 T = TypeVar("T")
 
@@ -78,6 +81,55 @@ def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
 FP32_POLICY = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=True)
 
 
+#: The accelerate config keys of the layout, in the order of the mesh (context parallel innermost).
+LAYOUT_KEYS = ("parallelism_config_dp_replicate_size", "parallelism_config_dp_shard_size",
+               "parallelism_config_cp_size")
+
+
+def parallelism_from_env(world_size: int) -> Any:
+    """The launcher's layout (the accelerate config's ``parallelism_config_*`` keys, which ``accelerate launch``
+    passes as ``PARALLELISM_CONFIG_*``) as Accelerate's ``ParallelismConfig``, checked against ``world_size``;
+    None when the launcher gives none or a trivial one: plain FSDP over all processes.
+
+    Checked here, before anything loads, because Accelerate would fail later or obscurely (a product that is not
+    the process count raises inside ``Accelerator()``; replicate-only layouts have no dimension to shard over)."""
+    from accelerate.parallelism_config import ParallelismConfig
+
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() != "true":
+        return None
+    try:
+        config = ParallelismConfig()
+    except ValueError as exc:
+        raise ConfigError(f"accelerate config parallelism_config: {exc}") from None
+    if config.tp_size > 1 or config.sp_size > 1:
+        raise ConfigError("accelerate config: parallelism_config_tp_size / parallelism_config_sp_size are not "
+                          "supported by fv_accel (context parallel is parallelism_config_cp_size)")
+    sizes = (config.dp_replicate_size, config.dp_shard_size, config.cp_size)
+    if math.prod(sizes) != world_size:
+        product = " × ".join(f"{key} ({size})" for key, size in zip(LAYOUT_KEYS, sizes, strict=True))
+        raise ConfigError(f"accelerate config: {product} = {math.prod(sizes)}, but {world_size} processes were "
+                          "launched (num_processes); make the product equal the number of processes")
+    if config.dp_replicate_size > 1 and config.dp_shard_size == 1:
+        raise ConfigError("accelerate config: parallelism_config_dp_replicate_size > 1 needs "
+                          "parallelism_config_dp_shard_size > 1 (replicas of FSDP shards, HSDP)")
+    if world_size == 1:
+        return None
+    return config
+
+
+@contextlib.contextmanager
+def _parallelism_env_hidden() -> Iterator[None]:
+    """Keep ``Accelerator()`` from building the layout itself: on CPU it checks the layout while its distributed
+    type is still MULTI_CPU and refuses it. :func:`build_accelerator` attaches the layout once FSDP is forced."""
+    key = "ACCELERATE_USE_PARALLELISM_CONFIG"
+    saved = os.environ.pop(key, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[key] = saved
+
+
 def build_accelerator(
     *,
     block_class_names: tuple[str, ...] | None = None,
@@ -97,6 +149,7 @@ def build_accelerator(
     from accelerate.utils import ProjectConfiguration
 
     _ensure_process_env()
+    parallelism = parallelism_from_env(int(os.environ["WORLD_SIZE"]))
     mixed_precision = mixed_precision_from_env()
     policy = mixed_precision_policy(mixed_precision)
     plugin = FullyShardedDataParallelPlugin(
@@ -108,17 +161,21 @@ def build_accelerator(
         state_dict_type="SHARDED_STATE_DICT",
         mixed_precision_policy=policy,
         activation_checkpointing=False,  # per role, see ModelConfig.activation_checkpointing
+        # Roles are sharded on meta and filled from their files (fv_accel.build.load_roles); a launch config
+        # with distributed_type FSDP would otherwise turn on Accelerate's rank-0 loading, which copies from meta.
+        cpu_ram_efficient_loading=False,
     )
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=mixed_precision,
-        fsdp_plugin=plugin,
-        step_scheduler_with_optimizer=False,  # a prepared scheduler would step num_processes times per call
-        log_with=log_with or None,
-        project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs")
-        if project_dir
-        else None,
-    )
+    with _parallelism_env_hidden():
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=mixed_precision,
+            fsdp_plugin=plugin,
+            step_scheduler_with_optimizer=False,  # a prepared scheduler would step num_processes times per call
+            log_with=log_with or None,
+            project_config=ProjectConfiguration(project_dir=project_dir, logging_dir=f"{project_dir}/logs")
+            if project_dir
+            else None,
+        )
     if accelerator.distributed_type != DistributedType.FSDP:
         # On CPU Accelerate picks MULTI_CPU and would silently wrap models in DDP. Both state singletons
         # carry the type (AcceleratorState re-copies PartialState's), so set it on both.
@@ -128,6 +185,13 @@ def build_accelerator(
         state.fsdp_plugin = plugin
     if not accelerator.is_fsdp2:
         raise RuntimeError(f"Accelerate did not enable FSDP2 (distributed type {accelerator.distributed_type})")
+    if parallelism is not None:
+        # What Accelerator() does with a layout, once the distributed type is FSDP: one mesh with dimensions
+        # (dp_replicate, dp_shard, cp) and the flattened dp, dp_shard_cp (FSDP2 shards over it), dp_cp.
+        state = AcceleratorState()
+        state.parallelism_config = parallelism
+        state.device_mesh = parallelism.get_device_mesh(accelerator.device.type)
+        parallelism._validate_accelerator(accelerator)
     return accelerator
 
 
@@ -149,8 +213,9 @@ class Topology:
     assembly (``fv_accel/run.py``) ask it instead of reading ``torch.distributed`` or the environment.
 
     ``rank``/``world_size`` count every process (collectives, per-rank files). ``data_rank``/``data_world_size``
-    say which share of the data this process reads; they equal the former today and differ once context
-    parallel puts several ranks on one sample."""
+    say which share of the data this process reads and which random stream it draws from: the data-parallel
+    coordinates (dp_replicate × dp_shard). The ``cp_size`` ranks of one context-parallel group share a data rank:
+    they hold the same samples and split their token sequence."""
 
     rank: int = 0
     world_size: int = 1
@@ -158,7 +223,19 @@ class Topology:
     data_rank: int = 0
     data_world_size: int = 1
     device_mesh: Any = None
-    """Accelerate's ``torch_device_mesh`` (None when Accelerate built none, e.g. plain FSDP on one mesh axis)."""
+    """Accelerate's ``torch_device_mesh`` (None when the launcher gave no layout: plain FSDP over all ranks)."""
+    cp_size: int = 1
+    """Context-parallel degree (``parallelism_config_cp_size``): ranks that split one sample's sequence."""
+
+    @property
+    def cp_mesh(self) -> Any:
+        """The 1-D ``cp`` sub-mesh of this rank's context-parallel group; None without context parallel."""
+        return self.device_mesh["cp"] if self.cp_size > 1 else None
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's place in its context-parallel group (0 without context parallel)."""
+        return int(self.cp_mesh.get_local_rank()) if self.cp_size > 1 else 0
 
     @property
     def is_main(self) -> bool:
@@ -167,14 +244,28 @@ class Topology:
 
     @classmethod
     def from_accelerator(cls, accelerator: Accelerator) -> Topology:
-        return cls(rank=accelerator.process_index, world_size=accelerator.num_processes,
-                   local_rank=accelerator.local_process_index, data_rank=accelerator.process_index,
-                   data_world_size=accelerator.num_processes, device_mesh=accelerator.torch_device_mesh)
+        mesh = accelerator.torch_device_mesh
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        data_rank, data_world_size, cp_size = rank, world_size, 1
+        if mesh is not None:
+            # The data rank is this rank's coordinate on the dp dimensions of the mesh (row-major), so it holds
+            # however Accelerate orders the dimensions; cp peers differ only in their cp coordinate.
+            names = list(mesh.mesh_dim_names)
+            coordinate = mesh.get_coordinate()
+            data_rank, data_world_size = 0, 1
+            for name in ("dp_replicate", "dp_shard"):
+                if name in names:
+                    dim = names.index(name)
+                    data_rank = data_rank * mesh.size(dim) + coordinate[dim]
+                    data_world_size *= mesh.size(dim)
+            cp_size = mesh.size(names.index("cp")) if "cp" in names else 1
+        return cls(rank=rank, world_size=world_size, local_rank=accelerator.local_process_index,
+                   data_rank=data_rank, data_world_size=data_world_size, device_mesh=mesh, cp_size=cp_size)
 
     @classmethod
     def from_process_group(cls) -> Topology:
         """From the default process group alone (a world of one without one): for code built without an
-        Accelerator (tests, offline tools) and for a method's ``on_train_start``."""
+        Accelerator (tests, offline tools). It knows no layout: every rank is its own data rank."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -223,8 +314,9 @@ RANK_CHOICE_STREAM_OFFSET = 2 * SHARED_STREAM_OFFSET
 
 def derived_seed(seed: int, offset: int) -> int:
     """The seed of one random stream of a run seeded with ``seed`` (``training.data.seed``): the method's
-    per-rank generator uses ``offset = rank``, its rank-independent choices ``SHARED_STREAM_OFFSET``, its
-    per-rank host-side choices ``rank + RANK_CHOICE_STREAM_OFFSET``, the global RNGs ``rank + SHARED_STREAM_OFFSET``."""
+    per-data-rank generator uses ``offset = data_rank``, its rank-independent choices ``SHARED_STREAM_OFFSET``,
+    its per-data-rank host-side choices ``data_rank + RANK_CHOICE_STREAM_OFFSET``, the global RNGs
+    ``data_rank + SHARED_STREAM_OFFSET`` (context-parallel peers draw alike)."""
     return seed * SEED_STRIDE + offset
 
 

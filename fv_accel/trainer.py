@@ -276,7 +276,8 @@ class Trainer:
         """The step's ``metrics.jsonl`` row (columns in a fixed order: losses and metrics, lr, grad norms,
         timings, throughput)."""
         accum = self.loop_cfg.gradient_accumulation_steps
-        global_batch = self.cfg.training.data.train_batch_size * accum * self.world_size
+        # context-parallel peers share their samples (and split each one's FLOPs)
+        global_batch = self.cfg.training.data.train_batch_size * accum * self.topology.data_world_size
         row: dict[str, Any] = {"step": step, **synced.values}
         for name, record in self.method.roles.items():
             if record.scheduler is not None:
@@ -289,7 +290,7 @@ class Trainer:
         # forward + backward + clip + the host sync (which waits for the device work queued before it)
         row["compute_s"] = t_opt - t_start - acc.data_wait
         if acc.flops:
-            tflops = acc.flops / max(t_end - t_start, 1e-9) / 1e12
+            tflops = acc.flops / self.topology.cp_size / max(t_end - t_start, 1e-9) / 1e12
             row["tflops_per_device"] = tflops
             if self._peak_tflops is not None:
                 row["mfu"] = tflops / self._peak_tflops

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 CPU_2PROC = str(REPO / "accelerate_configs" / "cpu_fsdp2_2proc.yaml")
+CPU_CP2_2PROC = str(REPO / "accelerate_configs" / "cpu_cp2_2proc.yaml")
 
 
 def free_port() -> int:
@@ -42,9 +43,11 @@ def run_python(args: list[str], *, cwd: Path, timeout: float = 300, **env: str) 
                           timeout=timeout)
 
 
-def run_2proc(args: list[str], *, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """Two CPU processes with FSDP2 over gloo: ``accelerate launch --config_file cpu_fsdp2_2proc.yaml <args>``."""
-    cmd = [ACCELERATE, "launch", "--config_file", CPU_2PROC, "--main_process_port", str(free_port()), *args]
+def run_2proc(args: list[str], *, cwd: Path, timeout: float = 300, config: str = CPU_2PROC,
+              **env: str) -> subprocess.CompletedProcess:
+    """Two CPU processes with FSDP2 over gloo: ``accelerate launch --config_file <config> <args>`` (default
+    ``cpu_fsdp2_2proc.yaml``; :data:`CPU_CP2_2PROC` for context parallel 2)."""
+    cmd = [ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(free_port()), *args]
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 

@@ -96,7 +96,7 @@ def test_each_rank_samples_its_prompts_with_the_same_forwards(tmp_path: Path, mo
         return real_sampler(model, text_bld, uncond, latent_shape, generator)
 
     monkeypatch.setattr(method, "validation_sampler", lambda: spy)
-    monkeypatch.setattr(ValidationCallback, "_gather", staticmethod(lambda local, n, w, *, is_main: local))
+    monkeypatch.setattr(ValidationCallback, "_gather", staticmethod(lambda local, n, topology: local))
     per_rank, calls = [], []
     for rank in range(world_size):
         batch_sizes.clear()

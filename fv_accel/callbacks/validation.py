@@ -40,6 +40,7 @@ from fv_accel.video import decode_with_vae, frame_grid, render_latents, write_mp
 
 if TYPE_CHECKING:
     from fv_accel.data import LatentBatch
+    from fv_accel.runtime import Topology
     from fv_accel.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -186,8 +187,9 @@ class ValidationCallback(Callback):
         sampler = method.validation_sampler()
         cond = student.prepare_batch(self.prompts, student.device)
         num_prompts = cond.batch_size
-        rank, world_size = trainer.topology.rank, trainer.topology.world_size
-        indices, num_real = rank_prompts(num_prompts, rank, world_size)
+        # Per data rank: the ranks of a context-parallel group sample the same prompts, each a share of the tokens.
+        topology = trainer.topology
+        indices, num_real = rank_prompts(num_prompts, topology.data_rank, topology.data_world_size)
         chunk = max(1, self.run_config.training.data.train_batch_size)
         transformer = student.transformer
         was_training = transformer.training
@@ -208,20 +210,24 @@ class ValidationCallback(Callback):
                 local[name] = torch.cat(parts)[:num_real]
         finally:
             transformer.train(was_training)
-        return self._gather(local, num_prompts, world_size, is_main=trainer.is_main)
+        return self._gather(local, num_prompts, topology)
 
     @staticmethod
-    def _gather(local: dict[str, torch.Tensor], num_prompts: int, world_size: int, *, is_main: bool
-                ) -> dict[str, torch.Tensor]:
-        """Every rank's latents onto the main process, in prompt order; {} on the other ranks."""
-        if world_size == 1:
+    def _gather(local: dict[str, torch.Tensor], num_prompts: int, topology: Topology) -> dict[str, torch.Tensor]:
+        """Every data rank's latents onto the main process, in prompt order; {} on the other ranks."""
+        if topology.world_size == 1:
             return local
         import torch.distributed as dist
 
         # Object gather on the host: only the main process receives (N × 8.4 MB per variant at 81×480×832).
-        received: list[dict[str, torch.Tensor]] | None = [{} for _ in range(world_size)] if is_main else None
-        dist.gather_object(local, received, dst=0)
-        return merge_rank_latents(received, num_prompts) if received is not None else {}
+        # One copy per data rank: the other ranks of a context-parallel group hold the same latents.
+        sent = (topology.data_rank, local if topology.cp_rank == 0 else None)
+        received: list[Any] | None = [None] * topology.world_size if topology.is_main else None
+        dist.gather_object(sent, received, dst=0)
+        if received is None:
+            return {}
+        per_data_rank = dict(part for part in received if part[1] is not None)
+        return merge_rank_latents([per_data_rank[r] for r in range(topology.data_world_size)], num_prompts)
 
     def to_frames(self, trainer: Trainer, latents_bcthw: torch.Tensor) -> np.ndarray:
         if not self._vae_loaded:  # main process only, at its first validation; kept for the later ones

@@ -212,17 +212,20 @@ class TrainingMethod(nn.Module, ABC):
         """Create the per-rank generator every random draw of the method and its models uses (``cuda_generator``,
         on the student's device), the host-side ``choice_generator`` for random choices that change the number
         of forward passes (the same on every rank), and the host-side ``rank_choice_generator`` for choices that
-        may differ between ranks without changing it (no device→host sync to read them)."""
+        may differ between data ranks without changing it (no device→host sync to read them)."""
         topology = self.topology or Topology.from_process_group()
         seed = self.training_config.data.seed
         self.cuda_generator = torch.Generator(device=self.student.device)
-        self.cuda_generator.manual_seed(derived_seed(seed, topology.rank))
+        # Per data rank, not per rank: the ranks of a context-parallel group split one sample's sequence and
+        # must draw the same noise and timesteps (nothing would fail otherwise, the loss would just be wrong).
+        self.cuda_generator.manual_seed(derived_seed(seed, topology.data_rank))
         # Seeded without the rank, so every rank draws the same choices: FSDP collectives stay aligned with no
         # broadcast, and no device→host sync happens inside the step.
         self.choice_generator = torch.Generator()
         self.choice_generator.manual_seed(derived_seed(seed, SHARED_STREAM_OFFSET))
+        # Per data rank too: context-parallel peers must run the same rollout (e.g. DMD2's per-rank graded step).
         self.rank_choice_generator = torch.Generator()
-        self.rank_choice_generator.manual_seed(derived_seed(seed, topology.rank + RANK_CHOICE_STREAM_OFFSET))
+        self.rank_choice_generator.manual_seed(derived_seed(seed, topology.data_rank + RANK_CHOICE_STREAM_OFFSET))
 
     @abstractmethod
     def single_train_step(self, batch: Any, step: int) -> StepOutput:
@@ -239,12 +242,22 @@ class TrainingMethod(nn.Module, ABC):
         and lists the loss's name in ``StepOutput.backpropagated``; otherwise it reports ``loss`` as usual."""
         if not self.eager_backward:
             return False
-        (loss / self.training_config.loop.gradient_accumulation_steps).backward()
+        (loss * self.gradient_scale / self.training_config.loop.gradient_accumulation_steps).backward()
         return True
+
+    @property
+    def gradient_scale(self) -> int:
+        """What every loss is multiplied by before backward: the context-parallel degree (1 without).
+
+        Each rank of a context-parallel group computes the same full loss (the output is gathered) but only its
+        tokens' share of every gradient; the right gradient is the sum over the group. FSDP2 averages over all
+        ranks it shards over (dp_shard × cp), so without this factor every gradient is ``cp`` times too small:
+        AdamW hides most of it, gradient clipping and ``eps`` do not."""
+        return self.topology.cp_size if self.topology is not None else 1
 
     def backward(self, output: StepOutput, *, grad_accum_rounds: int = 1) -> None:
         """Differentiate the sum of the losses not already in ``output.backpropagated``, scaled by
-        ``1 / grad_accum_rounds``."""
+        ``gradient_scale / grad_accum_rounds``."""
         if output.backpropagated:
             unknown = sorted(output.backpropagated - output.losses.keys())
             if unknown:
@@ -258,7 +271,7 @@ class TrainingMethod(nn.Module, ABC):
         if not pending:
             return
         total = sum(pending[1:], pending[0])
-        (total / grad_accum_rounds).backward()
+        (total * self.gradient_scale / grad_accum_rounds).backward()
 
     @classmethod
     def sampler(cls, config: MethodConfigBase, *, num_steps: int, guidance_scale: float = 1.0) -> Sampler:

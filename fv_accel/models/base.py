@@ -189,8 +189,13 @@ class ModelBase(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not list its transformer blocks")
 
     def enable_context_parallel(self, mesh: Any) -> None:
-        """Split the sequence of every forward over ``mesh`` (context parallel). A family that supports it
-        overrides this; the default refuses (exit 2) rather than silently running unsplit."""
+        """Split the token sequence of every forward over ``mesh``, the 1-D ``cp`` sub-mesh of the run's device
+        mesh (``Topology.cp_mesh``). Called on every role after :func:`fv_accel.models.prepare.prepare_transformer`
+        and before sharding, while the weights are still on ``meta``: a configuration the family cannot split
+        (head count, attention backend) fails with a ConfigError before any weight is read. Every rank of the
+        group must then get the same inputs, and every forward returns the full (gathered) output on each.
+        A family that supports it overrides this; the default refuses (exit 2) rather than silently running
+        unsplit."""
         raise ConfigError(f"models.{self.role}: context parallel is not supported by family "
                           f"{self.config.family!r} yet")
 

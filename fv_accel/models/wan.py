@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,21 @@ WAN_1_3B_CONFIG: dict[str, Any] = {
     "eps": 1e-6,
     "rope_max_seq_len": 1024,
 }
+
+
+@contextlib.contextmanager
+def _device_count_at_least_one() -> Iterator[None]:
+    """diffusers' ``enable_parallelism`` picks a device as ``rank % torch.accelerator.device_count()``, which
+    divides by zero on a CPU-only build; that device is unused by the Ulysses path, so report one there."""
+    count = torch.accelerator.device_count
+    if count() > 0:
+        yield
+        return
+    torch.accelerator.device_count = lambda: 1
+    try:
+        yield
+    finally:
+        torch.accelerator.device_count = count
 
 
 def _read_json(path: Path, key: str) -> Any:
@@ -280,6 +296,33 @@ class WanModel(ModelBase):
 
     def transformer_blocks(self) -> Sequence[torch.nn.Module]:
         return list(self.transformer.blocks)
+
+    def enable_context_parallel(self, mesh: Any) -> None:
+        """Ulysses context parallel through diffusers' plan for this transformer (``_cp_plan``): the video
+        tokens and RoPE tables are split after patch embedding, each attention exchanges heads for tokens
+        (all-to-all, so the head count must divide by the degree), the text stays whole, and ``proj_out``'s
+        output is gathered. Ring attention is not offered: the CPU backend cannot run it, so it is untested."""
+        from diffusers import ContextParallelConfig
+
+        degree = mesh.size()
+        heads = int(self.transformer.config["num_attention_heads"])
+        if heads % degree:
+            raise ConfigError(f"models.{self.role}: parallelism_config_cp_size {degree} does not divide the "
+                              f"transformer's {heads} attention heads (Ulysses splits heads); use a divisor of "
+                              f"{heads}")
+        # diffusers looks the group up by the dimension names "ring" and "ulysses": the same ranks as the cp
+        # sub-mesh, seen as a (1, degree) mesh.
+        config = ContextParallelConfig(ulysses_degree=degree,
+                                       mesh=mesh._unflatten(0, (1, degree), ("ring", "ulysses")))
+        backend = self.config.attention_backend or "native"
+        try:
+            with _device_count_at_least_one():
+                # mypy sees diffusers' dummy class behind the public name
+                self.transformer.enable_parallelism(config=config)  # type: ignore[arg-type]
+        except ValueError as exc:  # diffusers refuses attention backends without context-parallel support
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise ConfigError(f"models.{self.role}.attention_backend {backend!r} cannot run under "
+                              f"parallelism_config_cp_size {degree}: {first}") from None
 
     def forward_flops(self, latent_shape: Sequence[int], text_len: int) -> int | None:
         return wan_forward_flops(dict(self.transformer.config), latent_shape, text_len)
