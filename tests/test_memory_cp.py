@@ -5,13 +5,15 @@ per-token coefficients of ``fv_accel/memory.py``'s docstring times tokens, by ha
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import REPO
 from test_memory_estimate import init_dirs, recipe, shapes  # noqa: F401 - fixtures
 
-from fv_accel.config import RunConfig
-from fv_accel.memory import estimate_run
+from fv_accel.config import RunConfig, load_yaml, resolve_config
+from fv_accel.memory import GPU_MEMORY_GIB, GiB, estimate_run
 
 LATENT_720P = (16, 21, 90, 160)  # 81 frames at 720×1280
 TOKENS_720P = 21 * 45 * 80  # patch (1, 2, 2): 75,600
@@ -46,3 +48,22 @@ def test_cp_size_below_one_is_refused(recipe: Callable[..., RunConfig]) -> None:
     with pytest.raises(ValueError, match="cp_size must be >= 1, got 0"):
         estimate_run(recipe("14b"), shapes("14b"), latent_shape=LATENT_720P, shard_degree=8,
                      mixed_precision="bf16", cp_size=0)
+
+
+def test_the_720p_recipe_states_its_estimate(init_dirs: dict[str, Path]) -> None:  # noqa: F811
+    """The figures in the comment of ``wan2.1_t2v_14b_720p_dmd2.yaml`` (GiB per GPU) are the estimate's."""
+    path = REPO / "recipes" / "configs" / "wan2.1_t2v_14b_720p_dmd2.yaml"
+    tree = load_yaml(path)
+    for model in tree["models"].values():
+        model["init_from"] = str(init_dirs["14b"])
+    cases = {(8, 2, "gpu"): 94.14, (16, 2, "gpu"): 65.86, (8, 4, "gpu"): 77.32, (8, 4, "cpu"): 70.67,
+             (8, 1, "gpu"): 127.77}
+    for (shards, cp, ema), gib in cases.items():
+        cfg = resolve_config(tree, [("callbacks.ema.device", ema)])
+        est = estimate_run(cfg, shapes("14b"), latent_shape=LATENT_720P, shard_degree=shards,
+                           mixed_precision="bf16", cp_size=cp)
+        assert round(est.peak_bytes / GiB, 2) == gib, (shards, cp, ema)
+        assert f"{gib:.2f} GiB" in path.read_text()
+    fits_h200 = estimate_run(resolve_config(tree, []), shapes("14b"), latent_shape=LATENT_720P, shard_degree=8,
+                             mixed_precision="bf16", cp_size=2)
+    assert fits_h200.fits(GPU_MEMORY_GIB["H200 141GB"])
