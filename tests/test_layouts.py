@@ -211,8 +211,9 @@ def test_cp2_dp_shard2_four_processes_checkpoints_and_resumes(toy_root: Path, tm
 @pytest.mark.parametrize("first,second", [("cp2", "cp1"), ("cp1", "cp2")])
 def test_resume_across_context_parallel_layouts(first: str, second: str, toy_root: Path, tmp_path: Path) -> None:
     """A checkpoint written with cp = 2 (1 data rank) resumes with cp = 1 (2 data ranks, plain FSDP) and the
-    other way: every role's full weights after the load equal the saver's, and the data position carries over
-    (the epoch goes on with rows not drawn before, however many data ranks draw them)."""
+    other way: every role's full weights after the load equal the saver's, the data position carries over
+    (the epoch goes on with rows not drawn before, however many data ranks draw them), and each rank restores
+    the random stream of its data rank: CP peers one and the same, two data ranks never the same one."""
     configs = {"cp2": CPU_CP2_2PROC, "cp1": CPU_2PROC}
     out = tmp_path / "run"
     run_one_node(_finetune_args(toy_root, out, 2), spy=tmp_path / "spy1", log=tmp_path / "run1.log",
@@ -231,3 +232,17 @@ def test_resume_across_context_parallel_layouts(first: str, second: str, toy_roo
              for r in rows]
     assert len(drawn[1]) == 2 * 2 * (2 if second == "cp1" else 1)
     assert not set(drawn[0]) & set(drawn[1]), "the resumed run drew rows of the epoch again"
+
+    # random streams: the saver's data rank of rank r was 0 under cp = 2 and r under cp = 1
+    saved = {r: torch.load(out / "checkpoint-2" / f"random_state.rank{r}.pt", weights_only=True)["method"]
+             for r in range(2)}
+    restored = [torch.load(tmp_path / "spy2" / f"rank{r}_rng.pt", weights_only=True) for r in range(2)]
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(restored[0], saved[0])
+    if second == "cp2":  # both ranks are data rank 0: the saver's rank 0 stream, not rank 1's (data rank 1)
+        assert same(restored[1], saved[0]), "CP peers restored different random streams"
+    else:  # data rank 1 had no stream of its own under cp = 2; it must not take data rank 0's
+        assert not same(restored[1], restored[0]), "two data ranks restored the same random stream"

@@ -8,6 +8,7 @@ Every rank writes to ``$FVR_SPY_DIR``:
   loaded from ``init_from``), right after a resume's checkpoint load, and after training: every role's local
   parameter shards (``DTensor.to_local``) with the rank's coordinate on the roles' device mesh and its dimension
   names. The tests rebuild full tensors from them by hand.
+- ``rank<r>_rng.pt``: the method's generator states right after a resume restored them.
 - ``rank<r>_rows.json``: the topology's data rank and cp rank, and the dataset row indices of every batch the
   rank drew, in order.
 
@@ -56,6 +57,7 @@ def install_spy() -> None:
     original_fit = Trainer.fit
     original_next = DataStream.__next__
     original_load = CheckpointManager.load
+    original_restore = CheckpointManager.restore_random_state
 
     def fit(self: Trainer, **kwargs: Any) -> int:
         torch.save(local_shards(self.method), SPY_DIR / f"rank{RANK}_start.pt")
@@ -76,9 +78,14 @@ def install_spy() -> None:
         torch.save(local_shards(self.method), SPY_DIR / f"rank{RANK}_loaded.pt")
         return step
 
+    def restore_random_state(self: CheckpointManager, path: Path) -> None:
+        original_restore(self, path)
+        torch.save(self.method.random_state(), SPY_DIR / f"rank{RANK}_rng.pt")
+
     Trainer.fit = fit  # type: ignore[method-assign]
     DataStream.__next__ = next_batch  # type: ignore[method-assign]
     CheckpointManager.load = load  # type: ignore[method-assign]
+    CheckpointManager.restore_random_state = restore_random_state  # type: ignore[method-assign]
 
 
 def main() -> int:
