@@ -31,7 +31,10 @@ all-gathered in the compute dtype, 2·c·B_blk (largest block over the roles; on
 block's unsharded gradient before its reduce-scatter, 4·B_blk (fp32 reduce dtype, during backward); and each
 role's root unit, c·P_root, gathered from its forward through its backward.
 
-**Activations** of one graded forward (per rank: not divided by S). Bytes per token saved by one Wan block for
+**Activations** of one graded forward (per rank: not divided by S). Under context parallel (cp ranks split
+each sample's token sequence, ``parallelism_config_cp_size``) a rank holds N/cp video tokens of every
+activation below (rounded up) and all L text tokens (Ulysses leaves the text unsplit); its states are still
+divided by S, which then counts the cp ranks too (FSDP2 shards over dp_shard × cp). Bytes per token saved by one Wan block for
 its backward, counted with ``torch.autograd.graph.saved_tensors_hooks`` on ``WanTransformerBlock`` (diffusers
 0.42) with an attention kernel that keeps only its output and log-sum-exp (flash, cuDNN, efficient; the CPU
 flash kernel in the count) at two (D, F) pairs, (1536, 8960) and (1024, 4096), and fitted as x·D + y·F
@@ -264,13 +267,15 @@ def estimate_peak_memory(roles: Mapping[str, RoleSpec], *, latent_shape: Sequenc
                          batch_size: int, shard_degree: int, mixed_precision: str,
                          ema_role: str | None = None, ema_device: str = "gpu",
                          eager_backward: bool = True, backward_order: Sequence[str] | None = None,
-                         frozen_forward_samples: int | None = None) -> MemoryEstimate:
+                         frozen_forward_samples: int | None = None, cp_size: int = 1) -> MemoryEstimate:
     """Peak bytes per device of one training step in which every trainable role steps (the module
     docstring has the formula). ``backward_order`` defaults to the trainable roles in ``roles`` order;
     ``frozen_forward_samples`` (default 2·batch: CFG cond + uncond in one forward) sizes frozen roles'
-    no-grad forwards."""
+    no-grad forwards. ``cp_size``: the context-parallel degree, which divides each rank's video tokens."""
     if shard_degree < 1:
         raise ValueError(f"shard_degree must be >= 1, got {shard_degree}")
+    if cp_size < 1:
+        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
     c = 2 if mixed_precision == "bf16" else 4
     s = shard_degree
     order = list(backward_order) if backward_order is not None else [r for r, sp in roles.items() if sp.trainable]
@@ -279,6 +284,9 @@ def estimate_peak_memory(roles: Mapping[str, RoleSpec], *, latent_shape: Sequenc
 
     def shard(numel_bytes: int) -> int:
         return math.ceil(numel_bytes / s)
+
+    def rank_tokens(spec: RoleSpec) -> int:  # this rank's share of a sample's video tokens
+        return math.ceil(num_video_tokens(latent_shape, spec.patch_size) / cp_size)
 
     states: list[MemoryTerm] = []
     grads: dict[str, MemoryTerm] = {}
@@ -307,8 +315,7 @@ def estimate_peak_memory(roles: Mapping[str, RoleSpec], *, latent_shape: Sequenc
 
     def activations(role: str) -> dict[str, int]:
         sp = roles[role]
-        tokens = num_video_tokens(latent_shape, sp.patch_size)
-        kw = {"tokens": tokens, "text_len": text_len, "batch": batch_size, "compute_bytes": c}
+        kw = {"tokens": rank_tokens(sp), "text_len": text_len, "batch": batch_size, "compute_bytes": c}
         recompute, act_grads = backward_working_bytes(sp, **kw)
         return {"graph": graph_bytes(sp, **kw), "recompute": recompute, "activation gradients": act_grads}
 
@@ -318,7 +325,7 @@ def estimate_peak_memory(roles: Mapping[str, RoleSpec], *, latent_shape: Sequenc
         return MemoryTerm("activations: graph", role, activations(role)["graph"])
 
     if order and frozen:  # frozen forwards (DMD2's teacher) run while the first role's graph is alive
-        tokens = num_video_tokens(latent_shape, roles[frozen[0]].patch_size)
+        tokens = rank_tokens(roles[frozen[0]])
         nograd = {r: nograd_forward_bytes(roles[r], tokens=tokens, samples=samples, compute_bytes=c) for r in frozen}
         widest = max(nograd, key=lambda r: nograd[r])
         phases["frozen forward"] = states + fsdp + [graph_term(order[0]),
@@ -373,10 +380,11 @@ def role_shapes_from_run(method: Any) -> dict[str, RoleShape] | None:
 
 def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Sequence[int], shard_degree: int,
                  mixed_precision: str, eager_backward: bool = True,
-                 backward_order: Sequence[str] | None = None) -> MemoryEstimate:
+                 backward_order: Sequence[str] | None = None, cp_size: int = 1) -> MemoryEstimate:
     """The estimate of a run configuration (``RunConfig``): each role's checkpointing, attention backend and
     frozen dtype from ``models.<role>``, batch and text length from ``training.data``, the EMA from
-    ``callbacks.ema``. What ``--dry-run`` prints, with ``shapes`` from the built models."""
+    ``callbacks.ema``. What ``--dry-run`` prints, with ``shapes`` from the built models; ``cp_size`` from the
+    launcher's layout (``parallelism_config_cp_size``)."""
     from fv_accel.models import FAMILIES
 
     specs: dict[str, RoleSpec] = {}
@@ -403,7 +411,7 @@ def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Seq
         batch_size=cfg.training.data.train_batch_size, shard_degree=shard_degree,
         mixed_precision=mixed_precision, ema_role=EMA_ROLE if ema is not None else None,
         ema_device=ema.device if ema is not None else "gpu", eager_backward=eager_backward,
-        backward_order=backward_order)
+        backward_order=backward_order, cp_size=cp_size)
 
 
 def format_gib(num_bytes: float) -> str:

@@ -66,7 +66,8 @@ def memory_lines(cfg: RunConfig, accelerator: Any, built: Any) -> list[str]:
                             shard_degree=_shard_degree(method, accelerator.num_processes),
                             mixed_precision=mixed_precision,
                             eager_backward=method.eager_backward,
-                            backward_order=[r for r in method.trainable_roles if r in shapes])
+                            backward_order=[r for r in method.trainable_roles if r in shapes],
+                            cp_size=method.topology.cp_size if method.topology is not None else 1)
     mib = 2**20
     largest = ", ".join(f"{t.role} {t.name} {t.bytes / mib:.2f} MiB" for t in estimate.largest(3))
     lines = [f"estimated peak memory per device: {estimate.peak_bytes / mib:.2f} MiB "

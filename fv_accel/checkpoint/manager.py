@@ -222,6 +222,15 @@ def restore_rng_state(method: TrainingMethod, state: dict[str, Any]) -> None:
     method.load_random_state(state["method"])
 
 
+def _saved_data_rank(state: dict[str, Any], rank: int) -> int:
+    """The data rank a random-state file was saved for; files from before it was recorded: their rank."""
+    return int(state.get("data_rank", rank))
+
+
+def _file_rank(path: Path) -> int:
+    return int(path.name.removeprefix(layout.RANDOM_STATE_PREFIX).removeprefix("rank").split(".")[0])
+
+
 def save_rng_file(state: dict[str, Any], path: Path) -> None:
     """Write ``capture_rng_state``'s dict atomically (tmp, fsync, rename)."""
     tmp = path.with_suffix(".tmp")
@@ -399,7 +408,10 @@ class CheckpointManager:
         return final
 
     def _write_random_state(self, partial: Path) -> None:
-        save_rng_file(capture_rng_state(self.method), partial / layout.random_state_file(self.topology.rank))
+        # The data rank says whose random stream this is (context-parallel peers share one): a resume on
+        # another layout restores each rank from a file of its own data rank (restore_random_state).
+        state = {**capture_rng_state(self.method), "data_rank": self.topology.data_rank}
+        save_rng_file(state, partial / layout.random_state_file(self.topology.rank))
 
     def _finalize(self, step: int, partial: Path, stateless: list[str]) -> None:
         """Collective, once every rank's files are written: metadata.json, the rename, retention."""
@@ -600,9 +612,26 @@ class CheckpointManager:
                                       f"({sum(v < 0 for v in steps)} of {len(opt.state)} parameters missed)")
 
     def restore_random_state(self, path: Path) -> None:
-        """Restore per-rank RNG; call last, after the data iterator and everything else are set up."""
-        rng_file = path / layout.random_state_file(self.topology.rank)
-        if not rng_file.is_file():
-            logger.warning("%s has no random state for rank %d; continuing with fresh RNG", path, self.topology.rank)
+        """Restore per-rank RNG; call last, after the data iterator and everything else are set up.
+
+        Each rank takes the random stream of its data rank (noise, timesteps and rollout choices are drawn per
+        data rank, identical within a context-parallel group): its own file on the same layout; on another
+        one (cp changed) the first saved rank of the same data rank, so CP peers restore one stream and data
+        ranks never share one. A data rank no saved rank had keeps the fresh RNG it was seeded with."""
+        data_rank = self.topology.data_rank
+        own = path / layout.random_state_file(self.topology.rank)
+        state = load_rng_file(own) if own.is_file() else None
+        if state is None or _saved_data_rank(state, self.topology.rank) != data_rank:
+            state = None
+            files = sorted((f for f in path.iterdir() if layout.is_random_state_file(f.name)
+                            and f.suffix == ".pt"), key=_file_rank)
+            for rng_file in files:
+                candidate = load_rng_file(rng_file)
+                if _saved_data_rank(candidate, _file_rank(rng_file)) == data_rank:
+                    state = candidate
+                    break
+        if state is None:
+            logger.warning("%s has no random state for data rank %d (rank %d); continuing with fresh RNG", path,
+                           data_rank, self.topology.rank)
             return
-        restore_rng_state(self.method, load_rng_file(rng_file))
+        restore_rng_state(self.method, state)
