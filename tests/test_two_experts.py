@@ -1,0 +1,182 @@
+"""Two-expert roles (Wan 2.2 A14B layout): ``transformer`` takes t ≥ boundary·1000, ``transformer_2`` the rest.
+
+Oracles: the routed velocity equals each expert's own plain call on its rows; spies on each expert's forward see
+only timesteps of its side; weights that did not train are bitwise the init files'; unsupported layouts are
+refused with the missing piece named.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fv_accel.config import ModelConfig, resolve_config
+from fv_accel.errors import ConfigError
+from fv_accel.models import WanModel
+
+BOUNDARY = 0.5
+
+
+def two_expert_dir(root: Path, toy_root: Path, *, boundary: float | None = BOUNDARY,
+                   pipeline: str = "WanPipeline") -> Path:
+    """A pipeline directory with two different random tiny experts and ``model_index.json`` (no VAE or text
+    encoder: the runs use identity latent statistics)."""
+    from fv_accel.toy import ensure_init_transformer
+
+    second = ensure_init_transformer(toy_root, seed=1, name="init_expert2")
+    out = root / "two_experts"
+    shutil.copytree(toy_root / "init" / "transformer", out / "transformer")
+    shutil.copytree(second / "transformer", out / "transformer_2")
+    index = {"_class_name": pipeline, "_diffusers_version": "0.35.0", "boundary_ratio": boundary,
+             "transformer": ["diffusers", "WanTransformer3DModel"],
+             "transformer_2": ["diffusers", "WanTransformer3DModel"]}
+    (out / "model_index.json").write_text(json.dumps(index))
+    return out
+
+
+def _finetune_config(init: Path, toy_root: Path, out: Path, **student: Any) -> Any:
+    return resolve_config({
+        "models": {"student": {"init_from": str(init), "latent_stats": "identity", **student}},
+        "method": {"name": "finetune", "weighting_scheme": "uniform"},
+        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 4, "text_len": 8},
+                     "optimizer": {"learning_rate": 1e-3},
+                     "loop": {"max_train_steps": 3, "max_grad_norm": 1.0}, "tracker": {"backends": []},
+                     "checkpoint": {"output_dir": str(out)}},
+    })
+
+
+def _spy(module: torch.nn.Module, seen: list[torch.Tensor]) -> None:
+    def hook(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append(kwargs["timestep"].detach().float().cpu())
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _full(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in module.named_parameters()}
+
+
+def test_routed_velocity_equals_each_experts_plain_call(tmp_path: Path, toy_root: Path) -> None:
+    """A batch mixing both sides is split and re-joined in order; per-frame timesteps route by their max."""
+    init = two_expert_dir(tmp_path, toy_root)
+    model = WanModel.from_config("student", ModelConfig(init_from=str(init), latent_stats="identity"),
+                                 dtype=torch.float32)
+    assert list(model.modules()) == ["transformer", "transformer_2"] and model.boundary_ratio == BOUNDARY
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 2, 4, 4)
+    text = torch.randn(4, 3, 32)
+    t = torch.tensor([900.0, 100.0, 500.0, 499.0])  # 500 = boundary·1000 goes to the high-noise expert
+    experts = [model.transformer if float(ti) >= 500 else model.transformer_2 for ti in t]
+    with torch.no_grad():
+        got = model.predict_velocity(x, t, text)
+        want = torch.cat([e(hidden_states=x[i:i + 1], timestep=t[i:i + 1], encoder_hidden_states=text[i:i + 1],
+                            return_dict=False)[0] for i, e in enumerate(experts)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # Per frame: sample 0 has its noisiest frame above the boundary, sample 1 none.
+        t_bf = torch.tensor([[100.0, 800.0], [400.0, 300.0]])
+        got_bf = model.predict_velocity(x[:2], t_bf, text[:2])
+        high = model._expert_velocity(model.transformer, x[:1], t_bf[:1], text[:1])
+        low = model._expert_velocity(model.transformer_2, x[1:2], t_bf[1:2], text[1:2])
+        torch.testing.assert_close(got_bf, torch.cat([high, low]), rtol=1e-5, atol=1e-6)
+
+
+def test_both_experts_train_each_only_on_its_side(tmp_path: Path, toy_root: Path, fresh_world: Any) -> None:
+    from fv_accel.build import build_run
+    from fv_accel.callbacks import CallbackList
+    from fv_accel.runtime import build_accelerator
+    from fv_accel.trainer import Trainer
+
+    init = two_expert_dir(tmp_path, toy_root)
+    accelerator = build_accelerator()
+    cfg = _finetune_config(init, toy_root, tmp_path / "run")
+    built = build_run(cfg, accelerator)
+    method = built.method
+    student = method.student
+    assert set(method.checkpoint_state()) >= {"roles.student.transformer", "roles.student.transformer_2"}
+    seen: dict[str, list[torch.Tensor]] = {"transformer": [], "transformer_2": []}
+    for name, module in student.modules().items():
+        _spy(module, seen[name])
+    in_optimizer = {id(p) for g in method.roles["student"].optimizer.param_groups for p in g["params"]}
+    for module in student.modules().values():
+        assert all(id(p) in in_optimizer for p in module.parameters())
+    before = {name: _full(m) for name, m in student.modules().items()}
+    trainer = Trainer(accelerator=accelerator, method=method, data=built.data, cfg=cfg,
+                      callbacks=CallbackList([]), checkpoints=None, show_progress=False)
+    trainer.fit()
+    high = torch.cat(seen["transformer"])
+    low = torch.cat(seen["transformer_2"])
+    assert high.numel() > 0 and low.numel() > 0
+    assert high.numel() + low.numel() == 3 * 4  # every training sample went to exactly one expert
+    assert bool((high >= BOUNDARY * 1000).all()), high
+    assert bool((low < BOUNDARY * 1000).all()), low
+    for name, module in student.modules().items():
+        after = _full(module)
+        assert any(not torch.equal(after[n], before[name][n]) for n in after), name
+
+
+def test_experts_high_trains_transformer_alone(tmp_path: Path, toy_root: Path, fresh_world: Any) -> None:
+    from fv_accel.build import build_run
+    from fv_accel.callbacks import CallbackList
+    from fv_accel.runtime import build_accelerator
+    from fv_accel.trainer import Trainer
+
+    init = two_expert_dir(tmp_path, toy_root)
+    accelerator = build_accelerator()
+    cfg = _finetune_config(init, toy_root, tmp_path / "run", experts="high")
+    built = build_run(cfg, accelerator)
+    method = built.method
+    student = method.student
+    assert not any(p.requires_grad for p in student.transformer_2.parameters())
+    in_optimizer = {id(p) for g in method.roles["student"].optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in student.transformer_2.parameters())
+    assert "roles.student.transformer_2" not in method.checkpoint_state()
+    Trainer(accelerator=accelerator, method=method, data=built.data, cfg=cfg, callbacks=CallbackList([]),
+            checkpoints=None, show_progress=False).fit()
+    stored = load_file(str(init / "transformer_2" / "diffusion_pytorch_model.safetensors"))
+    after = _full(student.transformer_2)
+    assert all(torch.equal(after[n], stored[n]) for n in stored)
+    trained = load_file(str(init / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(v, trained[n]) for n, v in _full(student.transformer).items())
+
+
+def test_experts_on_a_one_expert_model_is_a_config_error(toy_root: Path) -> None:
+    cfg = ModelConfig(init_from=str(toy_root / "init"), latent_stats="identity", experts="low")
+    with pytest.raises(ConfigError, match=r"models.student.experts: .* has one transformer"):
+        WanModel.from_config("student", cfg, dtype=torch.float32, on_meta=True)
+
+
+def test_an_image_to_video_pipeline_is_refused(tmp_path: Path, toy_root: Path) -> None:
+    init = two_expert_dir(tmp_path, toy_root, pipeline="WanImageToVideoPipeline")
+    index = json.loads((init / "model_index.json").read_text())
+    index["image_encoder"] = ["transformers", "CLIPVisionModel"]
+    (init / "model_index.json").write_text(json.dumps(index))
+    cfg = ModelConfig(init_from=str(init), latent_stats="identity")
+    with pytest.raises(ConfigError, match=r"WanImageToVideoPipeline pipeline, which needs image conditioning "
+                                          r"\(it has image_encoder\)"):
+        WanModel.from_config("student", cfg, dtype=torch.float32, on_meta=True)
+
+
+def test_an_image_to_video_transformer_is_refused(tmp_path: Path, toy_root: Path) -> None:
+    """A bare I2V transformer (36 input channels: noise + first-frame latents and mask; image_dim set)."""
+    folder = tmp_path / "i2v"
+    shutil.copytree(toy_root / "init", folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config.update(in_channels=36, out_channels=16, image_dim=32)
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    cfg = ModelConfig(init_from=str(folder), latent_stats="identity")
+    with pytest.raises(ConfigError, match=r"image-to-video transformer \(image_dim=32, in_channels=36"):
+        WanModel.from_config("student", cfg, dtype=torch.float32, on_meta=True)
+
+
+def test_a_second_expert_without_boundary_is_refused(tmp_path: Path, toy_root: Path) -> None:
+    init = two_expert_dir(tmp_path, toy_root, boundary=None)
+    cfg = ModelConfig(init_from=str(init), latent_stats="identity")
+    with pytest.raises(ConfigError, match=r"lists transformer_2 but .* boundary_ratio None"):
+        WanModel.from_config("student", cfg, dtype=torch.float32, on_meta=True)
