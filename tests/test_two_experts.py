@@ -21,6 +21,8 @@ from fv_accel.errors import ConfigError
 from fv_accel.models import WanModel
 
 BOUNDARY = 0.5
+#: Wan 2.2 A14B T2V's switch; the tiny pipeline's 2 sampling steps (t = 999, 750) fall on both sides of it
+A14B_BOUNDARY = 0.875
 
 
 def two_expert_dir(root: Path, toy_root: Path, *, boundary: float | None = BOUNDARY,
@@ -180,3 +182,55 @@ def test_a_second_expert_without_boundary_is_refused(tmp_path: Path, toy_root: P
     cfg = ModelConfig(init_from=str(init), latent_stats="identity")
     with pytest.raises(ConfigError, match=r"lists transformer_2 but .* boundary_ratio None"):
         WanModel.from_config("student", cfg, dtype=torch.float32, on_meta=True)
+
+
+def test_export_writes_both_experts_and_the_boundary(tmp_path: Path, toy_root: Path, fresh_world: Any) -> None:
+    """One step with an EMA: the first EMA update is the weights themselves, so the EMA export must equal the
+    student's for both experts; both differ from the base, the pipeline keeps ``boundary_ratio`` and samples."""
+    from conftest import build_tiny_wan_pipeline
+    from diffusers import DiffusionPipeline
+
+    from fv_accel.checkpoint.layout import EMA_SHADOW_PREFIX, dcp_entries
+    from fv_accel.export import export_checkpoint
+    from fv_accel.run import train
+    from fv_accel.runtime import build_accelerator
+    from fv_accel.toy import ensure_init_transformer
+
+    second = ensure_init_transformer(toy_root, seed=1, name="init_expert2")
+    pipe_dir = build_tiny_wan_pipeline(tmp_path / "tiny-a14b", toy_root / "init" / "transformer",
+                                       second / "transformer", boundary_ratio=A14B_BOUNDARY)
+    out = tmp_path / "run"
+    cfg = _finetune_config(pipe_dir, toy_root, out).model_dump()
+    cfg["training"]["loop"]["max_train_steps"] = 1
+    cfg["callbacks"] = {"ema": {"decay": 0.5}}
+    train(resolve_config(cfg), build_accelerator())
+    ckpt = out / "checkpoint-1"
+    shadow = [k for k in dcp_entries(ckpt) if k.startswith(EMA_SHADOW_PREFIX)]
+    assert any(k.startswith(EMA_SHADOW_PREFIX + "transformer_2.") for k in shadow)
+    assert any(not k.startswith(EMA_SHADOW_PREFIX + "transformer_2.") for k in shadow)
+
+    exports = {role: tmp_path / role for role in ("student", "ema")}
+    for role, path in exports.items():
+        assert export_checkpoint(ckpt, role=role, output=path, dtype="fp32").is_pipeline
+    for module in ("transformer", "transformer_2"):
+        base = load_file(str(pipe_dir / module / "diffusion_pytorch_model.safetensors"))
+        student = load_file(str(exports["student"] / module / "diffusion_pytorch_model.safetensors"))
+        ema = load_file(str(exports["ema"] / module / "diffusion_pytorch_model.safetensors"))
+        assert any(not torch.equal(base[k], student[k]) for k in base), module
+        assert all(torch.equal(ema[k], student[k]) for k in student), module
+    index = json.loads((exports["student"] / "model_index.json").read_text())
+    assert index["boundary_ratio"] == A14B_BOUNDARY
+    assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+
+    pipe = DiffusionPipeline.from_pretrained(exports["student"])
+    assert type(pipe).__name__ == "WanPipeline" and pipe.config.boundary_ratio == A14B_BOUNDARY
+    trained_2 = load_file(str(exports["student"] / "transformer_2" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(pipe.transformer_2.state_dict()[k], v) for k, v in trained_2.items())
+    seen: dict[str, list[float]] = {"transformer": [], "transformer_2": []}
+    for name in seen:
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda _m, _a, kw, name=name: seen[name].append(float(kw["timestep"].flatten()[0])), with_kwargs=True)
+    video = pipe(prompt="a cat walks", height=16, width=16, num_frames=5, num_inference_steps=2,
+                 guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 16, 16, 3) and bool(torch.isfinite(torch.as_tensor(video)).all())
+    assert seen["transformer"] and seen["transformer_2"]  # 2 steps straddle the boundary: each expert ran
