@@ -593,23 +593,30 @@ class WanModel(ModelBase):
 
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
         """One expert per sample with two experts (:meth:`high_noise_mask`): the batch is split by expert and
-        re-joined in order. Reading the split costs a device→host sync per forward. Under FSDP2 over several
-        ranks every rank calls both experts in the same order (their all-gathers are collectives): an expert
-        with no sample on this rank runs on the first one and adds 0× its output to the result, so it still
-        joins the backward's reduce-scatter with zero gradients."""
+        re-joined in order. Reading the split costs a device→host sync per forward. An expert with no sample
+        in the batch still runs, on the first sample, adding 0× its output to the result, (1) under FSDP2 over
+        several ranks, where every rank must call both experts in the same order (their all-gathers and
+        reduce-scatters are collectives), and (2) when it trains and gradients are on: it then gets zero
+        gradients rather than none, so AdamW steps (and keeps state for) both experts at every step of the
+        role, on one process as on many, and a checkpoint always holds both experts' optimizer state."""
         if self.transformer_2 is None:
             return self._expert_velocity(self.transformer, x_t, t, text_embeds_bld)
         high = self.high_noise_mask(t)
         out = torch.empty(x_t.shape, dtype=torch.float32, device=x_t.device)
         collective = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        trained = self.trained_modules() if torch.is_grad_enabled() else ()
         keep_alive: list[torch.Tensor] = []
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for expert, mask in ((self.transformer, high), (self.transformer_2, ~high)):
+        experts = (("transformer", self.transformer, high), ("transformer_2", self.transformer_2, ~high))
+        for name, expert, mask in experts:
             index = mask.nonzero().squeeze(1)
             if index.numel():
                 parts.append((index, self._expert_velocity(expert, x_t[index], t[index], text_embeds_bld[index])))
-            elif collective:
-                keep_alive.append(self._expert_velocity(expert, x_t[:1], t[:1], text_embeds_bld[:1]))
+            elif collective or name in trained:
+                # At a timestep of its own range: an expert never evaluates the other's noise levels.
+                edge = self.boundary_ratio * 1000
+                t_own = t[:1].clamp(min=edge) if name == "transformer" else t[:1].clamp(max=edge - 1.0)
+                keep_alive.append(self._expert_velocity(expert, x_t[:1], t_own, text_embeds_bld[:1]))
         # index_put (out-of-place) keeps the graph of both parts; rows are disjoint and cover the batch.
         for index, velocity in parts:
             out = out.index_put((index,), velocity)
