@@ -614,7 +614,7 @@ class WanModel(ModelBase):
                 parts.append((index, self._expert_velocity(expert, x_t[index], t[index], text_embeds_bld[index])))
             elif collective or name in trained:
                 # At a timestep of its own range: an expert never evaluates the other's noise levels.
-                edge = self.boundary_ratio * 1000
+                edge = float(self.boundary_ratio or 0) * 1000
                 t_own = t[:1].clamp(min=edge) if name == "transformer" else t[:1].clamp(max=edge - 1.0)
                 keep_alive.append(self._expert_velocity(expert, x_t[:1], t_own, text_embeds_bld[:1]))
         # index_put (out-of-place) keeps the graph of both parts; rows are disjoint and cover the batch.
