@@ -361,13 +361,15 @@ def role_shapes_from_run(method: Any) -> dict[str, RoleShape] | None:
     for role, model in method.role_models.items():
         if not model.has_memory_model:
             return None
+        # A two-expert role: both experts' weights (and states) count, one expert computes at a time.
         transformer = model.transformer
+        params = [p for module in model.modules().values() for p in module.parameters()]
         names = tuple(model.block_class_names)
         blocks = [m for m in transformer.modules() if type(m).__name__.removeprefix("FSDP") in names]
         block_params = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
-        shapes[role] = RoleShape(dict(transformer.config), sum(p.numel() for p in transformer.parameters()),
+        shapes[role] = RoleShape(dict(transformer.config), sum(p.numel() for p in params),
                                  block_params, family=model.config.family,
-                                 trainable_params=sum(p.numel() for p in transformer.parameters() if p.requires_grad))
+                                 trainable_params=sum(p.numel() for p in params if p.requires_grad))
     return shapes
 
 
@@ -383,7 +385,10 @@ def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Seq
     for role, shape in shapes.items():
         model_cfg = cfg.models[role]
         frozen_bytes = 2 if (mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16") else 4
-        lora = model_cfg.trainable and model_cfg.lora is not None  # adapters on a base stored like a frozen role
+        # adapters on a base stored like a frozen role; likewise one trained expert beside a frozen one (its
+        # fp32 copy is then counted on top of a frozen-dtype one: ≤ 2 bytes per trained parameter too many)
+        lora = model_cfg.trainable and (model_cfg.lora is not None or (
+            shape.trainable_params is not None and 0 < shape.trainable_params < shape.num_params))
         spec = FAMILIES[shape.family].role_memory_spec(
             shape.config, num_params=shape.num_params, block_params=shape.block_params,
             trainable=model_cfg.trainable, weight_bytes=frozen_bytes if lora or not model_cfg.trainable else 4,

@@ -323,3 +323,19 @@ def test_two_expert_dmd2_resume_reproduces_the_uninterrupted_losses(tmp_path: Pa
     assert "generator_loss" in runs["full"][4]
     for step in (3, 4):
         assert runs["resumed"][step] == runs["full"][step], step
+
+
+def test_dry_run_shapes_count_both_experts(tmp_path: Path, toy_root: Path) -> None:
+    """The memory estimate's parameter counts: both experts' weights, the trained expert's alone as trained."""
+    from types import SimpleNamespace
+
+    from fv_accel.memory import role_shapes_from_run
+    from fv_accel.models import load_role_model
+
+    init = two_expert_dir(tmp_path, toy_root)
+    one = sum(p.numel() for p in load_file(str(init / "transformer" / "diffusion_pytorch_model.safetensors")).values())
+    for experts, trained in (("both", 2 * one), ("low", one)):
+        cfg = ModelConfig(init_from=str(init), latent_stats="identity", experts=experts)
+        model = load_role_model("student", cfg, mixed_precision="bf16", on_meta=True)
+        shape = role_shapes_from_run(SimpleNamespace(role_models={"student": model}))["student"]  # type: ignore[index]
+        assert (shape.num_params, shape.trainable_params) == (2 * one, trained)
