@@ -152,10 +152,13 @@ class RoleSpec:
     activation_checkpointing: Checkpointing = "off"
     checkpoint_every: int = 1
     attention_backend: str | None = None
+    num_experts: int = 1
+    """Transformers of the role (2: Wan 2.2 A14B), each ``num_blocks`` blocks; ``num_params`` counts all. A
+    batch mixing both noise ranges runs both, so both root units may be gathered at once."""
 
     @property
     def root_params(self) -> int:
-        return self.num_params - self.num_blocks * self.block_params
+        return self.num_params - self.num_experts * self.num_blocks * self.block_params
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,8 @@ class RoleShape:
     """The model family (``fv_accel.models.FAMILIES``), whose ``role_memory_spec`` reads ``config``."""
     trainable_params: int | None = None
     """Parameters that require grad (global count); used for roles with ``models.<role>.lora``."""
+    num_experts: int = 1
+    """Transformers of the role (``ModelBase.modules()``), all counted in ``num_params``."""
 
 
 def role_shapes_from_run(method: Any) -> dict[str, RoleShape] | None:
@@ -369,7 +374,8 @@ def role_shapes_from_run(method: Any) -> dict[str, RoleShape] | None:
         block_params = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
         shapes[role] = RoleShape(dict(transformer.config), sum(p.numel() for p in params),
                                  block_params, family=model.config.family,
-                                 trainable_params=sum(p.numel() for p in params if p.requires_grad))
+                                 trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                                 num_experts=len(model.modules()))
     return shapes
 
 
@@ -395,6 +401,7 @@ def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Seq
             activation_checkpointing=model_cfg.activation_checkpointing,
             checkpoint_every=model_cfg.activation_checkpointing_every,
             attention_backend=model_cfg.attention_backend)
+        spec = dataclasses.replace(spec, num_experts=shape.num_experts)
         if lora:
             if shape.trainable_params is None:
                 raise ValueError(f"models.{role}.lora: the estimate needs the role's adapter parameter count")

@@ -338,4 +338,14 @@ def test_dry_run_shapes_count_both_experts(tmp_path: Path, toy_root: Path) -> No
         cfg = ModelConfig(init_from=str(init), latent_stats="identity", experts=experts)
         model = load_role_model("student", cfg, mixed_precision="bf16", on_meta=True)
         shape = role_shapes_from_run(SimpleNamespace(role_models={"student": model}))["student"]  # type: ignore[index]
-        assert (shape.num_params, shape.trainable_params) == (2 * one, trained)
+        assert (shape.num_params, shape.trainable_params, shape.num_experts) == (2 * one, trained, 2)
+
+
+def test_memory_spec_counts_a_root_unit_per_expert() -> None:
+    """P_root = P − experts·n·B: two Wan experts of P = 1000 + 2·100 each (root 1000, 2 blocks of 100) have
+    two root units of 1000, not one root unit holding the whole second expert."""
+    from fv_accel.memory import RoleSpec
+
+    spec = RoleSpec(trainable=False, num_params=2 * 1200, num_blocks=2, block_params=100, hidden_dim=8, ffn_dim=8,
+                    num_heads=1, patch_size=(1, 2, 2), num_experts=2)
+    assert spec.root_params == 2 * 1000
