@@ -349,3 +349,27 @@ def test_memory_spec_counts_a_root_unit_per_expert() -> None:
     spec = RoleSpec(trainable=False, num_params=2 * 1200, num_blocks=2, block_params=100, hidden_dim=8, ffn_dim=8,
                     num_heads=1, patch_size=(1, 2, 2), num_experts=2)
     assert spec.root_params == 2 * 1000
+
+
+def test_sampling_recipe_loads_both_trained_experts(tmp_path: Path, toy_root: Path, fresh_world: Any) -> None:
+    """recipes/sample.py's model of a two-expert checkpoint holds the run's final weights in both experts (student;
+    the EMA after its first update equals them)."""
+    from conftest import REPO, load_module
+
+    from fv_accel.run import train
+    from fv_accel.runtime import build_accelerator
+
+    init = two_expert_dir(tmp_path, toy_root)
+    cfg = _finetune_config(init, toy_root, tmp_path / "run").model_dump()
+    cfg["training"]["loop"]["max_train_steps"] = 1
+    cfg["callbacks"] = {"ema": {"decay": 0.5}}
+    trainer = train(resolve_config(cfg), build_accelerator())
+    final = {name: _full(m) for name, m in trainer.method.student.modules().items()}
+    recipe = load_module(REPO / "recipes" / "sample.py", "sample_recipe_two_experts")
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    run_cfg, _ = recipe.read_run_config(ckpt)
+    for role in ("student", "ema"):
+        model = recipe.load_model(run_cfg, ckpt, role)
+        for name, module in model.modules().items():
+            loaded = dict(module.named_parameters())
+            assert all(torch.equal(loaded[n].detach(), v) for n, v in final[name].items()), (role, name)
