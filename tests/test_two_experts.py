@@ -373,3 +373,23 @@ def test_sampling_recipe_loads_both_trained_experts(tmp_path: Path, toy_root: Pa
         for name, module in model.modules().items():
             loaded = dict(module.named_parameters())
             assert all(torch.equal(loaded[n].detach(), v) for n, v in final[name].items()), (role, name)
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_ranks_with_one_sided_batches(tmp_path: Path, toy_root: Path) -> None:
+    """Rank 0 all high-noise, rank 1 all low-noise: both experts are sharded, nothing hangs, outputs equal the
+    plain expert's, and each expert's gradient is FSDP2's average of the plain per-rank gradients (one rank's
+    gradient and a zero)."""
+    from conftest import REPO, run_torchrun
+
+    init = two_expert_dir(tmp_path, toy_root)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = run_torchrun("tests/dist_scripts/two_experts.py", str(init), str(toy_root / "data"), str(out), nproc=2,
+                        cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((out / f"rank{rank}.json").read_text())
+        assert report["transformer_sharded"] and report["transformer_2_sharded"]
+        assert report["output"] < 1e-5, report
+        assert report["transformer_grad"] < 1e-6 and report["transformer_2_grad"] < 1e-6, report
