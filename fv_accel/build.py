@@ -96,33 +96,48 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
     optimizer_names: dict[str, tuple[Any, list[list[str]]]] = {}
     for role, record in method.roles.items():
         model = record.model
-        if list(model.modules()) != ["transformer"]:
-            raise ConfigError(f"models.{role}: a role with modules {list(model.modules())} cannot be sharded yet "
-                              "(one transformer per role)")
         if cp_mesh is not None:  # before fully_shard (and on meta: a refusal costs no weight read)
             model.enable_context_parallel(cp_mesh)
         plugin.transformer_cls_names_to_wrap = list(model.block_class_names)
-        stored_dtypes = shard_fp32_modules(accelerator, model)
+        modules = model.modules()
+        stored_dtypes = {name: shard_fp32_modules(accelerator, model, name) for name in modules}
+        # Every module but the first is sharded alone (Accelerate prepares one model per call); a trained one
+        # keeps requires_grad. The first goes through prepare() with the role's optimizer and scheduler, which
+        # hold the trained parameters of all modules (one optimizer per role; a two-expert role's checkpoint
+        # keys its experts' weights apart, roles.<role>.transformer and roles.<role>.transformer_2).
+        prepared: dict[str, torch.nn.Module] = {}
+        for name in list(modules)[1:]:
+            prepared[name] = fsdp2_prepare_model(accelerator, modules[name])
+            if name not in model.trained_modules():
+                prepared[name].requires_grad_(False)
+                prepared[name].eval()
+        first = next(iter(modules))
         if record.trainable:
             if role not in opt_cfgs:
                 raise ValueError(f"method {method.name!r} gives no optimizer settings for trainable role {role!r}")
-            params = [p for p in model.transformer.parameters() if p.requires_grad]
+            named = {f"{m}.{n}": p for m, module in {**modules, **prepared}.items()
+                     for n, p in module.named_parameters()}
+            params = [p for p in named.values() if p.requires_grad]
             optimizer = build_optimizer(params, opt_cfgs[role])
             num_steps = method.num_optimizer_steps(role, cfg.training.loop.max_train_steps)
             scheduler = build_lr_scheduler(optimizer, opt_cfgs[role], num_steps)
-            names = {id(p): n for n, p in model.transformer.named_parameters()}
+            names = {id(p): n for n, p in named.items()}
             group_names = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-            transformer, optimizer, scheduler = accelerator.prepare(model.transformer, optimizer, scheduler)
+            prepared[first], optimizer, scheduler = accelerator.prepare(modules[first], optimizer, scheduler)
+            if first not in model.trained_modules():
+                prepared[first].requires_grad_(False)
+                prepared[first].eval()
             optimizer_names[role] = (optimizer, group_names)
-            method.attach_prepared(role, {"transformer": transformer}, optimizer, scheduler)
+            method.attach_prepared(role, prepared, optimizer, scheduler)
         else:
-            transformer = fsdp2_prepare_model(accelerator, model.transformer)
-            transformer.requires_grad_(False)
-            transformer.eval()
-            method.attach_prepared(role, {"transformer": transformer})
-        finish_prepare(accelerator, role, model, stored_dtypes)
-        assert_fsdp2_sharded(role, model.transformer)
-    if any(is_on_meta(model.transformer) for model in method.role_models.values()):
+            prepared[first] = fsdp2_prepare_model(accelerator, modules[first])
+            prepared[first].requires_grad_(False)
+            prepared[first].eval()
+            method.attach_prepared(role, prepared)
+        for name, module in model.modules().items():
+            finish_prepare(accelerator, role, module, stored_dtypes[name])
+            assert_fsdp2_sharded(role, module)
+    if any(is_on_meta(m) for model in method.role_models.values() for m in model.modules().values()):
         from torch.distributed.fsdp import CPUOffloadPolicy
 
         offloaded = isinstance(plugin.cpu_offload, CPUOffloadPolicy)
@@ -131,12 +146,14 @@ def shard_roles(accelerator: Accelerator, method: TrainingMethod, cfg: RunConfig
     # tensor (all would map to one parameter), and materialising replaces the parameter objects: point each
     # optimizer at its role's final parameters by name (names survive sharding).
     for role, (optimizer, group_names) in optimizer_names.items():
-        sharded = dict(method.role_models[role].transformer.named_parameters())
+        sharded = {f"{m}.{n}": p for m, module in method.role_models[role].modules().items()
+                   for n, p in module.named_parameters()}
         for group, group_params in zip(optimizer.param_groups, group_names, strict=True):
             group["params"] = [sharded[n] for n in group_params]
 
 
-def shard_fp32_modules(accelerator: Accelerator, model: ModelBase) -> dict[str, torch.dtype]:
+def shard_fp32_modules(accelerator: Accelerator, model: ModelBase, module_name: str = "transformer"
+                       ) -> dict[str, torch.dtype]:
     """Before ``prepare``: under bf16, give each module the family keeps in fp32 (``model.fp32_modules()``) its
     own FSDP2 unit with :data:`FP32_POLICY`, so it is gathered and computed in fp32 as in diffusers' inference
     (in the block's bf16 unit the time embedder's gradients near t = 1000 are tens of % off). Accelerate then
@@ -145,37 +162,39 @@ def shard_fp32_modules(accelerator: Accelerator, model: ModelBase) -> dict[str, 
     from torch.distributed.fsdp import fully_shard
 
     model.compute_dtype = compute_dtype(accelerator.mixed_precision)
-    stored = {name: p.dtype for name, p in model.transformer.named_parameters()}
+    transformer = model.modules()[module_name]
+    stored = {name: p.dtype for name, p in transformer.named_parameters()}
     if accelerator.mixed_precision == "no":
         return stored
-    stored.update({name: torch.float32 for name, p in model.transformer.named_parameters() if p.requires_grad})
+    stored.update({name: torch.float32 for name, p in transformer.named_parameters() if p.requires_grad})
     plugin = accelerator.state.fsdp_plugin
     mesh = accelerator.torch_device_mesh  # the mesh Accelerate shards the rest of the model over
     if mesh is not None:
         mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
-    for module in model.fp32_modules():
+    for module in model.fp32_modules(transformer):
         fully_shard(module, mesh=mesh,
                     reshard_after_forward=plugin.reshard_after_forward, mp_policy=FP32_POLICY,
                     offload_policy=plugin.cpu_offload)
     return stored
 
 
-def finish_prepare(accelerator: Accelerator, role: str, model: ModelBase, stored: dict[str, torch.dtype]) -> None:
+def finish_prepare(accelerator: Accelerator, role: str, transformer: torch.nn.Module,
+                   stored: dict[str, torch.dtype]) -> None:
     """After ``prepare``, hold Accelerate to what fv_accel relies on (accelerate 1.15; see pyproject.toml):
     parameters keep their stored dtypes (1.10–1.12 upcast a frozen bf16 role to fp32: twice its memory), and
     the root unit reshards after forward like every other unit (≥ 1.14 leaves it unsharded, which keeps a
     frozen role's embeddings gathered for the whole run)."""
     from torch.distributed.fsdp import FSDPModule
 
-    changed = [f"{name}: {stored[name]} → {p.dtype}" for name, p in model.transformer.named_parameters()
+    changed = [f"{name}: {stored[name]} → {p.dtype}" for name, p in transformer.named_parameters()
                if stored.get(name, p.dtype) != p.dtype]
     if changed:
         raise RuntimeError(f"accelerate {accelerate.__version__} changed parameter dtypes of role {role!r} "
                            f"({changed[0]}; {len(changed)} in all): install an accelerate version that "
                            "pyproject.toml allows")
-    if isinstance(model.transformer, FSDPModule):
+    if isinstance(transformer, FSDPModule):
         reshard = accelerator.state.fsdp_plugin.reshard_after_forward
-        model.transformer.set_reshard_after_forward(bool(reshard), recurse=False)
+        transformer.set_reshard_after_forward(bool(reshard), recurse=False)
 
 
 def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = True,

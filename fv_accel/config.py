@@ -113,6 +113,10 @@ class ModelConfig(_Strict):
     checked when the config is resolved, a Hub id when the roles load; both before any weight is read."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of the full transformer (trainable roles only); null = full fine-tuning."""
+    experts: Literal["both", "high", "low"] | None = None
+    """Two-expert pipelines only (Wan 2.2 A14B: ``transformer_2`` and ``boundary_ratio`` in ``model_index.json``):
+    which experts train, ``high`` = ``transformer`` (t ≥ boundary·1000), ``low`` = ``transformer_2``; the other
+    stays frozen (in ``frozen_dtype``). null = ``both``. Set on a one-expert model: exit 2."""
 
     @model_validator(mode="after")
     def _lora_needs_trainable(self) -> ModelConfig:

@@ -155,10 +155,13 @@ class RoleSpec:
     activation_checkpointing: Checkpointing = "off"
     checkpoint_every: int = 1
     attention_backend: str | None = None
+    num_experts: int = 1
+    """Transformers of the role (2: Wan 2.2 A14B), each ``num_blocks`` blocks; ``num_params`` counts all. A
+    batch mixing both noise ranges runs both, so both root units may be gathered at once."""
 
     @property
     def root_params(self) -> int:
-        return self.num_params - self.num_blocks * self.block_params
+        return self.num_params - self.num_experts * self.num_blocks * self.block_params
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,8 @@ class RoleShape:
     """The model family (``fv_accel.models.FAMILIES``), whose ``role_memory_spec`` reads ``config``."""
     trainable_params: int | None = None
     """Parameters that require grad (global count); used for roles with ``models.<role>.lora``."""
+    num_experts: int = 1
+    """Transformers of the role (``ModelBase.modules()``), all counted in ``num_params``."""
 
 
 def role_shapes_from_run(method: Any) -> dict[str, RoleShape] | None:
@@ -368,13 +373,16 @@ def role_shapes_from_run(method: Any) -> dict[str, RoleShape] | None:
     for role, model in method.role_models.items():
         if not model.has_memory_model:
             return None
+        # A two-expert role: both experts' weights (and states) count, one expert computes at a time.
         transformer = model.transformer
+        params = [p for module in model.modules().values() for p in module.parameters()]
         names = tuple(model.block_class_names)
         blocks = [m for m in transformer.modules() if type(m).__name__.removeprefix("FSDP") in names]
         block_params = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
-        shapes[role] = RoleShape(dict(transformer.config), sum(p.numel() for p in transformer.parameters()),
+        shapes[role] = RoleShape(dict(transformer.config), sum(p.numel() for p in params),
                                  block_params, family=model.config.family,
-                                 trainable_params=sum(p.numel() for p in transformer.parameters() if p.requires_grad))
+                                 trainable_params=sum(p.numel() for p in params if p.requires_grad),
+                                 num_experts=len(model.modules()))
     return shapes
 
 
@@ -391,13 +399,17 @@ def estimate_run(cfg: Any, shapes: Mapping[str, RoleShape], *, latent_shape: Seq
     for role, shape in shapes.items():
         model_cfg = cfg.models[role]
         frozen_bytes = 2 if (mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16") else 4
-        lora = model_cfg.trainable and model_cfg.lora is not None  # adapters on a base stored like a frozen role
+        # adapters on a base stored like a frozen role; likewise one trained expert beside a frozen one (its
+        # fp32 copy is then counted on top of a frozen-dtype one: ≤ 2 bytes per trained parameter too many)
+        lora = model_cfg.trainable and (model_cfg.lora is not None or (
+            shape.trainable_params is not None and 0 < shape.trainable_params < shape.num_params))
         spec = FAMILIES[shape.family].role_memory_spec(
             shape.config, num_params=shape.num_params, block_params=shape.block_params,
             trainable=model_cfg.trainable, weight_bytes=frozen_bytes if lora or not model_cfg.trainable else 4,
             activation_checkpointing=model_cfg.activation_checkpointing,
             checkpoint_every=model_cfg.activation_checkpointing_every,
             attention_backend=model_cfg.attention_backend)
+        spec = dataclasses.replace(spec, num_experts=shape.num_experts)
         if lora:
             if shape.trainable_params is None:
                 raise ValueError(f"models.{role}.lora: the estimate needs the role's adapter parameter count")

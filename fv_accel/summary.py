@@ -104,7 +104,8 @@ def run_summary_lines(cfg: RunConfig, accelerator: Any, built: Any) -> list[str]
                  f"{'fwd/sample':>16}")
     latent_shape = tuple(built.data.dataset.latent_shape) if built.data is not None else None
     for role, model in method.role_models.items():
-        total, trainable, local_bytes, dtypes = _local_numel_bytes(model.transformer)
+        # every module of the role (both experts of a two-expert role)
+        total, trainable, local_bytes, dtypes = _local_numel_bytes(torch.nn.ModuleDict(model.modules()))
         sharding = f"FSDP2 x{accelerator.num_processes}" if isinstance(model.transformer, FSDPModule) else "none"
         fwd = model_forward_flops(model, latent_shape, cfg.training.data.text_len) if latent_shape else None
         lines.append(f"{role:<10}{total:>14,}{'yes' if trainable else 'no':>11}{dtypes:>18}{sharding:>22}"

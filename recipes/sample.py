@@ -168,13 +168,20 @@ def role_sampler(cfg: RunConfig, role: str, steps: int | None, guidance_scale: f
 
 def load_model(cfg: RunConfig, checkpoint: Path, role: str) -> ModelBase:
     """The role's model (family wrapper with latent normalisation) holding the checkpoint's weights."""
-    from fv_accel.checkpoint.layout import read_ema_state_dict, read_role_state_dict
+    from fv_accel.checkpoint.layout import read_ema_state_dict, read_role_state_dict, saved_modules
     from fv_accel.models import load_role_model
 
     model_role, mcfg = role_model_config(cfg, checkpoint, role)
     # Architecture and latent statistics come from init_from; the weights (student / ema) from the checkpoint.
     model = load_role_model(model_role, mcfg, mixed_precision="no")
     if role != "teacher":
+        saved = saved_modules(checkpoint, "student")
+        for name in [n for n in model.modules() if n != "transformer" and n in saved]:  # a trained second expert
+            state = (read_ema_state_dict(checkpoint, module=name) if role == "ema"
+                     else read_role_state_dict(checkpoint, "student", module=name))
+            model.modules()[name].load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        if "transformer" not in saved and len(model.modules()) > 1:  # experts: low: transformer is init_from's
+            return model
         state = read_ema_state_dict(checkpoint) if role == "ema" else read_role_state_dict(checkpoint, "student")
         state = {k: v.float() for k, v in state.items()}
         try:
@@ -216,7 +223,8 @@ def sample(checkpoint: Path, role: str, steps: int | None, num_samples: int, see
     sampler, _ = role_sampler(cfg, role, steps, 1.0)
     model = load_model(cfg, checkpoint, role)
     device = sampling_device()
-    model.transformer.to(device).eval()
+    for module in model.modules().values():  # both experts of a two-expert model
+        module.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in range(0, num_samples, CHUNK):
@@ -299,7 +307,8 @@ def sample_videos(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
     uncond = text[-1:] if guided else None
 
     model = load_model(cfg, checkpoint, args.role)
-    model.transformer.to(device).eval()
+    for module in model.modules().values():  # both experts of a two-expert model
+        module.to(device).eval()
     latents = []
     for i in range(len(args.prompts)):  # one at a time: a full-size video's activations are large
         gen = torch.Generator(device=device).manual_seed(prompt_seed(args.seed, i))

@@ -130,8 +130,10 @@ def fresh_world(monkeypatch: pytest.MonkeyPatch):
         os.environ.pop(key, None)
 
 
-def build_tiny_wan_pipeline(out: Path, transformer_dir: Path) -> Path:
-    """A complete WanPipeline directory, everything tiny and made locally (no download)."""
+def build_tiny_wan_pipeline(out: Path, transformer_dir: Path, transformer_2_dir: Path | None = None,
+                            boundary_ratio: float | None = None) -> Path:
+    """A complete WanPipeline directory, everything tiny and made locally (no download); with
+    ``transformer_2_dir`` and ``boundary_ratio`` a two-expert (Wan 2.2 A14B) layout."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -151,6 +153,8 @@ def build_tiny_wan_pipeline(out: Path, transformer_dir: Path) -> Path:
                            temperal_downsample=[False, True, True])
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     transformer = WanTransformer3DModel.from_pretrained(transformer_dir)
+    transformer_2 = WanTransformer3DModel.from_pretrained(transformer_2_dir) if transformer_2_dir else None
     WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                transformer=transformer).save_pretrained(out)
+                transformer=transformer, transformer_2=transformer_2,
+                boundary_ratio=boundary_ratio).save_pretrained(out)
     return out

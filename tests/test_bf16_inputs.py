@@ -157,8 +157,7 @@ def test_a_dtype_changed_by_prepare_stops_the_run() -> None:
     from fv_accel.build import finish_prepare
 
     module = torch.nn.Linear(2, 2)
-    model = SimpleNamespace(transformer=module)
     stored = {"weight": torch.bfloat16, "bias": torch.float32}
     with pytest.raises(RuntimeError, match=r"role 'teacher' \(weight: torch.bfloat16 → torch.float32; 1 in all\)"):
-        finish_prepare(SimpleNamespace(), "teacher", model, stored)  # type: ignore[arg-type]
-    finish_prepare(SimpleNamespace(), "teacher", model, {"weight": torch.float32})  # type: ignore[arg-type]
+        finish_prepare(SimpleNamespace(), "teacher", module, stored)  # type: ignore[arg-type]
+    finish_prepare(SimpleNamespace(), "teacher", module, {"weight": torch.float32})  # type: ignore[arg-type]

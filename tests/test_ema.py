@@ -17,7 +17,9 @@ from fv_accel.errors import CheckpointError
 
 
 def fake_method(module: nn.Module) -> Any:
-    return SimpleNamespace(role_models={"student": SimpleNamespace(transformer=module)})
+    student = SimpleNamespace(transformer=module, modules=lambda: {"transformer": module},
+                              trained_modules=lambda: ("transformer",))
+    return SimpleNamespace(role_models={"student": student})
 
 
 def set_weights(module: nn.Linear, value: float) -> None:

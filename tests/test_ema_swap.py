@@ -60,7 +60,7 @@ def test_ema_swap_reaches_units_a_forward_left_unsharded(fresh_world, monkeypatc
     assert_fsdp2_sharded("student", model)
     assert len([m for m in model.modules() if isinstance(m, FSDPModule)]) > 2  # root + blocks (+ norms)
     ema = EMACallback(EMAConfig(decay=0.5), SimpleNamespace(role_models={"student": SimpleNamespace(
-        transformer=model)}))
+        transformer=model, modules=lambda: {"transformer": model}, trained_modules=lambda: ("transformer",))}))
     ema.on_train_start(None)  # type: ignore[arg-type]
     ema.update()  # the average starts at the initial weights
     with torch.no_grad():  # "training" moves every weight away from the average

@@ -159,8 +159,8 @@ def test_config_family_names_are_the_registry() -> None:
 
 # -- the one prepare sequence ----------------------------------------------------------------------------------
 class _FirstBlockOnly(WanModel):
-    def transformer_blocks(self) -> list[torch.nn.Module]:
-        return [self.transformer.blocks[0]]
+    def transformer_blocks(self, module: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        return [(module or self.transformer).blocks[0]]
 
 
 def test_prepare_acts_on_the_familys_blocks() -> None:

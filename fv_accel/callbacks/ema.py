@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fv_accel.callbacks.base import Callback
-from fv_accel.checkpoint.layout import EMA_CALLBACK, EMA_INITIALIZED, EMA_ROLE, EMA_SHADOW
+from fv_accel.checkpoint.layout import EMA_CALLBACK, EMA_INITIALIZED, EMA_MODULE, EMA_ROLE, EMA_SHADOW
 from fv_accel.config import EMAConfig
 from fv_accel.runtime import reshard_all
 
@@ -88,7 +88,7 @@ class EMACallback(Callback):
         self.method = method
         self.initialized = False
         self.num_updates = 0
-        self._module: nn.Module | None = None
+        self._modules: list[nn.Module] = []
         self._params: dict[str, nn.Parameter] = {}
         self._shadow: dict[str, torch.Tensor] = {}  # fqn → fp32 local shard
         self._buckets: list[list[str]] = []  # device=cpu: parameter names copied through one staging buffer
@@ -96,11 +96,18 @@ class EMACallback(Callback):
 
     # -- setup ------------------------------------------------------------------------------------------------
     def _bind(self) -> None:
-        """Find the student's (sharded) trainable parameters and allocate the fp32 shadow shards."""
-        transformer = self.method.role_models[EMA_ROLE].transformer
-        self._module = transformer
-        reshard_all(transformer)  # an unsharded unit registers its gathered copies, not the sharded parameters
-        self._params = {clean_fqn(n): p for n, p in transformer.named_parameters() if p.requires_grad}
+        """Find the student's (sharded) trainable parameters and allocate the fp32 shadow shards. A two-expert
+        student averages each trained expert; the second expert's names carry its module prefix
+        (``transformer_2.blocks...``; :func:`fv_accel.checkpoint.layout.ema_module_of`)."""
+        model = self.method.role_models[EMA_ROLE]
+        modules = model.modules()
+        self._modules = [modules[name] for name in model.trained_modules()]
+        self._params = {}
+        for name in model.trained_modules():
+            reshard_all(modules[name])  # an unsharded unit registers its gathered copies, not the sharded ones
+            prefix = "" if name == EMA_MODULE else f"{name}."
+            self._params.update({prefix + clean_fqn(n): p for n, p in modules[name].named_parameters()
+                                 if p.requires_grad})
         if not self._params:
             raise ValueError("EMA: the student has no trainable parameters")
         # Allocated now (not at start_step) so a checkpoint always has the same keys, whether or not the
@@ -203,9 +210,9 @@ class EMACallback(Callback):
         if not self.initialized:
             yield
             return
-        assert self._module is not None
         backup: dict[str, torch.Tensor] = {}
-        reshard_all(self._module)
+        for module in self._modules:
+            reshard_all(module)
         with torch.no_grad():
             for n, p in self._params.items():
                 local = _local(p)
@@ -214,7 +221,8 @@ class EMACallback(Callback):
         try:
             yield
         finally:
-            reshard_all(self._module)  # units the sample left unsharded hold EMA weights
+            for module in self._modules:  # units the sample left unsharded hold EMA weights
+                reshard_all(module)
             with torch.no_grad():
                 for n, p in self._params.items():
                     _local(p).copy_(backup[n])

@@ -191,9 +191,10 @@ class ValidationCallback(Callback):
         topology = trainer.topology
         indices, num_real = rank_prompts(num_prompts, topology.data_rank, topology.data_world_size)
         chunk = max(1, self.run_config.training.data.train_batch_size)
-        transformer = student.transformer
-        was_training = transformer.training
-        transformer.eval()
+        modules = list(student.modules().values())  # both experts of a two-expert student
+        was_training = [m.training for m in modules]
+        for module in modules:
+            module.eval()
         local: dict[str, torch.Tensor] = {}
         try:
             for name, context in self._variants(trainer):
@@ -209,7 +210,8 @@ class ValidationCallback(Callback):
                         parts.append(student.denormalize_latents(x0.float()).cpu())
                 local[name] = torch.cat(parts)[:num_real]
         finally:
-            transformer.train(was_training)
+            for module, mode in zip(modules, was_training, strict=True):
+                module.train(mode)
         return self._gather(local, num_prompts, topology)
 
     @staticmethod

@@ -140,8 +140,23 @@ def saved_roles(saved_keys: Iterable[str]) -> list[str]:
 
 #: the role whose weights the EMA averages; entries it does not track come from this role's weights
 EMA_ROLE = "student"
-#: the module of :data:`EMA_ROLE` the EMA averages
+#: the module of :data:`EMA_ROLE` the EMA averages; the shadow of another trained module (a second expert)
+#: carries that module's name as a prefix: ``transformer_2.blocks.0...``
 EMA_MODULE = "transformer"
+
+
+def ema_module_names(shadow_names: Iterable[str], module: str) -> dict[str, str]:
+    """``{name in module: shadow name}`` of the EMA entries of ``module`` (see :data:`EMA_MODULE`)."""
+    if module != EMA_MODULE:
+        prefix = f"{module}."
+        return {n[len(prefix):]: n for n in shadow_names if n.startswith(prefix)}
+    return {n: n for n in shadow_names if not re.match(r"transformer_\d+\.", n)}
+
+
+def saved_modules(checkpoint: Path, role: str) -> list[str]:
+    """The modules of ``role`` with weights in the checkpoint (a two-expert role's trained experts)."""
+    prefix = f"{ROLES}.{role}."
+    return sorted({k[len(prefix):].split(".")[0] for k in dcp_entries(checkpoint) if k.startswith(prefix)})
 #: the EMA callback's name (its state lives under ``callbacks.ema``) and the entries of its state dict
 EMA_CALLBACK = "ema"
 EMA_SHADOW = "shadow"
@@ -221,20 +236,22 @@ def read_role_state_dict(checkpoint: Path, role: str, dtype_of: DtypeOf | None =
 
 
 def read_ema_state_dict(checkpoint: Path, dtype_of: DtypeOf | None = None, *,
-                        with_student_rest: bool = True) -> dict[str, torch.Tensor]:
+                        with_student_rest: bool = True, module: str = EMA_MODULE) -> dict[str, torch.Tensor]:
     """The EMA weights as full tensors keyed like the averaged module's state dict.
 
     With ``with_student_rest``, the tensors the EMA does not track (frozen parameters, buffers) come from
     :data:`EMA_ROLE`'s weights, giving a complete state dict; only those are read, not that role's copies of the
     averaged weights (at 14B, 57 GB of fp32 not read). Raises ``CheckpointError`` when the checkpoint has no
-    EMA (the run had no ``callbacks.ema``) or its EMA never started."""
+    EMA (the run had no ``callbacks.ema``) or its EMA never started. ``module``: which of the student's modules
+    (a second expert's averaged weights are stored under its prefix, :func:`ema_module_names`)."""
     entries = dcp_entries(checkpoint)
-    shadow = tensor_keys(entries, EMA_SHADOW_PREFIX)
-    if not shadow:
+    all_shadow = tensor_keys(entries, EMA_SHADOW_PREFIX)
+    shadow = {n: all_shadow[full] for n, full in ema_module_names(all_shadow, module).items()}
+    if not all_shadow:
         raise CheckpointError(f"{checkpoint}: holds no EMA weights (the run had no callbacks.ema section)")
     rest: dict[str, str] = {}
     if with_student_rest:
-        rest = {n: k for n, k in tensor_keys(entries, role_module_key(EMA_ROLE, EMA_MODULE) + ".").items()
+        rest = {n: k for n, k in tensor_keys(entries, role_module_key(EMA_ROLE, module) + ".").items()
                 if n not in shadow}
     flag: dict[str, Any] = {EMA_INITIALIZED_KEY: False}
     try:

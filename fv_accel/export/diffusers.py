@@ -3,10 +3,12 @@ the checkpoint's tensors, the few-step scheduler config, and the pipeline direct
 
 The transformer class is the family's :meth:`fv_accel.models.ModelBase.diffusers_model_class`. A base pipeline
 may list more than one component of that class (Wan 2.2 A14B: ``transformer`` and ``transformer_2``, one expert
-per noise range). The export writes one module, the role's ``transformer``, as the pipeline's ``transformer/``
-(whatever ``subfolder`` it was trained from); every other component of the transformer class is set to
-``[null, null]`` in ``model_index.json`` (and ``boundary_ratio`` to null), because the distilled student is a
-single transformer for all steps.
+per noise range). A role trained with both experts (its ``init_from`` is such a pipeline with ``subfolder``
+``transformer``: :func:`expert_components`) is written with both: each trained expert from the checkpoint, a
+frozen one (``models.<role>.experts: high|low``) linked from the base, ``boundary_ratio`` kept. Otherwise the
+export writes one module, the role's ``transformer``, as the pipeline's ``transformer/`` (whatever ``subfolder``
+it was trained from); every other component of the transformer class is set to ``[null, null]`` in
+``model_index.json`` (and ``boundary_ratio`` to null), because the student is a single transformer for all steps.
 """
 
 from __future__ import annotations
@@ -167,6 +169,19 @@ def _transformer_components(model_index: dict[str, Any], family: type[ModelBase]
             if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[1] == cls]
 
 
+def expert_components(base: Path | None, family: type[ModelBase], subfolder: str) -> list[str]:
+    """The pipeline components a role trained from ``base``/``subfolder`` holds: both experts when the base is a
+    two-expert pipeline (``transformer_2`` and ``boundary_ratio`` set) loaded from ``transformer`` (as
+    ``fv_accel/models/wan.py`` loads it), else its one transformer."""
+    if base is None or subfolder != "transformer":
+        return ["transformer"]
+    model_index = json.loads((base / "model_index.json").read_text())
+    components = [n for n in _transformer_components(model_index, family) if model_index[n][0] is not None]
+    if "transformer_2" in components and model_index.get("boundary_ratio") is not None:
+        return ["transformer", "transformer_2"]
+    return ["transformer"]
+
+
 def pipeline_source(init_from: str, family: type[ModelBase]) -> Path | None:
     """The local directory of a full diffusers pipeline behind ``init_from`` (downloading the non-transformer
     components of a Hub pipeline), or None when ``init_from`` is a bare model."""
@@ -186,7 +201,8 @@ def pipeline_source(init_from: str, family: type[ModelBase]) -> Path | None:
         return None
     except Exception as exc:
         raise CheckpointError(f"cannot reach base model {init_from!r} on the Hub ({type(exc).__name__})") from None
-    # The transformer comes from the checkpoint and the others are dropped: download none of them.
+    # The transformer comes from the checkpoint and the others are dropped: download none of them. (A frozen
+    # expert of a two-expert role is fetched by write_pipeline's keep list below.)
     skip = _transformer_components(json.loads(Path(index_file).read_text()), family)
     try:
         return Path(snapshot_download(init_from, ignore_patterns=[f"{name}/*" for name in skip]))
@@ -211,13 +227,18 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def write_pipeline(src: Path, out: Path, *, family: type[ModelBase], subfolder: str,
-                   scheduler_cfg: dict[str, Any] | None) -> None:
+                   scheduler_cfg: dict[str, Any] | None, experts: list[str] | None = None,
+                   written: list[str] | None = None) -> None:
     """Link every component of the base pipeline except its transformers into ``out`` (which already holds
-    the exported ``transformer/``); swap the scheduler for ``scheduler_cfg``. See the module docstring."""
+    the exported ``transformer/``, or each of ``written``); swap the scheduler for ``scheduler_cfg``. With
+    ``experts`` (:func:`expert_components`) those transformers are kept: the ones not ``written`` (frozen)
+    are linked from the base. See the module docstring."""
     model_index = json.loads((src / "model_index.json").read_text())
-    dropped = [name for name in _transformer_components(model_index, family) if name != subfolder]
+    kept = experts or [subfolder]
+    dropped = [name for name in _transformer_components(model_index, family) if name not in kept]
     for name, value in model_index.items():
-        if name.startswith("_") or name == subfolder or not isinstance(value, list) or value[0] is None:
+        if name.startswith("_") or name in (written or [subfolder]) or not isinstance(value, list) \
+                or value[0] is None:
             continue
         if name in dropped:
             logger.warning("base pipeline has a second transformer (%s); the export writes one and drops it", name)

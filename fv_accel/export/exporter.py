@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from fv_accel.checkpoint import resolve_checkpoint
+from fv_accel.checkpoint.layout import saved_modules
 from fv_accel.errors import ConfigError
 from fv_accel.export.card import build_model_card
 from fv_accel.export.diffusers import (
     DTYPES,
     LORA_WEIGHTS_FILE,
     build_transformer,
+    expert_components,
     export_dtype_of,
     family_of,
     lora_config_of,
@@ -108,27 +110,41 @@ def export_checkpoint(
     if lora is not None and not merge_lora:
         return _export_lora(run, role=role, out=out, dtype=dtype, repo_id=repo_id, lora=lora)
 
-    if lora is not None:  # adapters (fp32 as saved) merged into the base, then exported like a full model
-        state = merged_state_dict(model_role, model_cfg, read_export_state_dict(ckpt, role), lora[0])
-    else:
-        # Each tensor is read straight into its export dtype: peak ≈ one copy of the model in that dtype.
-        dtype_of = export_dtype_of(transformer_class(family), DTYPES[dtype])
-        state = read_export_state_dict(ckpt, role, dtype_of)
-    model = build_transformer(model_cfg, state, DTYPES[dtype])
-    del state
-    num_parameters = sum(p.numel() for p in model.parameters())
-
     denoising_steps, scheduler_cfg = scheduler_of(config, role)
-    base = pipeline_source(model_cfg["init_from"], family)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    num_parameters = 0
+
+    def write_module(module: str, module_cfg: dict[str, Any]) -> None:
+        nonlocal num_parameters
+        if lora is not None:  # adapters (fp32 as saved) merged into the base, then exported like a full model
+            state = merged_state_dict(model_role, model_cfg, read_export_state_dict(ckpt, role), lora[0])
+        else:
+            # Each tensor is read straight into its export dtype: peak ≈ one copy of the model in that dtype.
+            dtype_of = export_dtype_of(transformer_class(family), DTYPES[dtype])
+            state = read_export_state_dict(ckpt, role, dtype_of, module=module)
+        model = build_transformer(module_cfg, state, DTYPES[dtype])
+        del state
+        num_parameters += sum(p.numel() for p in model.parameters())
+        model.save_pretrained(tmp / module, safe_serialization=True, max_shard_size=max_shard_size)
+
     try:
-        model.save_pretrained(tmp / "transformer", safe_serialization=True, max_shard_size=max_shard_size)
-        del model
+        subfolder = model_cfg.get("subfolder") or "transformer"
+        saved = saved_modules(ckpt, model_role)
+        if "transformer" in saved:  # first: a base that vanished fails here, naming init_from
+            write_module("transformer", model_cfg)
+        base = pipeline_source(model_cfg["init_from"], family)
+        experts = expert_components(base, family, subfolder)
+        # A two-expert role: each trained expert (those with weights in the checkpoint) from the checkpoint.
+        written = [m for m in experts if m in saved] if len(experts) > 1 else ["transformer"]
+        for module in written:
+            if module != "transformer":
+                write_module(module, {**model_cfg, "subfolder": module})
+            elif "transformer" not in saved:
+                write_module("transformer", model_cfg)  # reports the missing weights
         if base is not None:
-            write_pipeline(base, tmp, family=family, subfolder=model_cfg.get("subfolder") or "transformer",
-                           scheduler_cfg=scheduler_cfg)
+            write_pipeline(base, tmp, family=family, subfolder=subfolder, scheduler_cfg=scheduler_cfg,
+                           experts=experts if len(experts) > 1 else None, written=written)
         card = build_model_card(
             config=config, role=role, step=step, world_size=run.world_size, dtype=dtype,
             is_pipeline=base is not None, denoising_steps=denoising_steps, scheduler_cfg=scheduler_cfg,

@@ -51,9 +51,10 @@ def read_run(checkpoint: Path, role: str) -> RunRecord:
 
 
 def read_export_state_dict(checkpoint: Path, role: str, dtype_of: layout.DtypeOf | None = None,
-                           ) -> dict[str, torch.Tensor]:
-    """The full state dict of the module an export writes for ``role`` (``ema``: the EMA weights completed
-    by the student's untracked tensors), each tensor read directly in ``dtype_of(name, saved dtype)``."""
+                           module: str = EXPORTED_MODULE) -> dict[str, torch.Tensor]:
+    """The full state dict of ``module`` (a two-expert role: each trained expert in turn) an export writes for
+    ``role`` (``ema``: the EMA weights completed by the student's untracked tensors), each tensor read directly
+    in ``dtype_of(name, saved dtype)``."""
     if role == "ema":
-        return layout.read_ema_state_dict(checkpoint, dtype_of)
-    return layout.read_role_state_dict(checkpoint, role, dtype_of, module=EXPORTED_MODULE)
+        return layout.read_ema_state_dict(checkpoint, dtype_of, module=module)
+    return layout.read_role_state_dict(checkpoint, role, dtype_of, module=module)

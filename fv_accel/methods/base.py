@@ -88,8 +88,10 @@ class Role:
 
     @property
     def clip_target(self) -> nn.Module:
-        """The module whose gradients are clipped to one global norm: the only module, or all of them."""
-        modules = self.modules
+        """The module whose gradients are clipped to one global norm: the only trained module, or all of them
+        (a two-expert role clips both experts to one norm, as one optimizer steps them)."""
+        trained = self.model.trained_modules()
+        modules = {name: module for name, module in self.modules.items() if name in trained} or self.modules
         return next(iter(modules.values())) if len(modules) == 1 else RoleModuleContainer(modules)
 
 
@@ -308,6 +310,8 @@ class TrainingMethod(nn.Module, ABC):
                 continue
             modules = role.modules
             for module_name, module in modules.items():
+                if module_name not in role.model.trained_modules():  # a frozen expert: read from init_from again
+                    continue
                 states[layout.role_module_key(name, module_name)] = ModelState(
                     module, trainable_only=role.model.config.lora is not None)
             if role.optimizer is not None:

@@ -378,7 +378,8 @@ class DMD2Method(TrainingMethod):
                 # A unit this no-grad forward left unsharded (reshard_after_forward false) would expose its
                 # gathered parameters, which do not hold the gradients just computed (the sharded ones do), to
                 # clipping: put every unit back. (The root reshards by itself: build.finish_prepare.)
-                reshard_all(self.student.transformer)
+                for module in self.student.modules().values():  # both experts of a two-expert student
+                    reshard_all(module)
         losses["critic_loss"] = self.critic_loss(fake_x0, cond)
         loss_roles["critic_loss"] = "critic"
         critic_passes += PassCount(forward=b, backward=b)

@@ -47,14 +47,15 @@ def load_role_model(role: str, model_cfg: ModelConfig, *, mixed_precision: str,
     may stay bf16. ``latent_stats`` already resolved (:func:`resolve_latent_stats`); None: the family resolves
     them. ``on_meta``: read no weights, parameters on the ``meta`` device (shard, then
     :func:`materialize_roles`)."""
-    dtype = torch.float32
+    frozen_dtype = torch.float32
+    if mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16":
+        frozen_dtype = torch.bfloat16
     frozen_base = not model_cfg.trainable or model_cfg.lora is not None
-    if frozen_base and mixed_precision == "bf16" and model_cfg.frozen_dtype == "bf16":
-        dtype = torch.bfloat16
+    dtype = frozen_dtype if frozen_base else torch.float32
     family = FAMILIES[model_cfg.family]
     try:
-        model = family.from_config(role, model_cfg, dtype=dtype,
-                                   latent_stats=latent_stats, on_meta=on_meta)
+        model = family.from_config(role, model_cfg, dtype=dtype, latent_stats=latent_stats, on_meta=on_meta,
+                                   frozen_dtype=frozen_dtype)
     except FvAccelError:
         raise
     except Exception as exc:  # diffusers/safetensors/huggingface_hub raise many types for unusable weights
@@ -81,28 +82,33 @@ def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> 
     from fv_accel.models.lora import init_adapters
     from fv_accel.models.sharded_load import fill_from_safetensors, materialize
 
-    groups: dict[tuple[str, str, str], list[str]] = {}
+    # (family, init_from, subfolder) → the (role, module) pairs filled from those files: a two-expert role's
+    # experts come from two subfolders.
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
     for role, model in models.items():
-        if is_on_meta(model.transformer):
-            cfg = model.config
-            groups.setdefault((cfg.family, cfg.init_from, cfg.subfolder), []).append(role)
-    for (family, _, _), roles in groups.items():
-        first = models[roles[0]]
+        for name, module in model.modules().items():
+            if is_on_meta(module):
+                cfg = model.module_config(name)
+                groups.setdefault((cfg.family, cfg.init_from, cfg.subfolder), []).append((role, name))
+    for (family, _, _), pairs in groups.items():
+        first_role, first_name = pairs[0]
+        first_cfg = models[first_role].module_config(first_name)
+        modules = [models[role].modules()[name] for role, name in pairs]
         try:
-            files = FAMILIES[family].weight_files(roles[0], first.config)
-            for role in roles:
-                materialize(models[role].transformer, device)
-            fill_from_safetensors([models[role].transformer for role in roles], files,
-                                  key=f"models.{roles[0]}.init_from")
-            for role in roles:  # adapters are in no weight file: drawn now that their shards exist
+            files = FAMILIES[family].weight_files(first_role, first_cfg)
+            for module in modules:
+                materialize(module, device)
+            fill_from_safetensors(modules, files, key=f"models.{first_role}.init_from")
+            for (role, _), module in zip(pairs, modules, strict=True):  # adapters are in no file: drawn now
                 lora_cfg = models[role].config.lora
                 if lora_cfg is not None:
-                    init_adapters(models[role].transformer, role, lora_cfg)
+                    init_adapters(module, role, lora_cfg)
         except FvAccelError:
             raise
         except Exception as exc:  # safetensors/huggingface_hub errors for unusable weights
-            raise _load_error(roles[0], first.config, exc) from None
-        logger.info("filled %s from %s (%d file(s))", ", ".join(roles), files[0].parent, len(files))
+            raise _load_error(first_role, first_cfg, exc) from None
+        logger.info("filled %s from %s (%d file(s))", ", ".join(f"{r}.{n}" for r, n in pairs), files[0].parent,
+                    len(files))
 
 
 __all__ = [

@@ -152,15 +152,27 @@ class ModelBase(ABC):
         none (validation then draws the latents directly). Called on the main process only, once."""
         return None
 
-    def fp32_modules(self) -> list[torch.nn.Module]:
-        """Submodules that store and compute in fp32 under bf16 mixed precision (each becomes its own FSDP2
-        unit with an fp32 policy). Default: none."""
+    def fp32_modules(self, module: torch.nn.Module | None = None) -> list[torch.nn.Module]:
+        """Submodules of ``module`` (one of :meth:`modules`; None: ``transformer``) that store and compute in
+        fp32 under bf16 mixed precision (each becomes its own FSDP2 unit with an fp32 policy). Default: none."""
         return []
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """The role's trainable/shardable modules by name: ``transformer``, plus ``transformer_2`` for a family
         with a second expert. Methods, checkpoints, EMA and export iterate over this, never assume one."""
         return {"transformer": self.transformer}
+
+    def trained_modules(self) -> tuple[str, ...]:
+        """Names in :meth:`modules` whose parameters train (``prepare_transformer`` sets requires_grad from it):
+        all of them for a trainable role, none for a frozen one; a two-expert family may train one expert."""
+        return tuple(self.modules()) if self.config.trainable else ()
+
+    def module_config(self, name: str) -> ModelConfig:
+        """``models.<role>`` as it applies to module ``name`` (its ``subfolder`` in ``init_from``): what
+        :meth:`weight_files` reads it from."""
+        if name != "transformer":
+            raise KeyError(f"{type(self).__name__} has no module {name!r}")
+        return self.config
 
     #: whether :meth:`role_memory_spec` models this family's activations (the dry run's memory estimate)
     has_memory_model: ClassVar[bool] = False
@@ -183,9 +195,9 @@ class ModelBase(ABC):
         """Name of the diffusers pipeline class that runs an exported transformer (used in the model card)."""
         raise NotImplementedError(f"{cls.__name__} names no diffusers pipeline class")
 
-    def transformer_blocks(self) -> Sequence[torch.nn.Module]:
-        """The transformer's repeated blocks, in order: what activation checkpointing and regional compilation
-        act on (``fv_accel/models/prepare.py``)."""
+    def transformer_blocks(self, module: torch.nn.Module | None = None) -> Sequence[torch.nn.Module]:
+        """The repeated blocks of ``module`` (one of :meth:`modules`; None: ``transformer``), in order: what
+        activation checkpointing and regional compilation act on (``fv_accel/models/prepare.py``)."""
         raise NotImplementedError(f"{type(self).__name__} does not list its transformer blocks")
 
     def enable_context_parallel(self, mesh: Any) -> None:
@@ -248,9 +260,11 @@ class ModelBase(ABC):
 
     @classmethod
     def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype,
-                    latent_stats: LatentStats | None = None, on_meta: bool = False) -> ModelBase:
+                    latent_stats: LatentStats | None = None, on_meta: bool = False,
+                    frozen_dtype: torch.dtype | None = None) -> ModelBase:
         """Load ``init_from`` in ``dtype`` (``fv_accel.models.load_role_model``); with ``on_meta`` build it without
         reading weights (parameters on the meta device, filled after sharding). Every family implements it.
+        ``frozen_dtype``: the storage dtype of a module that does not train in a trained role (None: ``dtype``).
         The model comes back unprepared: ``load_role_model`` runs ``prepare_transformer`` on it."""
         raise NotImplementedError(f"{cls.__name__} does not load from init_from")
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 
 def prepare_transformer(model: ModelBase) -> None:
-    """Prepare ``model.transformer`` in place from ``models.<role>``, in this order:
+    """Prepare each of ``model.modules()`` (the transformer; both experts of a two-expert role) in place from
+    ``models.<role>``, in this order:
 
     1. ``requires_grad`` and train mode from ``trainable``: first, because adapters decide trainability on top
        of it and dynamo's guards see requires_grad as it stays for the run.
@@ -32,10 +33,16 @@ def prepare_transformer(model: ModelBase) -> None:
        outside the compiled regions.
     6. Sharding follows in :func:`fv_accel.build.shard_roles`.
     """
+    trained = model.trained_modules()
+    for name, module in model.modules().items():
+        _prepare_module(model, cast("ModelMixin", module), trainable=name in trained)
+
+
+def _prepare_module(model: ModelBase, transformer: ModelMixin, *, trainable: bool) -> None:
+    """One of the role's modules (a two-expert role prepares each expert; only a trained one is checkpointed)."""
     cfg = model.config
-    transformer = cast("ModelMixin", model.transformer)  # every family's transformer is a diffusers model
-    transformer.requires_grad_(cfg.trainable)
-    transformer.train(cfg.trainable)
+    transformer.requires_grad_(trainable)
+    transformer.train(trainable)
     if cfg.lora is not None:
         from fv_accel.models import lora
 
@@ -46,8 +53,8 @@ def prepare_transformer(model: ModelBase) -> None:
             lora.init_adapters(transformer, model.role, cfg.lora)
     if cfg.attention_backend:
         transformer.set_attention_backend(cfg.attention_backend)
-    blocks = model.transformer_blocks()
-    if cfg.trainable:
+    blocks = model.transformer_blocks(transformer)
+    if trainable:
         apply_activation_checkpointing(transformer, cfg.activation_checkpointing,
                                        cfg.activation_checkpointing_every, blocks=blocks)
     if cfg.compile == "regional":

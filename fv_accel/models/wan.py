@@ -11,7 +11,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -146,6 +146,72 @@ def read_latent_stats(role: str, model_cfg: ModelConfig, *, include_hub: bool = 
     return LatentStats(mean=tuple(float(v) for v in data["latents_mean"]),
                        std=tuple(float(v) for v in data["latents_std"]), origin=f"{source}/{name}",
                        vae_source=source if has_vae else None, vae_subfolder=subfolder)
+
+
+#: ``_class_name`` of the diffusers pipelines whose layout this family trains: text-to-video, with one expert
+#: (Wan 2.1, Wan 2.2 TI2V-5B) or two (Wan 2.2 A14B). Image-to-video pipelines need image conditioning
+#: (CLIP image embeddings or first-frame latents) that no method provides.
+SUPPORTED_PIPELINES = ("WanPipeline",)
+
+
+def _read_model_index(role: str, model_cfg: ModelConfig) -> dict[str, Any] | None:
+    """``model_index.json`` of ``init_from`` (a pipeline), or None for a bare model / transformer-only source."""
+    key = f"models.{role}.init_from"
+    local = Path(model_cfg.init_from).expanduser()
+    if local.exists():
+        path = local / "model_index.json"
+        return _read_json(path, key) if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        found = hf_hub_download(model_cfg.init_from, "model_index.json")
+    except Exception:  # not a pipeline repository, or not cached offline: the transformer load reports the rest
+        return None
+    return _read_json(Path(found), key)
+
+
+def read_boundary_ratio(role: str, model_cfg: ModelConfig) -> float | None:
+    """The expert switch of a two-expert pipeline (Wan 2.2 A14B: ``transformer_2`` listed and ``boundary_ratio``
+    set in ``model_index.json``), or None for one expert. Reads JSON only. ConfigError (exit 2) for a layout
+    this family cannot train (an image-to-video pipeline, a second expert without a boundary, ``experts`` set
+    on one expert), so nothing else trains silently in its place."""
+    key = f"models.{role}.init_from"
+    index = _read_model_index(role, model_cfg) if model_cfg.subfolder == "transformer" else None
+    boundary: float | None = None
+    if index is not None:
+        name = index.get("_class_name")
+        if name not in SUPPORTED_PIPELINES:
+            missing = [c for c in ("image_encoder", "image_processor") if (index.get(c) or [None])[0]]
+            needs = f" (it has {', '.join(missing)})" if missing else ""
+            raise ConfigError(f"{key}: {model_cfg.init_from!r} is a {name} pipeline, which needs image "
+                              f"conditioning{needs} that fv_accel does not provide; supported: "
+                              f"{', '.join(SUPPORTED_PIPELINES)} (text-to-video)")
+        if (index.get("transformer_2") or [None])[0]:
+            ratio = index.get("boundary_ratio")
+            if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+                raise ConfigError(f"{key}: {model_cfg.init_from!r} lists transformer_2 but its model_index.json "
+                                  f"has boundary_ratio {ratio!r}; a number in (0, 1) is needed to route timesteps "
+                                  "between the experts")
+            boundary = float(ratio)
+    if boundary is None and model_cfg.experts is not None:
+        raise ConfigError(f"models.{role}.experts: {model_cfg.init_from!r} (subfolder {model_cfg.subfolder!r}) has "
+                          "one transformer; experts applies to two-expert pipelines (transformer_2 and "
+                          "boundary_ratio in model_index.json); remove it")
+    if boundary is not None and model_cfg.lora is not None:
+        raise ConfigError(f"models.{role}.lora: LoRA on a two-expert pipeline is not supported yet; train the "
+                          "experts fully or set models.<role>.subfolder to one expert")
+    return boundary
+
+
+def check_text_to_video_transformer(role: str, config: Mapping[str, Any]) -> None:
+    """ConfigError (exit 2) for a transformer that needs image conditioning (Wan I2V: ``image_dim`` set, or more
+    input than output channels for the concatenated first-frame latents): it would train on wrong inputs."""
+    image_dim = config.get("image_dim")
+    c_in, c_out = config.get("in_channels"), config.get("out_channels") or config.get("in_channels")
+    if image_dim is not None or c_in != c_out:
+        raise ConfigError(f"models.{role}.init_from: an image-to-video transformer (image_dim={image_dim}, "
+                          f"in_channels={c_in}, out_channels={c_out}) needs image embeddings and conditioning "
+                          "latents that fv_accel does not provide; use a text-to-video Wan transformer")
 
 
 def wan_forward_flops(config: Mapping[str, Any], latent_shape: Sequence[int], text_len: int) -> int:
@@ -294,8 +360,8 @@ class WanModel(ModelBase):
         return WanEncoders(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, device=device,
                            text_len=text_len)
 
-    def transformer_blocks(self) -> Sequence[torch.nn.Module]:
-        return list(self.transformer.blocks)
+    def transformer_blocks(self, module: torch.nn.Module | None = None) -> Sequence[torch.nn.Module]:
+        return list(cast("WanTransformer3DModel", module or self.transformer).blocks)
 
     def enable_context_parallel(self, mesh: Any) -> None:
         """Ulysses context parallel through diffusers' plan for this transformer (``_cp_plan``): the video
@@ -317,8 +383,9 @@ class WanModel(ModelBase):
         backend = self.config.attention_backend or "native"
         try:
             with _device_count_at_least_one():
-                # mypy sees diffusers' dummy class behind the public name
-                self.transformer.enable_parallelism(config=config)  # type: ignore[arg-type]
+                for expert in self.modules().values():
+                    # mypy sees diffusers' dummy class behind the public name
+                    cast("WanTransformer3DModel", expert).enable_parallelism(config=config)  # type: ignore[arg-type]
         except ValueError as exc:  # diffusers refuses attention backends without context-parallel support
             first = (str(exc).strip().splitlines() or [""])[0]
             raise ConfigError(f"models.{self.role}.attention_backend {backend!r} cannot run under "
@@ -339,8 +406,16 @@ class WanModel(ModelBase):
         transformer: WanTransformer3DModel,
         config: ModelConfig,
         latent_stats: LatentStats | None = None,
+        transformer_2: WanTransformer3DModel | None = None,
+        boundary_ratio: float | None = None,
     ) -> None:
         super().__init__(role=role, transformer=transformer, config=config)
+        if (transformer_2 is None) != (boundary_ratio is None):
+            raise ValueError("transformer_2 and boundary_ratio go together")
+        self.transformer_2 = transformer_2
+        """The low-noise expert of a two-expert pipeline (Wan 2.2 A14B); None: one transformer."""
+        self.boundary_ratio = boundary_ratio
+        """Timesteps t ≥ boundary_ratio·1000 go to ``transformer`` (high noise), the others to ``transformer_2``."""
         self.latent_stats = latent_stats or LatentStats(mean=None, std=None, origin="identity")
         """Statistics of this model's latent space (``models.<role>.latent_stats``); None given: identity."""
         channels = transformer.config["in_channels"]
@@ -360,20 +435,57 @@ class WanModel(ModelBase):
 
     @classmethod
     def from_config(cls, role: str, model_cfg: ModelConfig, *, dtype: torch.dtype,
-                    latent_stats: LatentStats | None = None, on_meta: bool = False) -> WanModel:
+                    latent_stats: LatentStats | None = None, on_meta: bool = False,
+                    frozen_dtype: torch.dtype | None = None) -> WanModel:
         """Load ``init_from``; the statistics are resolved first (when not given), so a role without them stops
         before its weights are read. ``on_meta``: build the transformer without reading any weight (see
         :meth:`empty_transformer`); :func:`fv_accel.build.shard_roles` fills it after sharding."""
-        from diffusers import WanTransformer3DModel
+        # The defining module: diffusers' top-level name is typed as its dummy (torch-less) stand-in.
+        from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
         stats = latent_stats or read_latent_stats(role, model_cfg)
-        if on_meta:
-            transformer = cls.empty_transformer(model_cfg, dtype=dtype)
-        else:
-            transformer = WanTransformer3DModel.from_pretrained(
-                model_cfg.init_from, subfolder=model_cfg.subfolder or None, torch_dtype=dtype
-            )
-        return cls(role=role, transformer=transformer, config=model_cfg, latent_stats=stats)
+        boundary = read_boundary_ratio(role, model_cfg)
+        configs = {"transformer": model_cfg}
+        if boundary is not None:
+            configs["transformer_2"] = model_cfg.model_copy(update={"subfolder": "transformer_2"})
+        trained = cls.trained_module_names(model_cfg, two_experts=boundary is not None)
+        experts: dict[str, WanTransformer3DModel] = {}
+        for name, cfg in configs.items():
+            check_text_to_video_transformer(role, WanTransformer3DModel.load_config(cfg.init_from,
+                                                                                  subfolder=cfg.subfolder or None))
+            # A frozen expert of a trained role is stored like a frozen role.
+            wanted = dtype if name in trained or frozen_dtype is None else frozen_dtype
+            if on_meta:
+                experts[name] = cls.empty_transformer(cfg, dtype=wanted)
+            else:
+                experts[name] = WanTransformer3DModel.from_pretrained(cfg.init_from, subfolder=cfg.subfolder or None,
+                                                                      torch_dtype=wanted)
+        return cls(role=role, transformer=experts["transformer"], config=model_cfg, latent_stats=stats,
+                   transformer_2=experts.get("transformer_2"), boundary_ratio=boundary)
+
+    @staticmethod
+    def trained_module_names(model_cfg: ModelConfig, *, two_experts: bool) -> tuple[str, ...]:
+        """The modules that train: none for a frozen role; with two experts those ``models.<role>.experts`` picks."""
+        if not model_cfg.trainable:
+            return ()
+        if not two_experts:
+            return ("transformer",)
+        return {"both": ("transformer", "transformer_2"), "high": ("transformer",),
+                "low": ("transformer_2",)}[model_cfg.experts or "both"]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        found: dict[str, torch.nn.Module] = {"transformer": self.transformer}
+        if self.transformer_2 is not None:
+            found["transformer_2"] = self.transformer_2
+        return found
+
+    def trained_modules(self) -> tuple[str, ...]:
+        return self.trained_module_names(self.config, two_experts=self.transformer_2 is not None)
+
+    def module_config(self, name: str) -> ModelConfig:
+        if name == "transformer_2":
+            return self.config.model_copy(update={"subfolder": "transformer_2"})
+        return super().module_config(name)
 
     @staticmethod
     def empty_transformer(model_cfg: ModelConfig, *, dtype: torch.dtype) -> WanTransformer3DModel:
@@ -442,19 +554,20 @@ class WanModel(ModelBase):
     def denormalize_latents(self, latents_bcthw: torch.Tensor) -> torch.Tensor:
         return latents_bcthw * self._std.to(latents_bcthw.device) + self._mean.to(latents_bcthw.device)
 
-    def fp32_modules(self) -> list[torch.nn.Module]:
+    def fp32_modules(self, module: torch.nn.Module | None = None) -> list[torch.nn.Module]:
         """The modules diffusers keeps in fp32 (``_keep_in_fp32_modules``: the time embedder, the blocks'
         affine ``norm2``) that hold parameters, outermost only. Parameterless ones (RoPE, ``norm1``/``norm3``,
         which compute in fp32 anyway) need no unit. ``scale_shift_table`` is a parameter of the block (and the
         root) itself, not a module: FSDP2's policy is per unit, so it is gathered in bf16 with its unit."""
-        keep = set(getattr(self.transformer, "_keep_in_fp32_modules", None) or ())
+        transformer = module or self.transformer
+        keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
         found: list[tuple[str, torch.nn.Module]] = []
-        for name, module in self.transformer.named_modules():
-            if name.rpartition(".")[2] not in keep or not any(True for _ in module.parameters()):
+        for name, sub in transformer.named_modules():
+            if name.rpartition(".")[2] not in keep or not any(True for _ in sub.parameters()):
                 continue
             if not any(name.startswith(f"{outer}.") for outer, _ in found):
-                found.append((name, module))
-        return [module for _, module in found]
+                found.append((name, sub))
+        return [sub for _, sub in found]
 
     def per_token_timesteps(self, t_bf: torch.Tensor, latent_shape_bcfhw: Sequence[int]) -> torch.Tensor:
         """Per-frame timesteps [B, F] → one per video token [B, N], in the transformer's token order (frame,
@@ -470,13 +583,55 @@ class WanModel(ModelBase):
                              f"folds {patch_t} latent frames into one token")
         return t_bf.float().repeat_interleave((height // patch_h) * (width // patch_w), dim=1)
 
+    def high_noise_mask(self, t: torch.Tensor) -> torch.Tensor:
+        """Which samples the high-noise expert (``transformer``) takes: t ≥ boundary·1000, as diffusers'
+        ``WanPipeline`` switches. Per-frame timesteps [B, F] route a sample by its noisiest frame (the max):
+        one expert per sample, chosen by the frame that needs the most denoising."""
+        assert self.boundary_ratio is not None
+        t_b = t if t.ndim == 1 else t.amax(dim=1)
+        return t_b >= self.boundary_ratio * 1000
+
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_embeds_bld: torch.Tensor) -> torch.Tensor:
+        """One expert per sample with two experts (:meth:`high_noise_mask`): the batch is split by expert and
+        re-joined in order. Reading the split costs a device→host sync per forward. An expert with no sample
+        in the batch still runs, on the first sample, adding 0× its output to the result, (1) under FSDP2 over
+        several ranks, where every rank must call both experts in the same order (their all-gathers and
+        reduce-scatters are collectives), and (2) when it trains and gradients are on: it then gets zero
+        gradients rather than none, so AdamW steps (and keeps state for) both experts at every step of the
+        role, on one process as on many, and a checkpoint always holds both experts' optimizer state."""
+        if self.transformer_2 is None:
+            return self._expert_velocity(self.transformer, x_t, t, text_embeds_bld)
+        high = self.high_noise_mask(t)
+        out = torch.empty(x_t.shape, dtype=torch.float32, device=x_t.device)
+        collective = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        trained = self.trained_modules() if torch.is_grad_enabled() else ()
+        keep_alive: list[torch.Tensor] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        experts = (("transformer", self.transformer, high), ("transformer_2", self.transformer_2, ~high))
+        for name, expert, mask in experts:
+            index = mask.nonzero().squeeze(1)
+            if index.numel():
+                parts.append((index, self._expert_velocity(expert, x_t[index], t[index], text_embeds_bld[index])))
+            elif collective or name in trained:
+                # At a timestep of its own range: an expert never evaluates the other's noise levels.
+                edge = float(self.boundary_ratio or 0) * 1000
+                t_own = t[:1].clamp(min=edge) if name == "transformer" else t[:1].clamp(max=edge - 1.0)
+                keep_alive.append(self._expert_velocity(expert, x_t[:1], t_own, text_embeds_bld[:1]))
+        # index_put (out-of-place) keeps the graph of both parts; rows are disjoint and cover the batch.
+        for index, velocity in parts:
+            out = out.index_put((index,), velocity)
+        for velocity in keep_alive:
+            out = out + 0.0 * velocity.sum()
+        return out
+
+    def _expert_velocity(self, expert: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                         text_embeds_bld: torch.Tensor) -> torch.Tensor:
         # FSDP2 leaves inputs alone (runtime.mixed_precision_policy): the latents and text go in the blocks'
         # compute dtype, the timestep in fp32 exactly as given (the sinusoidal embedding at t ≈ 1000 changes
         # completely with a bf16 rounding of t).
         dtype = self.compute_dtype
         timestep = t.float() if t.ndim == 1 else self.per_token_timesteps(t, x_t.shape)
-        out = self.transformer(
+        out = expert(
             hidden_states=x_t.to(dtype),
             timestep=timestep,
             encoder_hidden_states=text_embeds_bld.to(dtype),
