@@ -12,6 +12,8 @@ call ``ensure_*`` at once.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
@@ -32,9 +34,13 @@ TOY_ROOT = Path("outputs/toy")
 
 @dataclass(frozen=True)
 class ToyWorldSpec:
-    num_conditions: int = 8
+    num_conditions: int = 4
+    """4, not more: the quality table's 64 samples then give each condition 16, so a sampler that covers all 3
+    modes shows it: a perfect sampler misses some (condition, mode) pair 2% of the time, against 63% with 8
+    conditions of 8 samples each."""
     num_modes: int = 3
-    samples_per_mode: int = 32
+    samples_per_mode: int = 64
+    """64: 768 rows, as with the earlier 8 conditions × 32 (tests count on the toy file's row count)."""
     latent_shape: tuple[int, int, int, int] = (16, 2, 8, 8)
     text_len: int = 8
     text_dim: int = 32
@@ -149,21 +155,54 @@ def _stored_spec(data_dir: Path) -> dict[str, str] | None:
 
 def ensure_toy_data(root: Path = TOY_ROOT, spec: ToyWorldSpec | None = None) -> Path:
     """The toy dataset under ``<root>/data``; rebuilt when it was written by a different world spec (an older
-    fv_accel), and then the toy teacher trained on it is dropped too."""
+    fv_accel), and then the toy teacher trained on it is dropped too. A teacher trained by another recipe
+    (:func:`toy_teacher_recipe`: world, architecture or training settings) is dropped as well, so the next
+    distillation retrains it instead of distilling a stale one."""
     spec = spec or ToyWorldSpec()
     out = root / "data"
+    log = logging.getLogger("fv_accel")
     if out.exists() and _stored_spec(out) != _spec_metadata(spec):
-        logging.getLogger("fv_accel").info("toy: %s was made by another toy-world spec; rebuilding it", out)
+        log.info("toy: %s was made by another toy-world spec; rebuilding it", out)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(toy_teacher_dir(root), ignore_errors=True)
+    teacher = toy_teacher_dir(root)
+    if teacher.exists() and _stored_teacher_recipe(teacher) != toy_teacher_recipe(spec):
+        log.info("toy: %s was trained by another toy-teacher recipe; it will be retrained", teacher)
+        shutil.rmtree(teacher, ignore_errors=True)
     write_toy_dataset(out, spec)
     return out
 
 
-#: The toy teacher's architecture: the tiny Wan with 4 heads and a wider MLP (~150k parameters). The 2-head
-#: TINY_WAN_CONFIG does not learn the toy world within the demo's time budget (teacher@50 stays near the
-#: conditional mean); this one does in about a minute on 2 CPU cores.
-TOY_TEACHER_WAN_OVERRIDES: dict[str, Any] = {"num_attention_heads": 4, "ffn_dim": 128}
+#: The toy teacher's architecture: the tiny Wan with 8 heads (attention width 128) and a wider MLP (490,688
+#: parameters). Attention width is what limits how close teacher@50 comes to the modes
+#: (benchmarks/toy_teacher.py): 4 heads reach a distance of ≈ 0.3 even with 1000 steps, 8 heads ≈ 0.1 in 300.
+TOY_TEACHER_WAN_OVERRIDES: dict[str, Any] = {"num_attention_heads": 8, "ffn_dim": 128}
+
+#: The toy fine-tune's settings (the data path and output dir are added per root). A cosine decay of the
+#: learning rate lets the last steps settle instead of jittering at 3e-3.
+TOY_FINETUNE_SETTINGS: dict[str, Any] = {
+    "method": {"name": "finetune", "weighting_scheme": "uniform"},
+    # The toy file lists its rows by condition and mode: windows of row groups would fill a batch with a few
+    # modes; a plain row permutation (cheap at this size) gives every batch a mix.
+    "data": {"seed": 0, "train_batch_size": 32, "text_len": 8, "shuffle": "rows"},
+    "optimizer": {"learning_rate": 3e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 20},
+    "loop": {"max_train_steps": 300, "max_grad_norm": 1.0},
+}
+
+
+def toy_teacher_recipe(spec: ToyWorldSpec | None = None) -> dict[str, Any]:
+    """What the toy teacher is a function of (world spec, architecture, fine-tune settings), as JSON values;
+    stored beside the teacher as ``toy_recipe.json`` so a teacher made by an older recipe is retrained."""
+    recipe = {"world": _spec_metadata(spec or ToyWorldSpec()), "wan_overrides": TOY_TEACHER_WAN_OVERRIDES,
+              "finetune": TOY_FINETUNE_SETTINGS}
+    return dict(json.loads(json.dumps(recipe)))
+
+
+def _stored_teacher_recipe(teacher_dir: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads((teacher_dir / "toy_recipe.json").read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_init_transformer(root: Path = TOY_ROOT, seed: int = 0, *, name: str = "init",
@@ -175,13 +214,26 @@ def ensure_init_transformer(root: Path = TOY_ROOT, seed: int = 0, *, name: str =
     from fv_accel.models import TINY_WAN_CONFIG
 
     out = root / name
+    config = {**TINY_WAN_CONFIG, **(overrides or {})}
+    if out.exists() and not _config_matches(out / "transformer" / "config.json", config):
+        # made by an fv_accel with another toy architecture
+        shutil.rmtree(out, ignore_errors=True)
 
     def build(tmp: Path) -> None:
         torch.manual_seed(seed)
-        WanTransformer3DModel(**{**TINY_WAN_CONFIG, **(overrides or {})}).save_pretrained(tmp / "transformer")
+        WanTransformer3DModel(**config).save_pretrained(tmp / "transformer")
 
     _atomic_dir(out, build)
     return out
+
+
+def _config_matches(path: Path, config: dict[str, Any]) -> bool:
+    """Whether the saved diffusers ``config.json`` at ``path`` has every key of ``config`` (lists as saved)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in config.items())
 
 
 def load_world(data_dir: Path) -> dict[str, torch.Tensor]:
@@ -212,21 +264,22 @@ def ensure_teacher_init(root: Path = TOY_ROOT) -> Path:
     return ensure_init_transformer(root, name="init-toy", overrides=TOY_TEACHER_WAN_OVERRIDES)
 
 
-def finetune_default_config(root: Path = TOY_ROOT, output_dir: str | None = None) -> dict[str, Any]:
-    """The toy fine-tuning run: a tiny Wan learns the toy world from random init by flow matching."""
-    data = ensure_toy_data(root)
+def finetune_default_config(root: Path = TOY_ROOT, output_dir: str | None = None,
+                            spec: ToyWorldSpec | None = None) -> dict[str, Any]:
+    """The toy fine-tuning run: a tiny Wan learns the toy world (``spec``, default the default world) from random
+    init by flow matching."""
+    data = ensure_toy_data(root, spec)
     init = ensure_teacher_init(root)
+    settings = copy.deepcopy(TOY_FINETUNE_SETTINGS)
     return {
         # The toy world has no VAE: its latents are generated with RMS 1 and used as they are.
         "models": {"student": {"family": "wan", "init_from": str(init), "trainable": True, "flow_shift": 3.0,
                                "latent_stats": "identity"}},
-        "method": {"name": "finetune", "weighting_scheme": "uniform"},
+        "method": settings["method"],
         "training": {
-            # The toy file lists its rows by condition and mode: windows of row groups would fill a batch with a
-            # few modes; a plain row permutation (cheap at this size) gives every batch a mix.
-            "data": {"data_path": str(data), "seed": 0, "train_batch_size": 32, "text_len": 8, "shuffle": "rows"},
-            "optimizer": {"learning_rate": 3e-3, "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20},
-            "loop": {"max_train_steps": 300, "max_grad_norm": 1.0},
+            "data": {"data_path": str(data), **settings["data"]},
+            "optimizer": settings["optimizer"],
+            "loop": settings["loop"],
             "checkpoint": {"output_dir": output_dir or str(root / "finetune"), "save_steps": 0, "keep_last": 2},
         },
     }
@@ -236,9 +289,9 @@ def toy_teacher_dir(root: Path = TOY_ROOT) -> Path:
     return root / "teacher"
 
 
-def teacher_finetune_config(root: Path = TOY_ROOT) -> dict[str, Any]:
+def teacher_finetune_config(root: Path = TOY_ROOT, spec: ToyWorldSpec | None = None) -> dict[str, Any]:
     """The toy teacher's training run: the toy fine-tune, writing its run files to ``<root>/teacher-train``."""
-    cfg = finetune_default_config(root, output_dir=str(root / "teacher-train"))
+    cfg = finetune_default_config(root, output_dir=str(root / "teacher-train"), spec=spec)
     cfg["training"]["tracker"] = {"backends": []}
     return cfg
 
@@ -257,7 +310,7 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
     from fv_accel.run import train
 
     out = toy_teacher_dir(root)
-    if (out / "transformer" / "config.json").is_file():
+    if (out / "transformer" / "config.json").is_file() and _stored_teacher_recipe(out) == toy_teacher_recipe():
         return out
     logging.getLogger("fv_accel").info("toy: training the teacher into %s (first use only)", out)
     cfg = resolve_config(teacher_finetune_config(root))
@@ -267,6 +320,7 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
         shutil.rmtree(tmp)
     save_transformer_pretrained(trainer.method.student.transformer, tmp / "transformer")
     if trainer.topology.is_main:
+        (tmp / "toy_recipe.json").write_text(json.dumps(toy_teacher_recipe(), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -283,8 +337,9 @@ def distill_default_config(root: Path = TOY_ROOT, output_dir: str | None = None,
                            teacher_dir: Path | None = None) -> dict[str, Any]:
     """The toy DMD2 run: 4-step student and critic both initialised from the toy teacher.
 
-    Settings (docs/distillation.md "The toy default"): critic lr 4× the student's, 3 critic updates per student update, student Adam
-    β1 = 0, EMA of the student. The toy teacher is trained without CFG dropout, so its guidance scale is 1."""
+    Settings (docs/distillation.md "The toy default"): critic lr 2× the student's, 3 critic updates per student
+    update, student Adam β1 = 0, EMA of the student. The toy teacher is trained without CFG dropout, so its
+    guidance scale is 1."""
     data = ensure_toy_data(root)
     teacher = str(teacher_dir or toy_teacher_dir(root))
     return {
@@ -300,7 +355,9 @@ def distill_default_config(root: Path = TOY_ROOT, output_dir: str | None = None,
             "dmd_denoising_steps": [1000, 750, 500, 250],
             "generator_update_interval": 3,
             "real_score_guidance_scale": 1.0,
-            "critic_optimizer": {"learning_rate": 8e-4, "betas": [0.0, 0.999]},
+            # 2× the student's: with the 8-head teacher 4× leaves student@4 at 0.91× teacher@4, 2× at 0.64–0.74×
+            # (3 data seeds; benchmarks/RESULTS.md, "The toy teacher")
+            "critic_optimizer": {"learning_rate": 4e-4, "betas": [0.0, 0.999]},
         },
         "training": {
             # The toy file lists its rows by condition and mode: windows of row groups would fill a batch with a

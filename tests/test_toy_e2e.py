@@ -21,7 +21,7 @@ def test_dmd2_student_beats_teacher_at_same_steps(tmp_path: Path, single_process
     assert (teacher / "transformer" / "config.json").is_file()
     tree = distill_default_config(tmp_path)
     tree["training"]["tracker"] = {"backends": []}
-    cfg = resolve_config(tree, [("training.loop.max_train_steps", 150)])
+    cfg = resolve_config(tree)  # the toy default's 300 steps: with the 8-head teacher 150 are not enough
     trainer = train(cfg, accelerator)
     assert trainer is not None
     method = trainer.method
@@ -38,3 +38,42 @@ def test_dmd2_student_beats_teacher_at_same_steps(tmp_path: Path, single_process
     assert after["student@4"].distance < 0.8 * after["teacher@4"].distance, after
     assert after["student@4"].distance < before["student@4"].distance, (after, before)
     assert after["teacher@4"] == before["teacher@4"]  # the teacher is frozen: all three metrics unchanged
+
+
+def test_a_teacher_or_init_of_another_toy_recipe_is_remade(tmp_path: Path) -> None:
+    """outputs/toy of an older fv_accel: its teacher (no or another ``toy_recipe.json``) is dropped by
+    ``ensure_toy_data`` and its ``init-toy`` of another architecture is rebuilt; a current teacher is kept."""
+    import json
+
+    from fv_accel.toy import (
+        TOY_TEACHER_WAN_OVERRIDES,
+        ensure_teacher_init,
+        ensure_toy_data,
+        toy_teacher_recipe,
+    )
+
+    ensure_toy_data(tmp_path)
+    teacher = tmp_path / "teacher"
+    (teacher / "transformer").mkdir(parents=True)
+    (teacher / "transformer" / "config.json").write_text("{}")
+    ensure_toy_data(tmp_path)  # no toy_recipe.json: made before recipes were stamped
+    assert not teacher.exists()
+
+    (teacher / "transformer").mkdir(parents=True)
+    old = toy_teacher_recipe()
+    old["finetune"]["loop"]["max_train_steps"] += 1
+    (teacher / "toy_recipe.json").write_text(json.dumps(old))
+    ensure_toy_data(tmp_path)
+    assert not teacher.exists()
+
+    (teacher / "transformer").mkdir(parents=True)
+    (teacher / "toy_recipe.json").write_text(json.dumps(toy_teacher_recipe()))
+    ensure_toy_data(tmp_path)
+    assert (teacher / "toy_recipe.json").is_file()  # current: kept
+
+    init_config = ensure_teacher_init(tmp_path) / "transformer" / "config.json"
+    config = json.loads(init_config.read_text())
+    config["num_attention_heads"] = TOY_TEACHER_WAN_OVERRIDES["num_attention_heads"] // 2  # an older toy teacher
+    init_config.write_text(json.dumps(config))
+    ensure_teacher_init(tmp_path)
+    assert json.loads(init_config.read_text())["num_attention_heads"] == TOY_TEACHER_WAN_OVERRIDES["num_attention_heads"]
