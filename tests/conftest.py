@@ -93,6 +93,20 @@ def run_recipe_main(name: str, argv: list[str]) -> int:
             os.environ.pop(key, None)
 
 
+def record_calls(obj: Any, name: str, keep: Any) -> list[Any]:
+    """Replace ``obj.<name>`` by a wrapper that appends ``keep(*args)`` to the returned list, then calls the
+    original (a spy on a model's ``predict_velocity`` / ``predict_x0``, which take ``(x_t, t, text)``)."""
+    calls: list[Any] = []
+    original = getattr(obj, name)
+
+    def spy(*args: Any) -> Any:
+        calls.append(keep(*args))
+        return original(*args)
+
+    setattr(obj, name, spy)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Toy dataset and a random tiny Wan init, built once per test session."""

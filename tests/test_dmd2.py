@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import record_calls
 
 from fv_accel import flow
 from fv_accel.config import RunConfig, resolve_config
@@ -431,14 +432,7 @@ def test_uncond_is_what_the_teachers_unconditional_branch_sees(toy_root: Path, t
     assert built.data is not None
     cond = method.student.prepare_batch(next(built.data), method.student.device)
     teacher = method.role_models["teacher"]
-    seen: list[torch.Tensor] = []
-    original = teacher.predict_x0
-
-    def spy(x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        seen.append(text.detach().clone())
-        return original(x_t, t, text)
-
-    teacher.predict_x0 = spy  # type: ignore[method-assign]
+    seen = record_calls(teacher, "predict_x0", lambda x_t, t, text: text.detach().clone())
     x_t = torch.randn(2, *cond.latent_shape, generator=torch.Generator().manual_seed(0))
     method.teacher_x0(x_t, torch.tensor([300.0, 800.0]), cond)
     (text,) = seen

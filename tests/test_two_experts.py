@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import record_calls
 from safetensors.torch import load_file
 
 from fv_accel.config import ModelConfig, resolve_config
@@ -108,14 +109,7 @@ def test_both_experts_train_each_only_on_its_side(tmp_path: Path, toy_root: Path
     in_optimizer = {id(p) for g in method.roles["student"].optimizer.param_groups for p in g["params"]}
     for module in student.modules().values():
         assert all(id(p) in in_optimizer for p in module.parameters())
-    asked: list[torch.Tensor] = []
-    original = student.predict_velocity
-
-    def record(x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        asked.append(t.detach().cpu())
-        return original(x_t, t, text)
-
-    student.predict_velocity = record  # type: ignore[method-assign]
+    asked = record_calls(student, "predict_velocity", lambda x_t, t, text: t.detach().cpu())
     before = {name: _full(m) for name, m in student.modules().items()}
     trainer = Trainer(accelerator=accelerator, method=method, data=built.data, cfg=cfg,
                       callbacks=CallbackList([]), checkpoints=None, show_progress=False)
@@ -281,14 +275,7 @@ def test_dmd2_teacher_routes_by_the_score_timestep(tmp_path: Path, toy_root: Pat
     seen: dict[str, list[torch.Tensor]] = {"transformer": [], "transformer_2": []}
     for name, module in teacher_model.modules().items():
         _spy(module, seen[name])
-    scored: list[torch.Tensor] = []
-    original = teacher_model.predict_velocity
-
-    def record(x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        scored.append(t.detach().cpu())
-        return original(x_t, t, text)
-
-    teacher_model.predict_velocity = record  # type: ignore[method-assign]
+    scored = record_calls(teacher_model, "predict_velocity", lambda x_t, t, text: t.detach().cpu())
     Trainer(accelerator=accelerator, method=method, data=built.data, cfg=cfg,
             callbacks=CallbackList([]), checkpoints=None, show_progress=False).fit()
     high, low = torch.cat(seen["transformer"]), torch.cat(seen["transformer_2"])
