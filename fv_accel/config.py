@@ -74,11 +74,34 @@ class LoraConfig(_Strict):
         return value
 
 
+class CausalConfig(_Strict):
+    """Block-causal attention of a ``wan_causal`` role ([causal.md](causal.md)): latent frames are grouped in
+    blocks; a token attends to every token of its own block and of earlier blocks, never to later ones."""
+
+    num_frames_per_block: int = Field(3, ge=1)
+    """Latent frames per block. The first block takes the remainder: 21 frames → 7 blocks of 3, 8 → 2, 3, 3."""
+    local_attn_frames: int | None = Field(None, ge=1)
+    """Attention window in latent frames (the current block included); null: every earlier frame. Streaming
+    keeps a cache of this many frames, so clips longer than training run in bounded memory."""
+    sink_frames: int = Field(0, ge=0)
+    """With a window: the first frames stay attendable for ever (attention sinks), inside the window's count."""
+
+    @model_validator(mode="after")
+    def _sink_inside_window(self) -> CausalConfig:
+        if self.sink_frames and self.local_attn_frames is None:
+            raise ValueError("sink_frames needs local_attn_frames (a global window keeps every frame anyway)")
+        if self.local_attn_frames is not None and self.local_attn_frames < self.num_frames_per_block + self.sink_frames:
+            raise ValueError(f"local_attn_frames {self.local_attn_frames} must hold one block "
+                             f"({self.num_frames_per_block}) plus the sink frames ({self.sink_frames})")
+        return self
+
+
 class ModelConfig(_Strict):
     """One role model (student, teacher, critic, ...)."""
 
-    family: Literal["wan"] = "wan"
-    """Model family; one file per family in ``fv_accel/models``."""
+    family: Literal["wan", "wan_causal"] = "wan"
+    """Model family; one file per family in ``fv_accel/models``. ``wan_causal``: a Wan 2.1 transformer with
+    block-causal attention and a streaming KV cache (``causal`` below; [causal.md](causal.md))."""
     init_from: str
     """A diffusers pipeline directory, a model directory, or a Hub id."""
     subfolder: str = "transformer"
@@ -117,6 +140,19 @@ class ModelConfig(_Strict):
     """Two-expert pipelines only (Wan 2.2 A14B: ``transformer_2`` and ``boundary_ratio`` in ``model_index.json``):
     which experts train, ``high`` = ``transformer`` (t ≥ boundary·1000), ``low`` = ``transformer_2``; the other
     stays frozen (in ``frozen_dtype``). null = ``both``. Set on a one-expert model: exit 2."""
+    causal: CausalConfig | None = None
+    """``family: wan_causal`` only (null there = the defaults): block size and attention window."""
+
+    @model_validator(mode="after")
+    def _causal_needs_causal_family(self) -> ModelConfig:
+        if self.causal is not None and self.family != "wan_causal":
+            raise ValueError(f"causal is set on family {self.family!r}; it applies to family 'wan_causal'")
+        return self
+
+    @property
+    def causal_or_default(self) -> CausalConfig:
+        """``causal`` with its defaults filled in (the family ``wan_causal`` reads this)."""
+        return self.causal or CausalConfig()
 
     @model_validator(mode="after")
     def _lora_needs_trainable(self) -> ModelConfig:
