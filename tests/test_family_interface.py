@@ -105,7 +105,7 @@ class _CountingFamily(ModelBase):
         return 7 * c * t * h * w + text_len
 
     @classmethod
-    def frame_rule(cls, patch_size=None) -> FrameRule:  # type: ignore[no-untyped-def]
+    def frame_rule(cls, patch_size=None, *, source=None) -> FrameRule:  # type: ignore[no-untyped-def]
         return FrameRule(temporal_factor=8, spatial_factor=4, pixel_multiple=4)
 
 

@@ -2,10 +2,11 @@
 
 Runs the pipeline's real encoders once, offline, so training never touches them. The model family
 (``--family``, ``fv_accel.models.FAMILIES``) loads them (``ModelBase.load_encoders``) and states the clip sizes
-its VAE accepts (``ModelBase.frame_rule``). For Wan: the diffusers ``AutoencoderKLWan`` (subfolder ``vae``)
-turns each clip into the mean of its latent distribution, stored unnormalised ``[C, T, H, W]`` as FastVideo
-stores it; UMT5 (``text_encoder`` with the pipeline's ``tokenizer``) turns each caption into ``[L, D]``
-embeddings trimmed to the caption's real token count (the dataset pads).
+the pipeline's VAE accepts (``ModelBase.frame_rule`` with ``source=--model``: Wan reads the VAE's own factors,
+8× or 16× spatial). For Wan: the diffusers ``AutoencoderKLWan`` (subfolder ``vae``) turns each clip into the mean
+of its latent distribution, stored unnormalised ``[C, T, H, W]`` as FastVideo stores it; UMT5 (``text_encoder``
+with the pipeline's ``tokenizer``) turns each caption into ``[L, D]`` embeddings trimmed to the caption's real
+token count (the dataset pads).
 
 Each process of an ``accelerate launch`` takes every ``world_size``-th entry of the caption file and writes its
 own shards ``rank<r>-<k>.parquet``, each renamed into place only when complete. A shard's ``id`` column is the
@@ -402,7 +403,7 @@ def run_preprocess(opts: PreprocessOptions, *, rank: int, world_size: int, devic
     family = family_class(opts.family)
     # Checked before anything is loaded or written: a wrong size would otherwise surface at training step 1.
     if not text_only:
-        check_frame_size(family.frame_rule(), opts)
+        check_frame_size(family.frame_rule(source=opts.model), opts)
     entries = read_captions(opts.captions, need_paths=not text_only)
     opts.output.mkdir(parents=True, exist_ok=True)
     done = done_ids(opts.output)

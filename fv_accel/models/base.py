@@ -222,9 +222,10 @@ class ModelBase(ABC):
 
     # -- data: clip sizes and encoders (preprocessing, validation prompts) ----------------------------------
     @classmethod
-    def frame_rule(cls, patch_size: tuple[int, ...] | None = None) -> FrameRule:
+    def frame_rule(cls, patch_size: tuple[int, ...] | None = None, *, source: str | None = None) -> FrameRule:
         """The clip sizes this family's VAE and a transformer with ``patch_size`` (None: the family's usual
-        one) accept. Every family that preprocesses videos implements it."""
+        one) accept; ``source``: the pipeline whose VAE encodes (its config may set the factors; None: the
+        family's usual VAE). Every family that preprocesses videos implements it."""
         raise NotImplementedError(f"{cls.__name__} states no frame rule")
 
     #: subfolders of a pipeline that :meth:`load_encoders` needs to encode text (checked before anything loads)

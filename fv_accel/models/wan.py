@@ -148,6 +148,29 @@ def read_latent_stats(role: str, model_cfg: ModelConfig, *, include_hub: bool = 
                        vae_source=source if has_vae else None, vae_subfolder=subfolder)
 
 
+def read_vae_factors(source: str, *, key: str) -> tuple[int, int]:
+    """(spatial, temporal) compression of the VAE of pipeline ``source``: ``scale_factor_spatial`` and
+    ``scale_factor_temporal`` of its ``vae/config.json``, which diffusers' ``WanPipeline`` reads the same way
+    (Wan 2.2 TI2V-5B's 48-channel VAE: 16, 4). Wan 2.1 VAE configs carry neither: 8, 4 then, as for a source
+    without a readable ``vae/config.json`` (loading its encoders then reports what is missing)."""
+    default_spatial, default_temporal = WanModel.vae_spatial_factor, WanModel.vae_temporal_factor
+    local = Path(source).expanduser()
+    path: Path | None = local / "vae" / "config.json"
+    if not local.exists():
+        path = None
+        if is_hub_id(source):
+            from huggingface_hub import hf_hub_download
+
+            with contextlib.suppress(Exception):  # not a pipeline repo, offline and uncached: the defaults
+                path = Path(hf_hub_download(source, "vae/config.json"))
+    if path is None or not path.is_file():
+        return default_spatial, default_temporal
+    config = _read_json(path, key)
+    spatial = config.get("scale_factor_spatial") or default_spatial
+    temporal = config.get("scale_factor_temporal") or default_temporal
+    return int(spatial), int(temporal)
+
+
 #: ``_class_name`` of the diffusers pipelines whose layout this family trains: text-to-video, with one expert
 #: (Wan 2.1, Wan 2.2 TI2V-5B) or two (Wan 2.2 A14B). Image-to-video pipelines need image conditioning
 #: (CLIP image embeddings or first-frame latents) that no method provides.
@@ -298,8 +321,9 @@ class WanModel(ModelBase):
     has_memory_model = True
     text_encoder_components = ("tokenizer", "text_encoder")
     transformer: WanTransformer3DModel
-    #: Wan's VAE (``AutoencoderKLWan``) maps 8×8 pixels to one latent cell and 4 frames to one latent frame
-    #: (the first frame alone: clips have 4k+1 frames).
+    #: Wan 2.1's VAE (``AutoencoderKLWan``) maps 8×8 pixels to one latent cell and 4 frames to one latent frame
+    #: (the first frame alone: clips have 4k+1 frames). A pipeline's own VAE may differ (TI2V-5B: 16×16 pixels):
+    #: :meth:`frame_rule` with its ``source`` reads the factors from its ``vae/config.json``.
     vae_spatial_factor = 8
     vae_temporal_factor = 4
     #: ``patch_size`` (t, h, w) of every published Wan 2.1 / 2.2 transformer.
@@ -327,16 +351,21 @@ class WanModel(ModelBase):
         return "WanPipeline"
 
     @classmethod
-    def pixel_multiple(cls, patch_size: tuple[int, ...] | None = None) -> int:
-        """Frame height and width must be multiples of this (16 for Wan): the VAE's spatial factor times the
-        transformer's spatial patch, or the patching drops the last row/column of an odd latent side."""
-        _, patch_h, patch_w = patch_size or cls.default_patch_size
-        return cls.vae_spatial_factor * math.lcm(patch_h, patch_w)
+    def pixel_multiple(cls, patch_size: tuple[int, ...] | None = None, *, source: str | None = None) -> int:
+        """Frame height and width must be multiples of this (16 for Wan 2.1, 32 for TI2V-5B): the VAE's spatial
+        factor times the transformer's spatial patch, or the patching drops the last row/column of an odd
+        latent side."""
+        return cls.frame_rule(patch_size, source=source).pixel_multiple
 
     @classmethod
-    def frame_rule(cls, patch_size: tuple[int, ...] | None = None) -> FrameRule:
-        return FrameRule(temporal_factor=cls.vae_temporal_factor, spatial_factor=cls.vae_spatial_factor,
-                         pixel_multiple=cls.pixel_multiple(patch_size))
+    def frame_rule(cls, patch_size: tuple[int, ...] | None = None, *, source: str | None = None) -> FrameRule:
+        """With ``source`` (a pipeline) its VAE's factors (:func:`read_vae_factors`), else Wan 2.1's."""
+        spatial, temporal = cls.vae_spatial_factor, cls.vae_temporal_factor
+        if source is not None:
+            spatial, temporal = read_vae_factors(source, key="--model")
+        _, patch_h, patch_w = patch_size or cls.default_patch_size
+        return FrameRule(temporal_factor=temporal, spatial_factor=spatial,
+                         pixel_multiple=spatial * math.lcm(patch_h, patch_w))
 
     @classmethod
     def load_encoders(cls, source: str, *, key: str, device: torch.device, text_len: int, text_dtype: torch.dtype,
