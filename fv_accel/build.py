@@ -208,6 +208,7 @@ def build_run(cfg: RunConfig, accelerator: Accelerator, *, with_data: bool = Tru
     if with_data:
         data = build_data_stream(cfg.training.data, rank=topology.data_rank, world_size=topology.data_world_size,
                                  stop_signals=cfg.training.checkpoint.preempt_signals)
+        check_latent_channels(method.role_models, data)
         check_latent_patching(method.role_models, data)
         check_context_parallel_tokens(method.role_models, data, topology.cp_size)
     return BuiltRun(method=method, data=data)
@@ -224,6 +225,23 @@ def check_context_parallel_tokens(role_models: dict[str, ModelBase], data: DataS
         if tokens % cp_size:
             raise ConfigError(f"training.data: latents [C, T, H, W] = {[c, *thw]} make {tokens} tokens per sample "
                               f"for models.{role}, not divisible by parallelism_config_cp_size {cp_size}")
+
+
+def check_latent_channels(role_models: dict[str, ModelBase], data: DataStream) -> None:
+    """Exit 2 before step 1 when the data's latents come from another VAE than a role's (16-channel Wan 2.1
+    latents for a 48-channel TI2V-5B transformer): the first normalisation or forward would fail on a shape."""
+    dataset = data.dataset
+    c, *thw = dataset.latent_shape
+    for role, model in role_models.items():
+        wanted = model.latent_channels
+        if wanted is None or wanted == c:
+            continue
+        problem = (f"{c}-channel latents [C, T, H, W] = {[c, *thw]}, but models.{role} "
+                   f"({model.config.init_from!r}) takes {wanted} channels")
+        if dataset.kind == "text_only":
+            raise ConfigError(f"training.data.latent_shape: {problem}")
+        raise ConfigError(f"training.data.data_path: {dataset.files[0]} holds {problem}; preprocess the videos "
+                          "with that model's pipeline (recipes/preprocess.py --model)")
 
 
 def check_latent_patching(role_models: dict[str, ModelBase], data: DataStream) -> None:

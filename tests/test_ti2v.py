@@ -214,3 +214,42 @@ def test_finetune_validates_with_its_vae_and_exports_a_ti2v_pipeline(world: dict
     assert video.shape == (1, FRAMES, HEIGHT, WIDTH, 3) and bool(np.isfinite(video).all())
     tokens = LATENT[1] * (LATENT[2] // 2) * (LATENT[3] // 2)
     assert [tuple(t.shape) for t in timesteps] == [(1, tokens)] * 2  # a timestep per token: expand_timesteps
+
+
+def test_latents_of_another_vae_are_refused_before_step_1(world: dict[str, Path], toy_root: Path, tmp_path: Path,
+                                                          fresh_world: Any) -> None:
+    """16-channel latents (the toy world's, as Wan 2.1's VAE writes them) for the 48-channel transformer."""
+    from fv_accel.build import build_run
+    from fv_accel.errors import ConfigError
+    from fv_accel.runtime import build_accelerator
+
+    cfg = resolve_config({
+        "models": {"student": {"init_from": str(world["pipe"]), "latent_stats": "auto"}},
+        "method": {"name": "finetune"},
+        "training": {"data": {"data_path": str(toy_root / "data"), "train_batch_size": 2, "text_len": 8},
+                     "tracker": {"backends": []}, "checkpoint": {"output_dir": str(tmp_path / "run")}},
+    })
+    with pytest.raises(ConfigError, match=r"^training\.data\.data_path: .* holds 16-channel latents "
+                                          r"\[C, T, H, W\] = \[16, 2, 8, 8\], but models\.student .* takes 48 "
+                                          r"channels"):
+        build_run(cfg, build_accelerator())
+
+
+def test_a_text_only_latent_shape_of_another_vae_is_refused(world: dict[str, Path], tmp_path: Path,
+                                                            fresh_world: Any) -> None:
+    from fv_accel.build import build_run
+    from fv_accel.data.preprocess import write_text_rows
+    from fv_accel.errors import ConfigError
+    from fv_accel.runtime import build_accelerator
+
+    write_text_rows(tmp_path / "prompts" / "p.parquet", ["a", "b"], ["a cat", "a dog"],
+                    [torch.zeros(3, 32), torch.zeros(4, 32)])
+    cfg = resolve_config({
+        "models": {"student": {"init_from": str(world["pipe"]), "latent_stats": "auto"}},
+        "method": {"name": "finetune"},
+        "training": {"data": {"data_path": str(tmp_path / "prompts"), "train_batch_size": 2, "text_len": 8,
+                              "latent_shape": [16, 2, 2, 4]},
+                     "tracker": {"backends": []}, "checkpoint": {"output_dir": str(tmp_path / "run")}},
+    })
+    with pytest.raises(ConfigError, match=r"^training\.data\.latent_shape: 16-channel latents .* takes 48 channels"):
+        build_run(cfg, build_accelerator())

@@ -251,6 +251,12 @@ class ModelBase(ABC):
         """(T, H, W) latent cells the transformer folds into one token; data latents must divide by it."""
         return 1, 1, 1
 
+    @property
+    def latent_channels(self) -> int | None:
+        """Channels C of the ``[C, T, H, W]`` latents the transformer takes (Wan 2.1: 16, Wan 2.2 TI2V-5B: 48);
+        data latents must have as many. None: not stated, not checked."""
+        return None
+
     @classmethod
     def resolve_latent_stats(cls, role: str, model_cfg: ModelConfig, *, include_hub: bool = True
                              ) -> LatentStats | None:

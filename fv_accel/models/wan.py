@@ -428,6 +428,10 @@ class WanModel(ModelBase):
         t, h, w = (int(p) for p in self.transformer.config["patch_size"])
         return t, h, w
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config["in_channels"])
+
     def __init__(
         self,
         *,
