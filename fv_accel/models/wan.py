@@ -160,12 +160,20 @@ def read_vae_factors(source: str, *, key: str) -> tuple[int, int]:
         path = None
         if is_hub_id(source):
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-            with contextlib.suppress(Exception):  # not a pipeline repo, offline and uncached: the defaults
+            try:
                 path = Path(hf_hub_download(source, "vae/config.json"))
+            except (EntryNotFoundError, RepositoryNotFoundError):  # also: not cached under HF_HUB_OFFLINE=1
+                pass
+            except Exception as exc:  # network, HTTP: not a configuration problem
+                raise CheckpointError(f"{key}: cannot read vae/config.json of {source!r} ({type(exc).__name__}: "
+                                      f"{(str(exc).strip().splitlines() or [''])[0]})") from None
     if path is None or not path.is_file():
         return default_spatial, default_temporal
     config = _read_json(path, key)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}: {path} is not a JSON object")
     spatial = config.get("scale_factor_spatial") or default_spatial
     temporal = config.get("scale_factor_temporal") or default_temporal
     return int(spatial), int(temporal)
