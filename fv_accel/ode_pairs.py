@@ -148,7 +148,7 @@ def teacher_schedule(teacher_steps: int, shift: float, denoising_steps: Sequence
         if all(abs(p - t) > _SAME_T for p in points):
             points.append(float(t))
     points.sort(reverse=True)
-    positions = [min(range(len(points)), key=lambda i, t=t: abs(points[i] - t)) for t in denoising_steps]
+    positions = [next(i for i, p in enumerate(points) if abs(p - t) <= _SAME_T) for t in denoising_steps]
     return torch.tensor(points, dtype=torch.float32), positions
 
 

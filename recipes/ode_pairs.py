@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from fv_accel.config import ModelConfig
         from fv_accel.data.dataset import ParquetLatentDataset, build_index, load_negative_prompt
         from fv_accel.models import load_role_model
-        from fv_accel.ode_pairs import OdePairsSpec, write_ode_pairs
+        from fv_accel.ode_pairs import OdePairsSpec, check_or_write_manifest, write_ode_pairs
         from fv_accel.runtime import Topology, build_accelerator, rank0_result
 
         args = parse_args(argv)
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             uncond=str(Path(args.negative_prompt_path).resolve()) if args.negative_prompt_path else "zeros",
             seed=args.seed, text_len=args.text_len, dtype=args.dtype,
             compute=f"{accelerator.device.type}/{mixed}")
+        check_or_write_manifest(spec, out)  # a mismatched rerun fails here, before the teacher loads
         # fp32 weights; bf16 compute through autocast (an unsharded module is not cast by FSDP's policy).
         mcfg = ModelConfig(init_from=args.teacher, subfolder=args.subfolder, trainable=False, flow_shift=args.shift,
                            latent_stats=args.latent_stats)
