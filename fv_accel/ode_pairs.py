@@ -26,10 +26,10 @@ normalisation, and the student's redo it (all roles share one latent space).
 
 **Cost at scale.** Wan 2.1 1.3B at 480×832, 81 frames: a latent is 16×21×60×104 = 2.10 M values, 8.4 MB in fp32,
 4.2 MB in bf16. With K = 4 a row holds K + 1 = 5 latents: 42 MB (fp32) or 21 MB (bf16), plus its text embedding
-(512×4096, 4.2 MB in bf16 as preprocessing stores it). All 600k rows of a large dataset would take 600k × 42 MB ≈
-25 TB in fp32, ≈ 15 TB in bf16 with text: so the default stores bf16 (the student regresses at bf16 precision
-anyway) and takes ``num_rows`` = 2048 rows spread evenly over the dataset (``fv_accel.sampling.spread_rows``):
-2048 × 25 MB ≈ 52 GB. The teacher runs ``teacher_steps`` (48, CausVid's) × 2 (CFG) forwards per row, plus one
+copied in the source's dtype (at most 512×4096: 4.2 MB in bf16). All 600k rows of a large dataset would take
+600k × 42 MB ≈ 25 TB of latents in fp32, ≈ 13 TB in bf16 (≈ 15 TB with bf16 text): so the default stores bf16 (the
+student computes in bf16 anyway) and takes ``num_rows`` = 2048 rows spread evenly over the dataset
+(``fv_accel.sampling.spread_rows``): 2048 × 25 MB ≈ 52 GB. The teacher runs ``teacher_steps`` (48, CausVid's) × 2 (CFG) forwards per row, plus one
 pair per student timestep off its grid.
 """
 

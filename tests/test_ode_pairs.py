@@ -130,3 +130,18 @@ def test_a_rerun_with_other_settings_is_refused(toy_root: Path, tmp_path: Path, 
     assert MANIFEST_NAME in err and "guidance_scale" in err
     assert shard_path(out, 0).stat().st_mtime_ns == before
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary left behind
+
+
+def test_a_pairs_file_missing_a_trajectory_column_is_refused(toy_root: Path, tmp_path: Path) -> None:
+    """A file with some ``ode_*`` columns but not all is a broken pairs file, not plain T2V data."""
+    from fv_accel.errors import DataError
+
+    spec = _spec(toy_root, num_rows=2, teacher_steps=1)
+    out = tmp_path / "pairs"
+    write_ode_pairs(spec, _teacher(toy_root, spec.shift), ParquetLatentDataset(str(toy_root / "data"), text_len=8),
+                    out, rank=0, world_size=1)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    pq.write_table(pq.read_table(shard_path(out, 0)).drop_columns(["ode_timesteps"]), broken / "part.parquet")
+    with pytest.raises(DataError, match="ode_timesteps"):
+        ParquetLatentDataset(str(broken), text_len=8)
