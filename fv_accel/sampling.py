@@ -1,7 +1,8 @@
 """Few-step and many-step samplers shared by validation, ``recipes/sample.py`` and the toy quality check.
 
 Two samplers over the flow-matching conventions of :mod:`fv_accel.flow`:
-- ``euler_sample``: the deterministic flow ODE, K Euler steps along a shifted schedule (teacher sampling);
+- ``euler_sample``: the deterministic flow ODE, K Euler steps along a shifted schedule (teacher sampling;
+  ``euler_integrate`` is its loop over any schedule, keeping chosen states);
 - ``dmd_sample``: the DMD student's sampler: at each step t_k predict x0, then re-noise it to t_{k+1} with fresh
   noise (the same operation as the training rollout).
 Both work in the model's normalised latent space and draw every random number from ``generator``: one
@@ -73,11 +74,35 @@ def euler_sample(
     b = text_embeds_bld.shape[0]
     x = randn_rows((b, *latent_shape), generator, device)
     schedule = flow.sampling_schedule(num_steps, shift, device=device)
-    for k in range(num_steps):
+    return euler_integrate(model, x, schedule, text_embeds_bld, guidance_scale=guidance_scale,
+                           uncond_embeds_bld=uncond_embeds_bld)[0]
+
+
+@torch.no_grad()
+def euler_integrate(
+    model: ModelBase,
+    x: torch.Tensor,
+    schedule: torch.Tensor,
+    text_embeds_bld: torch.Tensor,
+    *,
+    guidance_scale: float = 1.0,
+    uncond_embeds_bld: torch.Tensor | None = None,
+    record: Sequence[int] = (),
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Euler steps of the flow ODE from ``x`` at ``schedule[0]`` through every later point of ``schedule``
+    (descending timesteps). Returns the final state and the states at the schedule positions ``record`` (what
+    ``fv_accel/ode_pairs.py`` stores as the teacher's trajectory)."""
+    b = x.shape[0]
+    if any(not 0 <= i < schedule.shape[0] for i in record):
+        raise ValueError(f"record {list(record)}: positions outside a schedule of {schedule.shape[0]} points")
+    kept = {i: x for i in record if i == 0}
+    for k in range(schedule.shape[0] - 1):
         t = schedule[k].expand(b)
         v = _velocity(model, x, t, text_embeds_bld, uncond_embeds_bld, guidance_scale)
         x = flow.euler_step(x, v, t, schedule[k + 1].expand(b))
-    return x
+        if k + 1 in record:
+            kept[k + 1] = x
+    return x, [kept[i] for i in record]
 
 
 @torch.no_grad()

@@ -3,6 +3,9 @@
 T2V schema: ``id, vae_latent_bytes, vae_latent_shape [C,T,H,W], vae_latent_dtype, text_embedding_bytes,
 text_embedding_shape [L,D], text_embedding_dtype, file_name, caption, media_type, width, height, num_frames,
 duration_sec, fps``. Text-only schema (data-free DMD2): ``id, text_embedding_{bytes,shape,dtype}, caption``.
+ODE-pairs schema (``recipes/ode_pairs.py``, read by ``method.name: ode_init``): the T2V latent and text columns
+(``vae_latent`` = the teacher's x0) plus ``ode_latents_{bytes,shape,dtype}`` (the teacher's states [K, C, T, H, W]
+at the student's K timesteps) and ``ode_timesteps`` (those K timesteps); batches then carry the trajectory.
 
 Memory stays bounded for datasets larger than RAM: only file footers are read up front; rows are read one
 parquet row group at a time into a small LRU cache whose size is counted in bytes (``cache_bytes``, but never
@@ -31,6 +34,7 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,9 @@ logger = logging.getLogger(__name__)
 LATENT_COLUMNS = ("vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype")
 TEXT_ONLY_COLUMNS = ("text_embedding_bytes", "text_embedding_shape", "text_embedding_dtype")
 T2V_COLUMNS = LATENT_COLUMNS + TEXT_ONLY_COLUMNS
+TRAJECTORY_COLUMNS = ("ode_latents_bytes", "ode_latents_shape", "ode_latents_dtype", "ode_timesteps")
+#: the schema kinds whose rows hold latents
+LATENT_KINDS = ("t2v", "ode_pairs")
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "torch.float32": torch.float32,
@@ -76,6 +83,10 @@ class LatentSample:
     """``[text_len]``, True for real tokens."""
     num_bad_rows_skipped: int = 0
     """With ``skip_bad_rows``: bad rows passed over to reach this one (0 otherwise)."""
+    trajectory_kcthw: torch.Tensor | None = None
+    """ODE-pairs data only: the teacher's states at the K student timesteps (stored latent space)."""
+    trajectory_timesteps_k: torch.Tensor | None = None
+    """ODE-pairs data only: those K timesteps, float32, descending."""
 
 
 @dataclass
@@ -89,6 +100,11 @@ class LatentBatch:
     latent_shape: tuple[int, int, int, int]
     uncond_embeds_bld: torch.Tensor | None = None
     num_bad_rows_skipped: int = 0
+    trajectory_bkcthw: torch.Tensor | None = None
+    """ODE-pairs data only: [B, K, C, T, H, W], the teacher's states at the student's K timesteps (stored space,
+    as ``latents_bcthw`` before ``prepare_batch``); ``latents_bcthw`` holds the teacher's x0."""
+    trajectory_timesteps_bk: torch.Tensor | None = None
+    """ODE-pairs data only: [B, K] float32, the timesteps of those states."""
 
     def pin_memory(self) -> LatentBatch:
         """Called by the DataLoader (``pin_memory=True`` on CUDA machines) so host→device copies can overlap."""
@@ -164,7 +180,7 @@ class FileIndex:
 
     size: int
     mtime_ns: int
-    kind: str  # "t2v" | "text_only"
+    kind: str  # "t2v" | "text_only" | "ode_pairs"
     row_groups: list[tuple[int, int]]  # (num_rows, uncompressed bytes as the footer reports it)
     latent_shape: list[int] | None = None  # first row's vae_latent_shape; read only for the dataset's first file
 
@@ -203,6 +219,11 @@ def _inspect(f: Path) -> tuple[pq.FileMetaData, str]:
     if missing_latent and len(missing_latent) < len(LATENT_COLUMNS):
         # Some latent columns but not all: a broken T2V file, not text-only data.
         raise DataError(f"{f}: missing column(s) {missing_latent}")
+    missing_trajectory = [c for c in TRAJECTORY_COLUMNS if c not in names]
+    if len(missing_trajectory) < len(TRAJECTORY_COLUMNS):
+        if missing_trajectory or missing_latent:  # a broken ODE-pairs file
+            raise DataError(f"{f}: missing column(s) {missing_trajectory or missing_latent}")
+        return pf.metadata, "ode_pairs"
     return pf.metadata, "text_only" if missing_latent else "t2v"
 
 
@@ -311,7 +332,7 @@ def build_index(data_path: str | list[str] | dict[str, int]) -> DatasetIndex:
     index = DatasetIndex(files, entries)
     # The latent shape of the first row is part of the index, so the other ranks need not read it either.
     first = next((f for f in files if any(n for n, _ in entries[f].row_groups)), None)
-    if first is not None and entries[first].kind == "t2v" and entries[first].latent_shape is None:
+    if first is not None and entries[first].kind in LATENT_KINDS and entries[first].latent_shape is None:
         entries[first].latent_shape = _first_latent_shape(first, entries[first])
         for cache in caches:
             cache.dirty |= any(entry is entries[first] for entry in cache.cached.values())
@@ -385,7 +406,8 @@ class ParquetLatentDataset(Dataset[LatentSample]):
         assert schema_kind is not None
         self.kind = schema_kind
         self._len = total
-        self._columns = list(T2V_COLUMNS if self.kind == "t2v" else TEXT_ONLY_COLUMNS)
+        self._columns = list({"t2v": T2V_COLUMNS, "text_only": TEXT_ONLY_COLUMNS,
+                              "ode_pairs": T2V_COLUMNS + TRAJECTORY_COLUMNS}[self.kind])
         self._reset_caches()
         self._warned: set[int] = set()
         if self.kind == "text_only":
@@ -513,13 +535,35 @@ class ParquetLatentDataset(Dataset[LatentSample]):
         if not self.drop_text(index):
             embeds[:length] = text[:length]
         latents = None
-        if self.kind == "t2v":
+        if self.kind in LATENT_KINDS:
             latents = decode_tensor(row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"],
                                     where=f"{where}, vae_latent")
             if tuple(latents.shape) != self.latent_shape:
                 raise DataError(f"{where}: latent shape {list(latents.shape)} differs from the dataset's "
                                 f"{list(self.latent_shape)} (batches need equal shapes)")
-        return LatentSample(index=index, latents_cthw=latents, text_embeds_ld=embeds, text_mask_l=mask)
+        sample = LatentSample(index=index, latents_cthw=latents, text_embeds_ld=embeds, text_mask_l=mask)
+        if self.kind == "ode_pairs":
+            sample.trajectory_kcthw, sample.trajectory_timesteps_k = self._trajectory(row, where)
+        return sample
+
+    def _trajectory(self, row: dict[str, Any], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        states = decode_tensor(row["ode_latents_bytes"], row["ode_latents_shape"], row["ode_latents_dtype"],
+                               where=f"{where}, ode_latents")
+        timesteps = torch.tensor(row["ode_timesteps"] or [], dtype=torch.float32)
+        if states.ndim != 5 or tuple(states.shape[1:]) != self.latent_shape or states.shape[0] != len(timesteps):
+            raise DataError(f"{where}: ode_latents shape {list(states.shape)} is not [K, *latent shape "
+                            f"{list(self.latent_shape)}] with K = {len(timesteps)} ode_timesteps")
+        return states, timesteps
+
+    def row_fields(self, index: int, columns: Sequence[str]) -> dict[str, Any]:
+        """The raw values of ``columns`` in row ``index`` (None for a column the file lacks), read with one row
+        group read of just those columns: what a writer copies verbatim (``recipes/ode_pairs.py``)."""
+        group = self._group_of(index)
+        names = set(self._file(group.file).schema_arrow.names)
+        present = [c for c in columns if c in names]
+        table = self._file(group.file).read_row_group(group.row_group, columns=present)
+        row = table.slice(index - group.start, 1).to_pylist()[0] if present else {}
+        return {c: row.get(c) for c in columns}
 
     def __getitem__(self, index: int) -> LatentSample:
         if not self.skip_bad_rows:
@@ -564,6 +608,10 @@ def collate_latents(samples: list[LatentSample], latent_shape: tuple[int, int, i
     latents = None
     if samples[0].latents_cthw is not None:
         latents = torch.stack([s.latents_cthw for s in samples])  # type: ignore[misc]  # a dataset's rows all have latents (T2V) or none
+    trajectory = timesteps = None
+    if samples[0].trajectory_kcthw is not None:  # ODE-pairs data: every row has one
+        trajectory = torch.stack([s.trajectory_kcthw for s in samples])  # type: ignore[misc]
+        timesteps = torch.stack([s.trajectory_timesteps_k for s in samples])  # type: ignore[misc]
     # numpy's zeros is calloc: fresh pages come zeroed from the kernel and the padding is never written here
     # (torch.zeros memsets: at 4 × 512 × 4096 floats that memset was most of the loader's time).
     shape = (len(samples), samples[0].text_mask_l.shape[0], samples[0].text_embeds_ld.shape[1])
@@ -577,4 +625,6 @@ def collate_latents(samples: list[LatentSample], latent_shape: tuple[int, int, i
         index=torch.tensor([s.index for s in samples], dtype=torch.int64),
         latent_shape=latent_shape,
         num_bad_rows_skipped=sum(s.num_bad_rows_skipped for s in samples),
+        trajectory_bkcthw=trajectory,
+        trajectory_timesteps_bk=timesteps,
     )
