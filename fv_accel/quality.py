@@ -223,7 +223,7 @@ def toy_quality(student: ModelBase, teacher: ModelBase, data_dir: str | os.PathL
     index = torch.tensor(rows, dtype=torch.int64)
     conditions = world["row_condition"][index].long()
     k = len(dmd_denoising_steps)
-    runs: dict[str, tuple[ModelBase, EulerSampler | DMDSampler]] = {
+    runs: dict[str, tuple[ModelBase, EulerSampler | DMDSampler | SampleFn]] = {
         f"student@{k}": (student, student_sampler or DMDSampler(tuple(dmd_denoising_steps))),
         f"teacher@{k}": (teacher, EulerSampler(k)),
         f"teacher@{teacher_many_steps}": (teacher, EulerSampler(teacher_many_steps)),
