@@ -83,8 +83,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "c4 h8 cosine 500 world seed 2": setting(steps=500, world_seed=2),
     "causal c4 h8 cosine 300": setting(causal=True),
     "causal c4 h8 cosine 600": setting(causal=True, steps=600),
-    "causal c4 h8 cosine 1000 (default)": setting(causal=True, steps=1000),
-    "causal c4 h8 cosine 1500": setting(causal=True, steps=1500),
+    "causal c4 h8 cosine 1000": setting(causal=True, steps=1000),
+    "causal c4 h8 cosine 1500 (default)": setting(causal=True, steps=1500),
 }
 
 

@@ -236,11 +236,11 @@ TOY_FINETUNE_SETTINGS: dict[str, Any] = {
 }
 
 
-#: Fine-tune steps of the causal (trajectory) world's teacher. A Wan transformer sees time only through relative
-#: (RoPE) attention, so which frame a token is (what its mode's path gives it) must be inferred from the clip's
-#: ends: 300 steps leave teacher@50 at 0.67 (the frame-averaged centres), 1000 reach 0.19 with 97% of the samples
-#: on one mode throughout (docs/distillation.md "The causal toy world").
-TRAJECTORY_TEACHER_STEPS = 1000
+#: Fine-tune steps of the causal (trajectory) world's teacher: 6 frames × 3 modes × 4 conditions give the tiny
+#: Wan 72 distinct frame targets (12 in the static world), and it sees time only through relative (RoPE)
+#: attention. teacher@50 (one process): 300 steps 0.67 (near the frame-averaged centres), 600 0.27, 1000 0.19,
+#: 1500 0.13, the static world's level (docs/distillation.md "The causal toy world").
+TRAJECTORY_TEACHER_STEPS = 1500
 
 
 def toy_finetune_settings(spec: ToyWorldSpec | None = None) -> dict[str, Any]:
