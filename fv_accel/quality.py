@@ -269,8 +269,7 @@ def format_quality_table(result: ToyQuality) -> str:
             cells = [f"{b.distance:.4f} / {b.mode_coverage:6.1%}" for b in q.blocks]
             lines.append(f"  {name:<{width}}  {q.consistency or 0.0:10.1%}  "
                          + "  ".join(f"{c:>{cell}}" for c in cells))
-        lines.append("consistent: share of samples whose blocks all have the same nearest mode (a sample that "
-                     "switches mode between blocks fails)")
+        lines.append("consistent: share of samples whose blocks all have one nearest mode (switching mode fails)")
     return "\n".join(lines)
 
 
