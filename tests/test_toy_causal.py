@@ -202,3 +202,58 @@ def test_quality_json_and_table_show_the_blocks(tmp_path: Path) -> None:
     assert table[head + 1].split() == ["model", "consistent", "frames", "0-1", "frames", "2-3"]
     assert table[head + 2].split() == ["student@4", "75.0%", "0.1250", "/", "100.0%", "0.2500", "/", "50.0%"]
     assert not any(line.split()[:1] == ["teacher@4"] for line in table[head:])
+
+
+class _TargetModel:
+    """A model whose flow goes straight to a fixed clip per condition (told by the text): velocity
+    (x_t − target) / σ, x0 = target. Euler and the DMD sampler then end exactly on the target."""
+
+    device = torch.device("cpu")
+    flow_shift = 3.0
+
+    def __init__(self, texts: torch.Tensor, targets: torch.Tensor) -> None:
+        self.texts, self.targets = texts, targets  # [N_cond, L, D], [N_cond, C, T, H, W]
+
+    def _target(self, text_bld: torch.Tensor) -> torch.Tensor:
+        match = (text_bld[:, None] == self.texts[None]).flatten(2).all(dim=2)  # [B, N_cond]
+        return self.targets[match.float().argmax(dim=1)]
+
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, text_bld: torch.Tensor) -> torch.Tensor:
+        sigma = (t / 1000).reshape(-1, 1, 1, 1, 1)
+        return (x_t - self._target(text_bld)) / sigma
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, text_bld: torch.Tensor) -> torch.Tensor:
+        return self._target(text_bld)
+
+    def denormalize_latents(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_toy_quality_reports_blocks_of_each_model(causal_world: Path) -> None:
+    """Through ``toy_quality`` with models of known output: the student lands on the centre of mode c mod 3 of
+    each condition c (consistency 1, per-block distance the noise level, each block covering one mode of
+    three), the teacher on a clip that switches from mode 0 to mode 1 at block 2 (consistency 0 at 4 and 50
+    steps, per-block distance still the noise level, whole-clip distance ≥ 1.2 / √3)."""
+    from fv_accel.quality import quality_json, toy_quality
+    from fv_accel.toy import load_world
+
+    world = load_world(causal_world)
+    centres, texts = world["centres"], world["text"]
+    cond = torch.arange(4)
+    switched = centres[cond, 0].clone()
+    switched[:, :, 4:] = centres[cond, 1][:, :, 4:]
+    student = _TargetModel(texts, centres[cond, cond % 3])
+    teacher = _TargetModel(texts, switched)
+    result = toy_quality(student, teacher, causal_world, dmd_denoising_steps=[1000, 750, 500, 250],  # type: ignore[arg-type]
+                         samples_per_condition=2, frames_per_block=2)
+    assert list(result.models) == ["student@4", "teacher@4", "teacher@50"]
+    for name, q in result.models.items():
+        assert [(b.start, b.end) for b in q.blocks] == [(0, 2), (2, 4), (4, 6)], name
+        assert all(0.045 < b.distance < 0.0505 and b.mode_coverage == pytest.approx(1 / 3) for b in q.blocks), q
+    assert result.models["student@4"].consistency == 1.0
+    assert result.models["student@4"].distance < 0.0505
+    for name in ("teacher@4", "teacher@50"):
+        assert result.models[name].consistency == 0.0
+        assert result.models[name].distance > 1.2 / math.sqrt(3)
+    doc = quality_json(result)
+    assert [len(doc["models"][n]["blocks"]) for n in result.models] == [3, 3, 3]
