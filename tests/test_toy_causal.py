@@ -68,6 +68,33 @@ def test_causal_teacher_recipe_differs_and_default_settings_are_untouched() -> N
     assert TOY_FINETUNE_SETTINGS["loop"]["max_train_steps"] == 300  # the copy was changed, not the default
 
 
+def test_causal_teacher_run_trains_on_the_causal_world_in_its_own_root(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``teacher_finetune_config(CAUSAL_TOY_ROOT-like root, CAUSAL_TOY_SPEC)``: 1500 steps on data whose stored
+    spec is the trajectory world; the static world's root beside it is not touched."""
+    import fv_accel.toy as toy
+    from fv_accel.toy import (
+        CAUSAL_TOY_SPEC,
+        TRAJECTORY_TEACHER_STEPS,
+        _stored_spec,
+        ensure_toy_data,
+        teacher_finetune_config,
+    )
+
+    # the random init is the default teacher's (tested in test_toy_e2e.py); making it takes seconds
+    monkeypatch.setattr(toy, "ensure_teacher_init", lambda root: root / "init-toy")
+
+    static = ensure_toy_data(tmp_path)
+    before = (static / "part-00000.parquet").read_bytes()
+    cfg = teacher_finetune_config(tmp_path / "causal", CAUSAL_TOY_SPEC)
+    assert cfg["training"]["loop"]["max_train_steps"] == TRAJECTORY_TEACHER_STEPS
+    data = Path(cfg["training"]["data"]["data_path"])
+    assert data == tmp_path / "causal" / "data"
+    stored = _stored_spec(data)
+    assert stored is not None and stored["temporal"] == "trajectory" and stored["latent_shape"] == "(16, 6, 4, 4)"
+    assert (static / "part-00000.parquet").read_bytes() == before
+
+
 def test_frame_blocks_put_the_remainder_first() -> None:
     from fv_accel.quality import frame_blocks
 
