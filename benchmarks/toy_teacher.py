@@ -12,7 +12,9 @@ gloo, the same path as ``ensure_toy_teacher``) in a fresh temporary toy root, th
 * train s: the wall time of the fine-tune (data and init included).
 
 Settings are named in ``SETTINGS`` (c = conditions, h = attention heads of 16 dims, ffn = MLP width, lr schedule,
-steps); run a few with ``--only``. ``--distill`` instead distills the default toy teacher with the toy DMD2
+steps); run a few with ``--only``. ``causal ...`` settings train on the causal toy world (``CAUSAL_TOY_SPEC``,
+each mode a path over 6 latent frames) and also report teacher@4 and, per block of 2 frames, distance and
+the share of samples whose blocks all have one mode (``consistent``; ``fv_accel.quality.per_block_quality``). ``--distill`` instead distills the default toy teacher with the toy DMD2
 default plus the given overrides and prints the quality table (how the distill defaults fare on that teacher):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/toy_teacher.py [--only "c4 h8 cosine 300 (default)"]
@@ -40,10 +42,14 @@ import torch  # noqa: E402
 
 
 def setting(*, conditions: int = 4, heads: int = 8, ffn: int = 128, layers: int = 2, schedule: str = "cosine",
-            steps: int = 300, world_seed: int = 0, **train: Any) -> dict[str, Any]:
+            steps: int = 300, world_seed: int = 0, causal: bool = False, **train: Any) -> dict[str, Any]:
     """A teacher setting, every varied knob named (defaults: today's toy defaults); 768 data rows whatever the
-    number of conditions. ``train``: dotted keys over ``teacher_finetune_config`` with ``__`` for dots."""
-    world = {"num_conditions": conditions, "samples_per_mode": 768 // (3 * conditions), "seed": world_seed}
+    number of conditions. ``train``: dotted keys over ``teacher_finetune_config`` with ``__`` for dots.
+    ``causal``: the causal toy world's shape and trajectories."""
+    world: dict[str, Any] = {"num_conditions": conditions, "samples_per_mode": 768 // (3 * conditions),
+                             "seed": world_seed}
+    if causal:
+        world |= {"temporal": "trajectory", "latent_shape": (16, 6, 4, 4)}
     return {"world": world,
             "model": {"num_attention_heads": heads, "ffn_dim": ffn, "num_layers": layers},
             "train": {"training.optimizer.lr_scheduler": schedule, "training.loop.max_train_steps": steps,
@@ -75,6 +81,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "c4 h8 cosine 300 world seed 2": setting(world_seed=2),
     "c4 h8 cosine 500 world seed 1": setting(steps=500, world_seed=1),
     "c4 h8 cosine 500 world seed 2": setting(steps=500, world_seed=2),
+    "causal c4 h8 cosine 300": setting(causal=True),
+    "causal c4 h8 cosine 600": setting(causal=True, steps=600),
+    "causal c4 h8 cosine 1000": setting(causal=True, steps=1000),
+    "causal c4 h8 cosine 1500 (default)": setting(causal=True, steps=1500),
 }
 
 
@@ -127,10 +137,29 @@ def run_setting(name: str, settings: dict[str, Any], work: Path, num_samples: in
         rows = spread_rows(len(load_rows(data)), num_samples)
         text, shape = conditioning(data, rows, cfg.training.data.text_len)
         latents = sample_stored(trainer.method.student, text, shape, EulerSampler(50), seed=0)
+        few = sample_stored(trainer.method.student, text, shape, EulerSampler(4), seed=0)
     distance = float(distance_to_data(latents, torch.tensor(rows), data).mean())
     coverage, entropy = mode_stats(latents, rows, data)
-    return {"name": name, "distance": distance, "coverage": coverage, "entropy": entropy, "train_s": train_s,
-            "steps": cfg.training.loop.max_train_steps}
+    out = {"name": name, "distance": distance, "coverage": coverage, "entropy": entropy, "train_s": train_s,
+           "steps": cfg.training.loop.max_train_steps, "extra": ""}
+    if spec.temporal == "trajectory":
+        out["extra"] = "  " + "  ".join(f"{k}: {causal_stats(x, rows, data)}" for k, x in
+                                        (("teacher@4", few), ("teacher@50", latents)))
+    return out
+
+
+def causal_stats(latents: torch.Tensor, rows: list[int], data: Path) -> str:
+    """Whole-clip distance, consistency and per-block distances of ``latents`` in the causal toy world."""
+    from fv_accel.quality import data_latents, per_block_quality
+    from fv_accel.toy import CAUSAL_TOY_FRAMES_PER_BLOCK, distance_to_data, load_world
+
+    world = load_world(data)
+    cond = world["row_condition"][torch.tensor(rows)].long()
+    blocks, consistent = per_block_quality(latents, cond, world["centres"], data_latents(data),
+                                           world["row_condition"], CAUSAL_TOY_FRAMES_PER_BLOCK)
+    whole = float(distance_to_data(latents, torch.tensor(rows), data).mean())
+    return (f"{whole:.3f} consistent {consistent:.3f} blocks "
+            + " ".join(f"{b.distance:.3f}" for b in blocks))
 
 
 def run_distill(overrides: str, root: Path) -> dict[str, Any]:
@@ -205,7 +234,7 @@ def main() -> None:
             r = run_setting(name.strip(), SETTINGS[name.strip()], Path(tmp), args.samples)
             results.append(r)
             print(f"RESULT {r['name']:<30} {r['steps']:>5} {r['distance']:>10.4f} {r['coverage']:>8.3f} "
-                  f"{r['entropy']:>7.3f} {r['train_s']:>7.1f}  load {os.getloadavg()[0]:.1f}", flush=True)
+                  f"{r['entropy']:>7.3f} {r['train_s']:>7.1f}  load {os.getloadavg()[0]:.1f}{r['extra']}", flush=True)
     print(header)
     for r in results:
         print(f"{r['name']:<30} {r['steps']:>5} {r['distance']:>10.4f} {r['coverage']:>8.3f} {r['entropy']:>7.3f} "

@@ -10,6 +10,12 @@ All three samplers start from the same initial noise (one generator, same seed) 
 - ``mode_entropy``: per condition, the entropy of that assignment's histogram over log(num_modes) (1 = even,
   0 = one mode), averaged over the conditions.
 
+With ``frames_per_block`` (a causal student's block size; the causal toy world, ``fv_accel.toy.CAUSAL_TOY_SPEC``)
+each model also gets, per block of latent frames (:func:`fv_accel.causal_blocks.block_sizes`, remainder first),
+the same precision and coverage on that block's frames alone, and ``consistency``: the share of samples whose
+blocks are all assigned to the same mode. A sample that starts on one mode's path and continues on another's
+scores well per block but fails consistency (and the whole-clip distance).
+
 ``quality.png`` shows the same samples: one panel per condition, a 2-D PCA fitted on that condition's data.
 Every rank runs the forwards (FSDP2 forwards are collectives); every rank gets the same numbers.
 """
@@ -20,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fv_accel.causal_blocks import block_sizes
 from fv_accel.data import ParquetLatentDataset
 from fv_accel.models.base import ModelBase
 from fv_accel.sampling import DMDSampler, EulerSampler
@@ -50,15 +57,35 @@ def conditioning(data_dir: str | os.PathLike[str], rows: Sequence[int], text_len
     return text, dataset.latent_shape
 
 
+#: ``(model, text [B, L, D], uncond or None, latent_shape, generator)`` → x0 [B, C, T, H, W] in the normalised space:
+#: :class:`fv_accel.sampling.EulerSampler`, :class:`fv_accel.sampling.DMDSampler`, or a causal student's streaming
+#: sampler
+SampleFn = Callable[[ModelBase, torch.Tensor, torch.Tensor | None, Sequence[int], torch.Generator], torch.Tensor]
+
+
 @torch.no_grad()
 def sample_stored(model: ModelBase, text_bld: torch.Tensor, latent_shape: Sequence[int],
-                  sampler: EulerSampler | DMDSampler, *, seed: int) -> torch.Tensor:
+                  sampler: EulerSampler | DMDSampler | SampleFn, *, seed: int) -> torch.Tensor:
     """Samples in the dataset's stored (denormalised) latent space, float32 on CPU, from one generator seeded
     with ``seed`` (no guidance: the unconditional embeddings are not passed)."""
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed)
     x0 = sampler(model, text_bld.to(device), None, latent_shape, gen)
     return model.denormalize_latents(x0.float()).float().cpu()
+
+
+@dataclass(frozen=True)
+class BlockQuality:
+    """One block of latent frames ``[start, end)``: the whole-clip metrics restricted to its frames."""
+
+    start: int
+    end: int
+    distance: float
+    """Mean over samples of the distance from the block's frames to the same frames of the nearest
+    same-condition data sample (nearest for this block alone), per √(block dim)."""
+    mode_coverage: float
+    """Share of the sampled (condition, mode) pairs hit when a sample's block counts for the mode whose centre
+    is nearest on the block's frames."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +96,10 @@ class ModelQuality:
     """Share of the sampled (condition, mode) pairs with at least one sample assigned (1 = no mode dropped)."""
     mode_entropy: float
     """Mean over conditions of the assignment histogram's entropy / log(num_modes) (1 = even, 0 = one mode)."""
+    blocks: tuple[BlockQuality, ...] = ()
+    """Per block of latent frames, in order; empty when the table was made without a block size."""
+    consistency: float | None = None
+    """Share of samples whose blocks all got the same mode (None without blocks)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +143,57 @@ def mode_entropy(conditions: torch.Tensor, modes: torch.Tensor, num_modes: int) 
     return float((entropy / math.log(num_modes)).mean())
 
 
+def frame_blocks(num_frames: int, frames_per_block: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of every block (:func:`fv_accel.causal_blocks.block_sizes`: the first takes the
+    remainder)."""
+    out, start = [], 0
+    for size in block_sizes(num_frames, frames_per_block):
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def block_modes(latents: torch.Tensor, conditions: torch.Tensor, centres: torch.Tensor,
+                blocks: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[N, num_blocks]: per sample and block, the nearest mode centre of its own condition on that block's
+    frames (``latents`` [N, C, T, H, W], ``centres`` [N_cond, N_mode, C, T, H, W])."""
+    return torch.stack([nearest_mode(latents[:, :, s:e], conditions, centres[:, :, :, s:e]) for s, e in blocks],
+                       dim=1)
+
+
+def block_distances(latents: torch.Tensor, conditions: torch.Tensor, data: torch.Tensor,
+                    data_conditions: torch.Tensor, blocks: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """[N, num_blocks]: per sample and block, the distance from the block's frames to the same frames of the
+    nearest data sample of the same condition (each block its own nearest), divided by √(block dim)."""
+    out = torch.empty(latents.shape[0], len(blocks), dtype=torch.float64)
+    for c in conditions.unique().tolist():
+        mine, theirs = conditions == c, data[data_conditions == c].double()
+        for b, (s, e) in enumerate(blocks):
+            x = latents[mine, :, s:e].flatten(1).double()
+            d = torch.cdist(x, theirs[:, :, s:e].flatten(1)).min(dim=1).values
+            out[mine, b] = d / math.sqrt(x.shape[1])
+    return out
+
+
+def consistency(modes_nb: torch.Tensor) -> float:
+    """Share of samples (rows of ``modes_nb`` [N, num_blocks]) whose blocks are all assigned to one mode."""
+    return float((modes_nb == modes_nb[:, :1]).all(dim=1).double().mean())
+
+
+def per_block_quality(latents: torch.Tensor, conditions: torch.Tensor, centres: torch.Tensor, data: torch.Tensor,
+                      data_conditions: torch.Tensor, frames_per_block: int
+                      ) -> tuple[tuple[BlockQuality, ...], float]:
+    """The per-block entries of :class:`ModelQuality` and its ``consistency`` for ``latents`` [N, C, T, H, W]."""
+    num_modes = centres.shape[1]
+    blocks = frame_blocks(latents.shape[2], frames_per_block)
+    modes = block_modes(latents, conditions, centres, blocks)
+    dist = block_distances(latents, conditions, data, data_conditions, blocks)
+    per_block = tuple(BlockQuality(start=s, end=e, distance=float(dist[:, b].mean()),
+                                   mode_coverage=mode_coverage(conditions, modes[:, b], num_modes))
+                      for b, (s, e) in enumerate(blocks))
+    return per_block, consistency(modes)
+
+
 def balanced_rows(row_condition: torch.Tensor, samples_per_condition: int) -> list[int]:
     """``samples_per_condition`` dataset rows of every condition, spread over that condition's rows (repeated
     when it has fewer; a toy row's conditioning is its condition's text, so a repeat is the same prompt)."""
@@ -124,10 +206,14 @@ def balanced_rows(row_condition: torch.Tensor, samples_per_condition: int) -> li
 
 def toy_quality(student: ModelBase, teacher: ModelBase, data_dir: str | os.PathLike[str], *,
                 dmd_denoising_steps: Sequence[int], samples_per_condition: int | None = None, seed: int = 0,
-                teacher_many_steps: int = 50, text_len: int = 8) -> ToyQuality:
+                teacher_many_steps: int = 50, text_len: int = 8, frames_per_block: int | None = None,
+                student_sampler: SampleFn | None = None) -> ToyQuality:
     """``student@K``, ``teacher@K`` and ``teacher@<many>``: precision and mode recall on the toy world.
 
-    ``samples_per_condition`` None: 16, or more when needed for :data:`MIN_NUM_SAMPLES` samples per model."""
+    ``samples_per_condition`` None: 16, or more when needed for :data:`MIN_NUM_SAMPLES` samples per model.
+    ``frames_per_block``: also the per-block metrics and consistency (blocks of that many latent frames).
+    ``student_sampler``: how student@K samples (default the DMD sampler over ``dmd_denoising_steps``; a causal
+    student passes its block-by-block streaming sampler)."""
     world = load_world(Path(data_dir))
     num_conditions, num_modes = world["centres"].shape[:2]
     if samples_per_condition is None:
@@ -137,19 +223,26 @@ def toy_quality(student: ModelBase, teacher: ModelBase, data_dir: str | os.PathL
     index = torch.tensor(rows, dtype=torch.int64)
     conditions = world["row_condition"][index].long()
     k = len(dmd_denoising_steps)
-    runs: dict[str, tuple[ModelBase, EulerSampler | DMDSampler]] = {
-        f"student@{k}": (student, DMDSampler(tuple(dmd_denoising_steps))),
+    runs: dict[str, tuple[ModelBase, EulerSampler | DMDSampler | SampleFn]] = {
+        f"student@{k}": (student, student_sampler or DMDSampler(tuple(dmd_denoising_steps))),
         f"teacher@{k}": (teacher, EulerSampler(k)),
         f"teacher@{teacher_many_steps}": (teacher, EulerSampler(teacher_many_steps)),
     }
+    data = data_latents(data_dir) if frames_per_block is not None else None
     models: dict[str, ModelQuality] = {}
     samples: dict[str, torch.Tensor] = {}
     for name, (model, sampler) in runs.items():
         latents = sample_stored(model, text, shape, sampler, seed=seed)
         modes = nearest_mode(latents, conditions, world["centres"])
+        blocks: tuple[BlockQuality, ...] = ()
+        consistent = None
+        if data is not None and frames_per_block is not None:
+            blocks, consistent = per_block_quality(latents, conditions, world["centres"], data,
+                                                   world["row_condition"], frames_per_block)
         models[name] = ModelQuality(distance=float(distance_to_data(latents, index, Path(data_dir)).mean()),
                                     mode_coverage=mode_coverage(conditions, modes, num_modes),
-                                    mode_entropy=mode_entropy(conditions, modes, num_modes))
+                                    mode_entropy=mode_entropy(conditions, modes, num_modes),
+                                    blocks=blocks, consistency=consistent)
         samples[name] = latents
     return ToyQuality(models=models, samples=samples, conditions=conditions, num_modes=int(num_modes))
 
@@ -165,15 +258,34 @@ def format_quality_table(result: ToyQuality) -> str:
     lines += ["distance: to the nearest same-condition data sample, per sqrt(dim), lower is better",
               "coverage: share of (condition, mode) pairs hit (a sample counts for its condition's nearest mode)",
               "entropy: mode balance per condition / log(num_modes), mean over conditions (1 = even, 0 = one mode)"]
+    with_blocks = {name: q for name, q in result.models.items() if q.blocks}
+    if with_blocks:
+        spans = next(iter(with_blocks.values())).blocks
+        heads = [f"frames {b.start}-{b.end - 1}" for b in spans]
+        cell = max(16, *(len(h) for h in heads))
+        lines.append("per block (distance / coverage on the block's frames):")
+        lines.append(f"  {'model':<{width}}  consistent  " + "  ".join(f"{h:>{cell}}" for h in heads))
+        for name, q in with_blocks.items():
+            cells = [f"{b.distance:.4f} / {b.mode_coverage:6.1%}" for b in q.blocks]
+            lines.append(f"  {name:<{width}}  {q.consistency or 0.0:10.1%}  "
+                         + "  ".join(f"{c:>{cell}}" for c in cells))
+        lines.append("consistent: share of samples whose blocks all have one nearest mode (switching mode fails)")
     return "\n".join(lines)
 
 
 def quality_json(result: ToyQuality) -> dict[str, Any]:
     """What ``quality.json`` holds. The top-level ``"<model>": distance`` entries are what the file held before
-    coverage and entropy were added (kept for older readers); ``"models"`` has every metric."""
+    coverage and entropy were added (kept for older readers); ``"models"`` has every metric, with ``blocks``
+    (``[{start, end, distance, mode_coverage}, ...]``) and ``consistency`` only when the table has blocks."""
+    def entry(q: ModelQuality) -> dict[str, Any]:
+        out = asdict(q)
+        if not q.blocks:
+            del out["blocks"], out["consistency"]
+        return out
+
     return {
         **{name: q.distance for name, q in result.models.items()},
-        "models": {name: asdict(q) for name, q in result.models.items()},
+        "models": {name: entry(q) for name, q in result.models.items()},
         "samples_per_condition": result.samples_per_condition,
         "num_conditions": result.num_conditions,
         "num_modes": result.num_modes,
@@ -314,6 +426,7 @@ def log_quality_image(accelerator: Any, image: Image.Image, *, step: int, name: 
             logger.warning("could not log quality.png to %s: %s", kind, exc)
 
 
-__all__ = ["ModelQuality", "ToyQuality", "format_quality_table", "log_quality_image", "mode_coverage",
+__all__ = ["BlockQuality", "ModelQuality", "SampleFn", "ToyQuality", "block_distances", "block_modes",
+           "consistency", "frame_blocks", "per_block_quality", "format_quality_table", "log_quality_image", "mode_coverage",
            "mode_entropy", "quality_image", "quality_json", "sample_stored", "toy_quality", "write_quality_json",
            "write_quality_png"]

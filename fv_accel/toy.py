@@ -6,6 +6,11 @@ so a tiny Wan transformer can learn them in seconds on a CPU. A few-step sampler
 averages modes (its first steps predict the conditional mean); a good DMD2 student lands on them. The metric
 is the distance from a generated sample to the nearest data sample of the same condition, per √dim.
 
+With ``temporal="trajectory"`` (the causal toy world, :data:`CAUSAL_TOY_SPEC`) each mode is instead a path
+over the latent frames: its channel vector turns from a first direction to a second one, so the first frames
+identify the mode and the later ones follow from it. A clip that starts on one mode's path and continues on
+another's is far from every data sample: what a causal (block-by-block) sampler must get right.
+
 Everything here is deterministic from the spec's seed and is written atomically, so several processes may
 call ``ensure_*`` at once.
 """
@@ -21,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +35,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TOY_ROOT = Path("outputs/toy")
+#: where the causal toy world (:data:`CAUSAL_TOY_SPEC`), its init and its teacher live: a root of its own, since a
+#: root holds one world (``ensure_toy_data`` rebuilds a root's data written by another spec)
+CAUSAL_TOY_ROOT = TOY_ROOT / "causal"
+
+#: How far a trajectory mode's channel vector turns from the first latent frame to the last (radians): a quarter
+#: turn, so the last frame is orthogonal to the first and a later block that copies the first block is as far
+#: from the data as a switch to another mode.
+TRAJECTORY_TURN = math.pi / 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,11 @@ class ToyWorldSpec:
     """Modulate each mode's channel vector by a smooth space-time pattern. Off by default: a Wan transformer
     sees positions only through relative (RoPE) attention, so absolute patterns take a tiny model far longer
     to learn than the toy's time budget allows."""
+    temporal: Literal["static", "trajectory"] = "static"
+    """``static``: one channel vector per mode on every frame. ``trajectory``: per mode, the channel vector of
+    frame f is cos(φ_f)·u + sin(φ_f)·w with u ⟂ w unit vectors of that mode and φ_f = TRAJECTORY_TURN · f / (T−1)
+    (the causal toy world). A field added later: at ``static`` it is left out of the stored spec, so data and
+    teachers made before it are kept."""
 
 
 def _smooth_pattern(rng: np.random.Generator, t: int, h: int, w: int, num_freqs: int = 3) -> np.ndarray:
@@ -65,6 +83,26 @@ def _smooth_pattern(rng: np.random.Generator, t: int, h: int, w: int, num_freqs:
     return pattern
 
 
+#: the causal toy world: 6 latent frames (3 blocks of 2 for a causal student, :data:`CAUSAL_TOY_FRAMES_PER_BLOCK`)
+#: of 4 × 4 (2 × 2 tokens per frame with Wan's 1 × 2 × 2 patches, 24 tokens a clip: fewer than the static
+#: world's 32, so training and the block-by-block rollouts of self-forcing stay quick on CPUs). Space carries no
+#: information in the toy world (centres are constant over H, W), so its size only sets how many noisy copies
+#: of each frame the model can average.
+CAUSAL_TOY_SPEC = ToyWorldSpec(latent_shape=(16, 6, 4, 4), temporal="trajectory")
+CAUSAL_TOY_FRAMES_PER_BLOCK = 2
+
+
+def _trajectory_channels(rng: np.random.Generator, c: int, t: int) -> np.ndarray:
+    """[C, T]: a unit channel vector per frame turning by TRAJECTORY_TURN from a random u to a random w ⟂ u."""
+    u = rng.normal(size=c)
+    u /= np.linalg.norm(u)
+    w = rng.normal(size=c)
+    w -= (w @ u) * u
+    w /= np.linalg.norm(w)
+    phi = TRAJECTORY_TURN * np.arange(t) / max(t - 1, 1)
+    return np.cos(phi)[None] * u[:, None] + np.sin(phi)[None] * w[:, None]
+
+
 def make_toy_world(spec: ToyWorldSpec) -> dict[str, torch.Tensor]:
     """Mode centres [N_cond, N_mode, C, T, H, W] (RMS 1 each) and text embeddings [N_cond, L, D]."""
     rng = np.random.default_rng(spec.seed)
@@ -72,9 +110,12 @@ def make_toy_world(spec: ToyWorldSpec) -> dict[str, torch.Tensor]:
     centres = np.zeros((spec.num_conditions, spec.num_modes, c, t, h, w))
     for ci in range(spec.num_conditions):
         for mi in range(spec.num_modes):
-            channel = rng.normal(size=c)
+            if spec.temporal == "trajectory":
+                channel_t = _trajectory_channels(rng, c, t)
+            else:
+                channel_t = np.repeat(rng.normal(size=c)[:, None], t, axis=1)
             pattern = _smooth_pattern(rng, t, h, w) if spec.spatial_patterns else np.ones((t, h, w))
-            centre = channel[:, None, None, None] * pattern[None]
+            centre = channel_t[:, :, None, None] * pattern[None]
             centres[ci, mi] = centre / np.sqrt(np.mean(centre**2))
     text = rng.normal(size=(spec.num_conditions, spec.text_len, spec.text_dim))
     return {"centres": torch.from_numpy(centres).float(), "text": torch.from_numpy(text).float()}
@@ -134,13 +175,18 @@ def write_toy_dataset(out_dir: Path, spec: ToyWorldSpec) -> None:
     def build(tmp: Path) -> None:
         pq.write_table(pa.table(rows), tmp / "part-00000.parquet", row_group_size=64)
         save_file({**world, "row_condition": torch.tensor(conditions), "row_mode": torch.tensor(modes)},
-                  str(tmp / "world.safetensors"), metadata={k: str(v) for k, v in asdict(spec).items()})
+                  str(tmp / "world.safetensors"), metadata=_spec_metadata(spec))
 
     _atomic_dir(out_dir, build)
 
 
+#: spec fields added after toy data and teachers were first stamped, with the value they had before: left out of
+#: the stamp at that value, so outputs of the default world made before the field existed stay current
+_LATER_FIELDS: dict[str, Any] = {"temporal": "static"}
+
+
 def _spec_metadata(spec: ToyWorldSpec) -> dict[str, str]:
-    return {k: str(v) for k, v in asdict(spec).items()}
+    return {k: str(v) for k, v in asdict(spec).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
 
 
 def _stored_spec(data_dir: Path) -> dict[str, str] | None:
@@ -190,11 +236,27 @@ TOY_FINETUNE_SETTINGS: dict[str, Any] = {
 }
 
 
+#: Fine-tune steps of the causal (trajectory) world's teacher: 6 frames × 3 modes × 4 conditions give the tiny
+#: Wan 72 distinct frame targets (12 in the static world), and it sees time only through relative (RoPE)
+#: attention. teacher@50 (one process): 300 steps 0.67 (near the frame-averaged centres), 600 0.27, 1000 0.19,
+#: 1500 0.13, the static world's level (docs/distillation.md "The causal toy world").
+TRAJECTORY_TEACHER_STEPS = 1500
+
+
+def toy_finetune_settings(spec: ToyWorldSpec | None = None) -> dict[str, Any]:
+    """The toy fine-tune's settings for the world ``spec``: :data:`TOY_FINETUNE_SETTINGS`, with
+    :data:`TRAJECTORY_TEACHER_STEPS` steps for a trajectory world (a copy: callers may change it)."""
+    settings = copy.deepcopy(TOY_FINETUNE_SETTINGS)
+    if spec is not None and spec.temporal == "trajectory":
+        settings["loop"]["max_train_steps"] = TRAJECTORY_TEACHER_STEPS
+    return settings
+
+
 def toy_teacher_recipe(spec: ToyWorldSpec | None = None) -> dict[str, Any]:
     """What the toy teacher is a function of (world spec, architecture, fine-tune settings), as JSON values;
     stored beside the teacher as ``toy_recipe.json`` so a teacher made by an older recipe is retrained."""
     recipe = {"world": _spec_metadata(spec or ToyWorldSpec()), "wan_overrides": TOY_TEACHER_WAN_OVERRIDES,
-              "finetune": TOY_FINETUNE_SETTINGS}
+              "finetune": toy_finetune_settings(spec)}
     return dict(json.loads(json.dumps(recipe)))
 
 
@@ -270,7 +332,7 @@ def finetune_default_config(root: Path = TOY_ROOT, output_dir: str | None = None
     init by flow matching."""
     data = ensure_toy_data(root, spec)
     init = ensure_teacher_init(root)
-    settings = copy.deepcopy(TOY_FINETUNE_SETTINGS)
+    settings = toy_finetune_settings(spec)
     return {
         # The toy world has no VAE: its latents are generated with RMS 1 and used as they are.
         "models": {"student": {"family": "wan", "init_from": str(init), "trainable": True, "flow_shift": 3.0,
@@ -296,8 +358,10 @@ def teacher_finetune_config(root: Path = TOY_ROOT, spec: ToyWorldSpec | None = N
     return cfg
 
 
-def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
-    """The tiny teacher (``<root>/teacher``, a diffusers dir with ``transformer/``), trained on first use.
+def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT, spec: ToyWorldSpec | None = None) -> Path:
+    """The tiny teacher (``<root>/teacher``, a diffusers dir with ``transformer/``) of the world ``spec``
+    (default: the default world; :data:`CAUSAL_TOY_SPEC` in :data:`CAUSAL_TOY_ROOT` for the causal one, whose
+    teacher is the same bidirectional ``wan`` fine-tune), trained on first use.
 
     Collective: every rank must call it. Trains with ``finetune`` in-process on ``accelerator``, exports the
     student of that run, then renames it into place, so an interrupted run leaves no half-written teacher."""
@@ -310,17 +374,17 @@ def ensure_toy_teacher(accelerator: Any, root: Path = TOY_ROOT) -> Path:
     from fv_accel.run import train
 
     out = toy_teacher_dir(root)
-    if (out / "transformer" / "config.json").is_file() and _stored_teacher_recipe(out) == toy_teacher_recipe():
+    if (out / "transformer" / "config.json").is_file() and _stored_teacher_recipe(out) == toy_teacher_recipe(spec):
         return out
     logging.getLogger("fv_accel").info("toy: training the teacher into %s (first use only)", out)
-    cfg = resolve_config(teacher_finetune_config(root))
+    cfg = resolve_config(teacher_finetune_config(root, spec))
     trainer = train(cfg, accelerator)
     tmp = root / ".teacher.tmp"
     if trainer.topology.is_main and tmp.exists():
         shutil.rmtree(tmp)
     save_transformer_pretrained(trainer.method.student.transformer, tmp / "transformer")
     if trainer.topology.is_main:
-        (tmp / "toy_recipe.json").write_text(json.dumps(toy_teacher_recipe(), indent=2) + "\n")
+        (tmp / "toy_recipe.json").write_text(json.dumps(toy_teacher_recipe(spec), indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

@@ -78,10 +78,14 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
     method = trainer.method
     ema = trainer.callbacks.get("ema")
     # Every rank samples (FSDP2 forwards are collectives); the EMA swap is per rank too.
+    # A causal student's table adds the per-block columns, over its own blocks.
+    student_cfg = cfg.models["student"]
+    frames_per_block = (student_cfg.causal_or_default.num_frames_per_block if student_cfg.family == "wan_causal"
+                        else None)
     with ema.swapped_in() if ema is not None else contextlib.nullcontext():
         results = toy_quality(method.student, method.role_models["teacher"], data_dir,
                               dmd_denoising_steps=cfg.method.dmd_denoising_steps,
-                              text_len=cfg.training.data.text_len)
+                              text_len=cfg.training.data.text_len, frames_per_block=frames_per_block)
     if trainer.topology.is_main:
         output_dir = cfg.training.checkpoint.output_dir
         path = write_quality_json(results, output_dir)
