@@ -4,14 +4,19 @@ the RoPE table), teacher forcing against its truncated-clip oracle, cache lifeti
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import REPO, build_tiny_wan_pipeline, run_torchrun
 from diffusers import WanTransformer3DModel
 
 from fv_accel.config import CausalConfig, ModelConfig
 from fv_accel.errors import ConfigError
-from fv_accel.models import FAMILIES
+from fv_accel.models import FAMILIES, is_on_meta, load_role_model, materialize_roles
 from fv_accel.models.checkpointing import apply_activation_checkpointing
+from fv_accel.models.lora import base_weight_name, is_adapter_name, merge_into
 from fv_accel.models.wan import TINY_WAN_CONFIG, WanModel
 from fv_accel.models.wan_causal import CausalRope, CausalWanModel, frame_mask, teacher_forcing_frame_mask
 
@@ -232,3 +237,94 @@ def test_activation_checkpointing_recomputes_the_streamed_forward() -> None:
 def test_context_parallel_refused() -> None:
     with pytest.raises(ConfigError, match="wan_causal"):
         _causal().enable_context_parallel(object())
+
+
+# -- loading through the config --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("causal_wan")
+    _transformer(0).save_pretrained(root / "t1")
+    _transformer(1).save_pretrained(root / "t2")
+    return {
+        "transformer": root / "t1",
+        "pipeline": build_tiny_wan_pipeline(root / "pipe", root / "t1"),
+        "two_experts": build_tiny_wan_pipeline(root / "pipe2", root / "t1", root / "t2", boundary_ratio=0.5),
+    }
+
+
+def _role_cfg(init: Path, **extra: object) -> ModelConfig:
+    return ModelConfig.model_validate({"family": "wan_causal", "init_from": str(init), "latent_stats": "identity",
+                                       "causal": {"num_frames_per_block": 2}, **extra})
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_loads_a_wan_pipeline_through_the_config(tiny_dirs: dict[str, Path], on_meta: bool) -> None:
+    model = load_role_model("student", _role_cfg(tiny_dirs["pipeline"]), mixed_precision="no", on_meta=on_meta)
+    assert isinstance(model, CausalWanModel)
+    if on_meta:
+        assert is_on_meta(model.transformer)
+        materialize_roles({"student": model}, torch.device("cpu"))
+    oracle = _causal(per_block=2, seed=0)  # the same weights (seed 0), built directly
+    assert model.transformer.state_dict().keys() == oracle.transformer.state_dict().keys()
+    x, text = _clip(5)
+    t = torch.tensor([400.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict_velocity(x, t, text), oracle.predict_velocity(x, t, text), **TOL)
+
+
+def test_bare_transformer_dir_loads(tiny_dirs: dict[str, Path]) -> None:
+    model = load_role_model("student", _role_cfg(tiny_dirs["transformer"], subfolder=""), mixed_precision="no")
+    assert isinstance(model, CausalWanModel) and model.causal.num_frames_per_block == 2
+
+
+def test_two_expert_pipeline_refused(tiny_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match=r"models\.student\.init_from: family wan_causal takes one transformer"):
+        load_role_model("student", _role_cfg(tiny_dirs["two_experts"]), mixed_precision="no", on_meta=True)
+
+
+def test_lora_adapts_the_causal_attention(tiny_dirs: dict[str, Path]) -> None:
+    """LoRA works unchanged (the processors call the adapted linears): the adapted model equals a plain causal
+    model whose weights are the merged W + (alpha/r)·B A, on the mask path and the streaming path."""
+    cfg = _role_cfg(tiny_dirs["pipeline"], lora={"rank": 2, "alpha": 4.0})
+    model = load_role_model("student", cfg, mixed_precision="no")
+    adapters = {}
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if is_adapter_name(name):
+                if ".lora_B." in name:  # B starts at zero: make the update visible
+                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+                adapters[name] = p.detach().clone()
+    assert adapters
+    base = {base_weight_name(n): t for n, t in model.transformer.state_dict().items() if not is_adapter_name(n)}
+    merged = merge_into(base, adapters, rank=2, alpha=4.0)
+    oracle = _causal(per_block=2)
+    oracle.transformer.load_state_dict(merged)
+    x, text = _clip(5)
+    t = torch.tensor([400.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict_velocity(x, t, text), oracle.predict_velocity(x, t, text), **TOL)
+        assert (model.predict_velocity(x, t, text) - _causal(per_block=2).predict_velocity(x, t, text)).abs().max() \
+            > 1e-3  # the adapters change the output
+        outs = []
+        for m in (model, oracle):
+            with m.stream(text, num_frames=5, latent_hw=HW) as stream:
+                stream.commit(x[:, :, :1], frame_start=0)
+                outs.append(stream.predict_velocity(x[:, :, 1:3], t, frame_start=1))
+        torch.testing.assert_close(outs[0], outs[1], **TOL)
+
+
+# -- FSDP2, 2 processes ----------------------------------------------------------------------------------------
+@pytest.mark.distributed
+def test_fsdp2_two_processes_equal_the_unsharded_model(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Loaded on meta, sharded over 2 ranks and filled by build_run (activation checkpointing on): mask path,
+    teacher forcing, streaming and the gradients of a streamed loss equal the unsharded model's."""
+    script = str(Path(__file__).parent / "dist_scripts" / "causal_wan.py")
+    proc = run_torchrun(script, str(tiny_dirs["transformer"]), str(tmp_path), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        rep = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert rep["type"] == "CausalWanModel" and rep["sharded"] is True
+        for key in ("mask", "teacher", "stream"):
+            assert rep[key] < 1e-5, (rank, key, rep[key])
+        assert rep["grad_scale"] > 1e-3 and rep["grad"] < 1e-6, rep
