@@ -170,8 +170,9 @@ def test_caches_cleared_on_exit_and_on_exception() -> None:
         stream.commit(x[:, :, :1], frame_start=0)
         stream.predict_velocity(x[:, :, 1:], torch.tensor([500.0, 500.0]), frame_start=1)
         assert stream.kv is not None and stream.frames == [0]
-        assert all(p.cache for p in cross)  # text keys/values cached by the no-grad forwards
+        assert len(stream._text_kv) == len(cross)  # text keys/values cached by the no-grad forwards
     assert stream.kv is None and stream.frames == [] and all(p.cache is None for p in cross)
+    assert stream._text_kv == {}
     with pytest.raises(RuntimeError, match="outside its `with` block"):
         stream.predict_velocity(x[:, :, 1:], torch.tensor([500.0, 500.0]), frame_start=1)
     with pytest.raises(KeyError), torch.no_grad(), model.stream(text, num_frames=3, latent_hw=HW) as failing:
@@ -179,6 +180,18 @@ def test_caches_cleared_on_exit_and_on_exception() -> None:
         raise KeyError("boom")
     assert failing.kv is None and failing.frames == [] and all(p.cache is None for p in cross)
     assert model._stream is None
+
+
+def test_other_forwards_inside_a_stream_do_not_use_its_text_cache() -> None:
+    model = _causal(per_block=2)
+    x, text = _clip(3)
+    other = text.flip(0) + 1.0
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        want = model.predict_velocity(x, t, other)
+        with model.stream(text, num_frames=3, latent_hw=HW) as stream:
+            stream.commit(x[:, :, :1], frame_start=0)
+            torch.testing.assert_close(model.predict_velocity(x, t, other), want, rtol=0, atol=0)
 
 
 def test_stream_refuses_a_block_whose_context_is_not_cached() -> None:

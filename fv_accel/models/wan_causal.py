@@ -389,8 +389,6 @@ class CausalStream:
         self._clear()
         self.model._stream = self
         self._active = True
-        for proc in self._cross_processors():
-            proc.cache = self._text_kv
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -432,6 +430,18 @@ class CausalStream:
         index = self._token_index([self.frames.index(k) for k in needed])
         return [(self._take(k, index), self._take(v, index)) for k, v in self.kv]
 
+    def _run(self, call: _Call, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # The text cache is attached for this call only: the model's other forwards (another text) inside the
+        # `with` block must not see it.
+        procs = self._cross_processors()
+        for proc in procs:
+            proc.cache = self._text_kv
+        try:
+            return self.model._call(call, x, t, self.text)
+        finally:
+            for proc in procs:
+                proc.cache = None
+
     def _timesteps(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             return torch.full((x.shape[0],), float(t), device=x.device)
@@ -444,7 +454,7 @@ class CausalStream:
         frames = x_t_block.shape[2]
         call = _Call(mode="stream", context=self._context(frame_start, frames),
                      frame_positions=torch.arange(frame_start, frame_start + frames))
-        return self.model._call(call, x_t_block, self._timesteps(t, x_t_block), self.text)
+        return self._run(call, x_t_block, self._timesteps(t, x_t_block))
 
     def predict_x0(self, x_t_block: torch.Tensor, t: torch.Tensor, *, frame_start: int) -> torch.Tensor:
         t = self._timesteps(t, x_t_block)
@@ -462,7 +472,7 @@ class CausalStream:
                              "commit the blocks in order")
         call = _Call(mode="commit", context=self._context(frame_start, frames),
                      frame_positions=torch.arange(frame_start, frame_start + frames))
-        self.model._call(call, x_block, self._timesteps(t_ctx, x_block), self.text)
+        self._run(call, x_block, self._timesteps(t_ctx, x_block))
         kept = [k for k in self.frames if k < frame_start]
         new_frames = kept + list(range(frame_start, frame_start + frames))
         if self.capacity is not None:
