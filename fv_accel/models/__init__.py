@@ -19,12 +19,13 @@ from fv_accel.models.base import (
 )
 from fv_accel.models.prepare import prepare_transformer
 from fv_accel.models.wan import TINY_WAN_CONFIG, WAN_1_3B_CONFIG, WanModel
+from fv_accel.models.wan_causal import CausalWanModel
 
 logger = logging.getLogger(__name__)
 
 #: ``models.<role>.family`` → its class; the config's ``family`` Literal lists the same names
 #: (``tests/test_family_interface.py`` checks that they agree).
-FAMILIES: dict[str, type[ModelBase]] = {"wan": WanModel}
+FAMILIES: dict[str, type[ModelBase]] = {"wan": WanModel, "wan_causal": CausalWanModel}
 
 
 def resolve_latent_stats(models: dict[str, ModelConfig], *, include_hub: bool = True) -> dict[str, LatentStats]:
@@ -112,6 +113,7 @@ def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> 
 
 
 __all__ = [
+    "CausalWanModel",
     "FAMILIES",
     "TINY_WAN_CONFIG",
     "WAN_1_3B_CONFIG",
