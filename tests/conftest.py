@@ -122,12 +122,14 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tests/test_resume.py``'s uninterrupted 2-process DMD2 run, plus its final EMA gathered to full tensors
     (``ema_full.safetensors``). Session-scoped here, not module-scoped there: ``tests/test_preemption_workers.py``
-    compares against the same run, which would otherwise be launched once per module."""
+    and ``tests/test_async_checkpoint.py`` compare against the same run, which would otherwise be launched once
+    per module."""
     from test_resume import MAX_STEPS, launch, metrics
 
     out = tmp_path_factory.mktemp("resume") / "reference"
     proc = launch(toy_root, out, FVR_DUMP_EMA=str(out.parent / "ema_full.safetensors"))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "(async save)" not in proc.stderr  # synchronous: test_async_checkpoint compares async saves with it
     assert [r["step"] for r in metrics(out)] == list(range(1, MAX_STEPS + 1))
     return out
 
