@@ -93,6 +93,21 @@ def run_recipe_main(name: str, argv: list[str]) -> int:
             os.environ.pop(key, None)
 
 
+def run_recipe_captured(name: str, argv: list[str], capsys: pytest.CaptureFixture[str],
+                        caplog: pytest.LogCaptureFixture) -> subprocess.CompletedProcess:
+    """:func:`run_recipe_main` with what ``python recipes/<name>.py ARGV`` would print: its exit code, stdout,
+    and stderr with the log records (pytest's handler takes them, at INFO as the CLI logs), as a
+    ``CompletedProcess`` like :func:`run_python`'s."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fv_accel")
+    caplog.clear()
+    capsys.readouterr()
+    code = run_recipe_main(name, argv)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([name, *argv], code, captured.out, captured.err + caplog.text)
+
+
 def record_calls(obj: Any, name: str, keep: Any) -> list[Any]:
     """Replace ``obj.<name>`` by a wrapper that appends ``keep(*args)`` to the returned list, then calls the
     original (a spy on a model's ``predict_velocity`` / ``predict_x0``, which take ``(x_t, t, text)``)."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import build_tiny_wan_pipeline, run_recipe_main
+from conftest import build_tiny_wan_pipeline, run_recipe_captured
 
 from fv_accel.data.dataset import decode_tensor
 
@@ -30,13 +29,9 @@ def _args(toy_root: Path, init: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
-    """``python recipes/finetune.py ARGS`` in this process (saves an interpreter start): its exit code and
-    what it wrote to stderr, log records included (pytest's handler takes them, at INFO as the CLI logs)."""
-    caplog.set_level(logging.INFO, logger="fv_accel")
-    caplog.clear()
-    capsys.readouterr()
-    code = run_recipe_main("finetune", args[1:])
-    return code, capsys.readouterr().err + caplog.text
+    """``python recipes/finetune.py ARGS`` in this process (saves an interpreter start): exit code, stderr."""
+    proc = run_recipe_captured("finetune", args[1:], capsys, caplog)
+    return proc.returncode, proc.stderr
 
 
 def test_prompts_are_encoded_once_and_sampled(toy_root: Path, pipeline: Path, tmp_path: Path,
