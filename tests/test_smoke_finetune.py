@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO, run_2proc, run_python, run_recipe_main
+from conftest import REPO, run_2proc, run_python, run_recipe_captured, run_recipe_main
 
 
 def _rows(path):
@@ -65,7 +65,7 @@ def test_resume_a_one_process_checkpoint_on_two_processes(toy_root, tmp_path):
     assert [state[k] for k in keys] == [96 + 2 * 2 * 32] * 2  # both ranks went on from the same position
 
 
-def test_unloadable_weights_give_one_clear_line(toy_root, tmp_path):
+def test_unloadable_weights_give_one_clear_line(toy_root, tmp_path, capsys, caplog):
     """A truncated safetensors file under init_from: exit 1, one message naming the role and the directory."""
     import shutil
 
@@ -73,10 +73,10 @@ def test_unloadable_weights_give_one_clear_line(toy_root, tmp_path):
     shutil.copytree(toy_root / "init", bad)
     weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    proc = run_python(["recipes/finetune.py", f"--models.student.init_from={bad}",
-                       f"--training.data.data_path={toy_root / 'data'}",
-                       f"--training.checkpoint.output_dir={tmp_path / 'run'}", "--training.loop.max_train_steps=1"],
-                      cwd=REPO)
+    proc = run_recipe_captured("finetune", [f"--models.student.init_from={bad}",
+                                            f"--training.data.data_path={toy_root / 'data'}",
+                                            f"--training.checkpoint.output_dir={tmp_path / 'run'}",
+                                            "--training.loop.max_train_steps=1"], capsys, caplog)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fv_accel: error:")]
