@@ -4,11 +4,14 @@ and on 2 processes one iteration against plain PyTorch and exact resume."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
+from conftest import REPO, run_2proc
 from diffusers import WanTransformer3DModel
 
 from fv_accel.config import RunConfig
@@ -215,3 +218,149 @@ def test_exclusive_options_and_data_latent_are_refused(tmp_path: Path) -> None:
         SelfForcingMethodConfig(name="self_forcing", same_step_across_blocks=True, last_step_only=True)
     with pytest.raises(ValueError, match="rollout_mode"):
         SelfForcingMethodConfig(name="self_forcing", rollout_mode="data_latent")  # type: ignore[arg-type]
+
+
+# -- 2 processes: one iteration against plain PyTorch, exact resume --------------------------------------------
+@pytest.fixture(scope="module")
+def causal_toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The causal toy world's parquet (6 latent frames of 4×4; no ``world.safetensors``, so no quality table),
+    a random tiny Wan as the student's init and another as the teacher's."""
+    from fv_accel.toy import CAUSAL_TOY_SPEC, ensure_init_transformer, ensure_toy_data
+
+    root = tmp_path_factory.mktemp("sf_toy")
+    ensure_toy_data(root, CAUSAL_TOY_SPEC)
+    (root / "data" / "world.safetensors").unlink(missing_ok=True)
+    ensure_init_transformer(root)
+    ensure_init_transformer(root, seed=1, name="teacher")
+    return root
+
+
+def _recipe(root: Path, out: Path, path: Path, *, max_steps: int, **method: object) -> Path:
+    path.write_text(yaml.safe_dump({
+        "models": {"student": {"init_from": str(root / "init"), "latent_stats": "identity", "family": "wan_causal",
+                               "causal": {"num_frames_per_block": 2}},
+                   "teacher": {"init_from": str(root / "teacher"), "trainable": False, "latent_stats": "identity"}},
+        "method": {"name": "self_forcing", "dmd_denoising_steps": STEPS, "generator_update_interval": 1,
+                   **method},
+        "training": {"data": {"data_path": str(root / "data"), "train_batch_size": 2, "text_len": 8, "seed": 0,
+                              "num_workers": 0},
+                     "loop": {"max_train_steps": max_steps, "max_grad_norm": 1.0},
+                     "tracker": {"backends": []},
+                     "checkpoint": {"output_dir": str(out), "save_steps": 2, "keep_last": 0}},
+    }))
+    return path
+
+
+def _oracle_losses(root: Path, record: dict[str, Any], cfg: SelfForcingMethodConfig) -> dict[str, float]:
+    """The step replayed with plain PyTorch on unsharded copies: each block's forwards as whole-clip masked
+    forwards (earlier blocks' x̂0 at t = 0, the block at its step, later frames zero at t = 0), re-noised by
+    hand, then DMD2's generator and critic losses written out; noise from the recorded generator state."""
+    from fv_accel.config import ModelConfig
+    from fv_accel.data import ParquetLatentDataset
+    from fv_accel.models import load_role_model
+
+    student = load_role_model("student", ModelConfig(init_from=str(root / "init"), latent_stats="identity",
+                                                     family="wan_causal", causal={"num_frames_per_block": 2}),
+                              mixed_precision="no")
+    teacher = load_role_model("teacher", ModelConfig(init_from=str(root / "teacher"), latent_stats="identity"),
+                              mixed_precision="no")
+    data = ParquetLatentDataset(str(root / "data"), text_len=8)
+    text = torch.stack([data.load(i).text_embeds_ld for i in record["rows"]]).float()
+    gen = torch.Generator()
+    gen.set_state(record["generator_state"])
+    b, (c, f, h, w) = text.shape[0], SHAPE
+    steps = [float(s) for s in STEPS]
+
+    def rollout(exits: list[int]) -> torch.Tensor:
+        clean: list[torch.Tensor] = []
+        for block, exit_index in enumerate(exits):
+            start = 2 * block
+            x = torch.randn((b, c, 2, h, w), generator=gen)
+            for k in range(exit_index + 1):
+                clip = torch.cat([*clean, x, torch.zeros(b, c, f - start - 2, h, w)], dim=2)
+                t = torch.zeros(b, f)
+                t[:, start:start + 2] = steps[k]
+                with torch.no_grad():
+                    v = student.predict_velocity(clip, t, text)[:, :, start:start + 2]
+                x0 = x - steps[k] / 1000 * v
+                if k < exit_index:
+                    s_next = steps[k + 1] / 1000
+                    x = (1 - s_next) * x0 + s_next * torch.randn(x0.shape, generator=gen)
+            clean.append(x0)
+        return torch.cat(clean, dim=2)
+
+    def score_t() -> torch.Tensor:
+        u = torch.rand(b, generator=gen)
+        return (1000 * 3 * u / (1 + 2 * u)).clamp(20, 980)  # shift 3, window [0.02, 0.98]
+
+    def noised(x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn(x0.shape, generator=gen)
+        s = t.view(b, 1, 1, 1, 1) / 1000
+        return (1 - s) * x0 + s * noise, noise
+
+    with torch.no_grad():
+        x0 = rollout(record["exits"][0])
+        t = score_t()
+        x_t, _ = noised(x0, t)
+        s = t.view(b, 1, 1, 1, 1) / 1000
+        fake = x_t - s * teacher.predict_velocity(x_t, t, text)  # the critic starts as the teacher
+        cond = x_t - s * teacher.predict_velocity(x_t, t, text)
+        uncond = x_t - s * teacher.predict_velocity(x_t, t, torch.zeros_like(text))
+        real = uncond + cfg.real_score_guidance_scale * (cond - uncond)
+        g = (fake - real) / (x0 - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+        generator_loss = 0.5 * float((g ** 2).mean())
+        x0 = rollout(record["exits"][1])
+        t = score_t()
+        x_t, noise = noised(x0, t)
+        critic_loss = float(((teacher.predict_velocity(x_t, t, text) - (noise - x0)) ** 2).mean())
+    return {"generator_loss": generator_loss, "critic_loss": critic_loss}
+
+
+@pytest.mark.distributed
+def test_one_iteration_on_two_processes_matches_plain_pytorch(causal_toy: Path, tmp_path: Path) -> None:
+    recipe = _recipe(causal_toy, tmp_path / "run", tmp_path / "sf.yaml", max_steps=1)
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    proc = run_2proc(["tests/dist_scripts/self_forcing_step.py", "--config", str(recipe),
+                      "--training.checkpoint.save_steps=0"], cwd=REPO, FVR_SPY_DIR=str(spy))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cfg = SelfForcingMethodConfig(name="self_forcing")
+    records = [torch.load(spy / f"rank{r}.pt", weights_only=False)[0] for r in range(2)]
+    assert records[0]["exits"] == records[1]["exits"]  # the shared choice generator: same forwards on both ranks
+    assert records[0]["rows"] != records[1]["rows"]
+    for rank, record in enumerate(records):
+        want = _oracle_losses(causal_toy, record, cfg)
+        for name, value in want.items():
+            assert record["losses"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), (rank, name)
+
+
+def _metrics(out: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: {k: v for k, v in r.items() if k.endswith("_loss")} for r in rows}
+
+
+@pytest.mark.distributed
+def test_resume_is_bitwise_on_two_processes(causal_toy: Path, tmp_path: Path) -> None:
+    """4 steps straight against 2 + resume 2 (per-block exit draws, SDE noise and the critic's rollouts must
+    all continue their streams): losses of steps 3-4 and the final student and critic weights bit for bit."""
+    from test_resume import read_checkpoint
+
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    runs = {}
+    for name, extra in (("full", []), ("resumed", ["--training.checkpoint.resume_from_checkpoint="
+                                                     f"{tmp_path / 'full' / 'checkpoint-2'}"])):
+        recipe = _recipe(causal_toy, tmp_path / name, tmp_path / f"{name}.yaml", max_steps=4,
+                         generator_update_interval=2)
+        proc = run_2proc(["tests/dist_scripts/self_forcing_step.py", "--config", str(recipe), *extra], cwd=REPO,
+                         FVR_SPY_DIR=str(spy))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = _metrics(tmp_path / name)
+    assert sorted(runs["full"]) == [1, 2, 3, 4] and sorted(runs["resumed"]) == [3, 4]
+    assert "generator_loss" in runs["full"][4]
+    for step in (3, 4):
+        assert runs["resumed"][step] == runs["full"][step], step
+    a = read_checkpoint(tmp_path / "full" / "checkpoint-4")
+    b = read_checkpoint(tmp_path / "resumed" / "checkpoint-4")
+    weights = [k for k in a if k.startswith(("roles.student.", "roles.critic."))]
+    assert weights and all(torch.equal(a[k], b[k]) for k in weights)
