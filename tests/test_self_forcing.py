@@ -340,6 +340,7 @@ def _metrics(out: Path) -> dict[int, dict[str, float]]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_resume_is_bitwise_on_two_processes(causal_toy: Path, tmp_path: Path) -> None:
     """4 steps straight against 2 + resume 2 (per-block exit draws, SDE noise and the critic's rollouts must
     all continue their streams): losses of steps 3-4 and the final student and critic weights bit for bit."""

@@ -40,10 +40,11 @@ Cost at Wan 2.1 1.3B (30 layers, dim 1536), 480×832×81 → 21 latent frames of
   (graded, then the critic's fresh one): ≈ 6.7 clip forwards + 1 clip backward; a critic-only step 3.36.
 - graph memory: the DMD loss needs the whole clip, so the graded exit forwards of all 7 blocks are alive until
   the backward: together one whole clip's tokens (32,760), i.e. about one bidirectional clip forward's
-  activations, not one block's. On top, each graded block's graph keeps the cache version it attended to (the
-  cache is replaced at each commit, not written in place): Σ_b b·4,680 = 98,280 tokens of keys and values =
+  activations, not one block's. On top, each graded block's graph keeps the keys and values of the context it
+  attended to (saved for attention's backward; under activation checkpointing the cache version it read, as
+  the cache is replaced at each commit, not written in place): Σ_b b·4,680 = 98,280 tokens =
   2·30·98,280·1,536·2 B = 18.1 GB in bf16. ``grad_last_frames: 3`` (the last block only): one block's
-  activations (4,680 tokens) plus one 6-block cache version, 5.18 GB.
+  activations (4,680 tokens) plus a 6-block context, 5.18 GB.
 - KV cache: 2·layers·tokens·dim·2 B; at most 6 blocks are committed in the rollout (28,080 tokens):
   2·30·28,080·1,536·2 B = 5.18 GB (21 frames: 6.04 GB), plus the text keys/values.
 - teacher and critic, per generator step, whole clips: teacher 2 forwards (cond and uncond batched; 1 when
