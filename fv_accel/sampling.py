@@ -111,7 +111,7 @@ def dmd_sample(
     text_embeds_bld: torch.Tensor,
     *,
     latent_shape: Sequence[int],
-    denoising_steps: Sequence[int],
+    denoising_steps: Sequence[float],
     generator: Generators,
 ) -> torch.Tensor:
     """The few-step DMD sampler: x0 prediction at each step, re-noised to the next step; returns x0."""
@@ -148,7 +148,7 @@ class EulerSampler:
 class DMDSampler:
     """:func:`dmd_sample` over ``denoising_steps`` (the unconditional embeddings are ignored)."""
 
-    denoising_steps: tuple[int, ...]
+    denoising_steps: tuple[float, ...]
 
     @property
     def num_steps(self) -> int:
