@@ -245,9 +245,10 @@ class SelfForcingMethod(DMD2Method):
     @classmethod
     def sampler(cls, config: MethodConfigBase, *, num_steps: int, guidance_scale: float = 1.0) -> Sampler:
         """The few-step DMD sampler over the (warped) denoising steps; it streams a causal student block by
-        block (``num_steps`` and the guidance scale do not apply)."""
+        block, committing each block at ``context_noise`` as the training rollout does (``num_steps`` and the
+        guidance scale do not apply)."""
         assert isinstance(config, SelfForcingMethodConfig)
-        return DMDSampler(tuple(denoising_steps(config)))
+        return DMDSampler(tuple(denoising_steps(config)), context_noise=config.context_noise)
 
 
 __all__ = ["RolloutRecord", "SelfForcingMethod", "SelfForcingMethodConfig", "denoising_steps"]
