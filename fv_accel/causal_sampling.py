@@ -66,7 +66,7 @@ def causal_dmd_sample(
     text_embeds_bld: torch.Tensor,
     *,
     latent_shape: Sequence[int],
-    denoising_steps: Sequence[int],
+    denoising_steps: Sequence[float],
     generator: Generators,
     context_noise: float = 0.0,
 ) -> torch.Tensor:

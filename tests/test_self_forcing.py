@@ -194,6 +194,10 @@ def test_warped_steps_by_hand(tmp_path: Path) -> None:
     assert isinstance(sampler, DMDSampler) and sampler.denoising_steps == pytest.approx((1000, 937.5, 2500 / 3, 625))
     plain = SelfForcingMethod.sampler(SelfForcingMethodConfig(name="self_forcing"), num_steps=50)
     assert isinstance(plain, DMDSampler) and plain.denoising_steps == (1000, 750, 500, 250)
+    assert plain.context_noise == 0.0
+    # validation and recipes/sample.py commit the context at the noise level the rollout trained with
+    noisy = SelfForcingMethod.sampler(SelfForcingMethodConfig(name="self_forcing", context_noise=80.0), num_steps=4)
+    assert isinstance(noisy, DMDSampler) and noisy.context_noise == 80.0
 
 
 @pytest.mark.parametrize(("models", "match"), [
