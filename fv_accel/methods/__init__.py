@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from fv_accel.methods import diffusion_forcing as _diffusion_forcing  # noqa: E402,F401
 from fv_accel.methods import dmd2 as _dmd2  # noqa: E402
 
 # Imported for their registration.
