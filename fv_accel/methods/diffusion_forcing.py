@@ -1,150 +1,157 @@
 """Diffusion forcing: flow-matching fine-tuning of a causal student with a noise level per block
 (``method.name: diffusion_forcing``).
 
-The student must be a ``wan_causal`` role (``models.student.family``; exit 2 otherwise). Per micro-batch, for
-each sample and each of the student's blocks (``num_frames_per_block`` latent frames, remainder first,
-``fv_accel/causal_blocks.py``) a timestep is drawn independently, exactly as ``method.name: finetune`` draws its
-one timestep per sample (``weighting_scheme``, ``logit_mean``/``logit_std``, then the student's flow shift,
-``fv_accel.flow.sample_training_timesteps``), from the method's ``cuda_generator``: first the noise ε like x0,
-then the B × num_blocks timesteps, row-major (sample, block). Every frame of a block takes its block's t, so
-t is [B, F]; x_t = (1 − σ_f)·x0 + σ_f·ε per frame, and
+Role: ``student`` (trainable, family ``wan_causal``). The fine-tune's loss (``fv_accel/methods/finetune.py``)
+with one change: instead of one timestep per sample, every sample draws one timestep per attention block of the
+student (blocks of ``num_frames_per_block`` latent frames, remainder first, ``fv_accel/causal_blocks.py``),
+constant inside the block and independent across blocks and samples; the B·n_blocks draws are the fine-tune's
+(``weighting_scheme``, ``logit_mean``, ``logit_std``, then the student's ``flow_shift``), so a per-sample draw is a
+special case. Per micro-batch, on ``cuda_generator`` in this order:
 
-    loss = mean over (B, C, F, H, W) of (v̂(x_t, t, text) − (ε − x0))²
+1. ε ~ N(0, I) of the latents' shape [B, C, F, H, W];
+2. B·n_blocks timesteps (sample-major: draw i·n_blocks + k is block k of sample i), expanded to t [B, F];
+3. with ``teacher_forcing`` and ``clean_context_timestep`` t_c > 0 only: a second noise ε_c, and the clean
+   context x_c = (1 − t_c/1000)·x0 + (t_c/1000)·ε_c.
 
-with v̂ the block-causal forward over the whole clip (``CausalWanModel.predict_velocity``: each block sees
-itself and the *noisy* earlier blocks, at their own noise levels). One noise level per block is what lets a
-causal student denoise block b while earlier blocks are at any other level (streaming at inference).
+Then x_t = (1 − σ)·x0 + σ·ε frame by frame (σ = t / 1000) and
 
-``teacher_forcing: true`` uses the teacher-forced forward instead (``CausalWanModel.predict_velocity_teacher_forced``):
-one forward over [clean | noisy], where each noisy block sees itself and the *clean* copies of earlier blocks,
-the context streaming inference commits to the KV cache. The clean copies are x0 embedded at
-``clean_context_timestep`` (0 by default); above 0 they are x0 re-noised to that timestep with fresh noise
-(drawn after t), as inference re-noises its committed context. The loss is over the noisy copy only.
+    loss = mean over (B, C, F, H, W) of (v̂ − (ε − x0))²
 
-Validation and ``recipes/sample.py`` generate as ``method.name: finetune`` does (the Euler sampler; for a causal
-student it streams block by block).
+where v̂ is the student's block-causal forward (``CausalWanModel.predict_velocity``: block b sees blocks ≤ b,
+all noisy at their own levels), or with ``teacher_forcing`` its teacher-forced forward
+(``CausalWanModel.predict_velocity_teacher_forced``): block b sees its own noisy frames and the clean copies
+x_c of blocks < b embedded at t_c (x_c = x0 when t_c = 0). t_c > 0 re-noises the context as a streaming sampler
+that commits its outputs at that context noise does (``method.context_noise`` of ``self_forcing``), so the
+model is trained on the context it will see. The last draw is public (:attr:`DiffusionForcingMethod.last_timesteps_bf`).
 
-Cost at Wan 2.1 1.3B, 480×832, 81 frames (21 latent frames of 60×104, 1,560 tokens each, N = 32,760 tokens;
-blocks of 3 → 7 blocks; D = 1,536, 30 layers, 512 text tokens; counting as ``fv_accel/flops.py``):
+Validation and ``recipes/sample.py`` use the fine-tune's sampler (the Euler flow ODE): a causal student
+trained this way is a many-step model.
 
-- mask path: a dense [N, N] boolean mask, N² = 1.073e9 entries = 1.07 GB (kept per clip shape). Torch SDPA
-  with an arbitrary mask computes every score: self-attention scores + weighted sum 4·N²·D per layer =
-  1.98e14 FLOPs per forward (70 % of the forward's 2.83e14), of which the block-causal pattern needs only
-  252/441 = 4/7 of the frame pairs.
-- teacher forcing doubles the tokens (2N = 65,520): the mask is (2N)² = 4.29e9 entries = 4.29 GB, exactly
-  4× the mask path's; the dense self-attention is exactly 4× (7.91e14 FLOPs per forward), while the pairs the
-  mask allows are only 2× (504 of 1,764 frame pairs, density 2/7 instead of 4/7); the linear layers are 2×.
-  One teacher-forced forward costs 9.61e14 FLOPs, 3.40× a mask-path forward. The step reports it as two
-  sample passes (``PassCount``), so its MFU undercounts the quadratic attention term (by 41 % at this size).
-A flex-attention block mask would make the mask O(blocks²) and skip the masked scores; not implemented here.
+Cost at Wan 2.1 1.3B (30 layers, D = 1,536, text 512 tokens), 480×832×81 → 21 latent frames × 1,560 tokens =
+N = 32,760 tokens, 7 blocks of 3, B = 1 (FLOPs as ``fv_accel/flops.py`` counts them: matmuls, masked entries
+included, since SDPA with a dense mask computes them):
+
+- plain (mask path): one forward and one backward over N tokens, as the fine-tune. Self-attention per layer
+  8·N·D² + 4·N²·D = 7.21 TFLOP (of which 4·N²·D = 6.59 for scores and weighted sum); the whole forward 283.0
+  TFLOP. The mask is N² = 1.073e9 bool entries = 1.07 GB (4/7 of them allowed: 28 of 49 block pairs).
+- teacher forcing: 2N = 65,520 tokens. Self-attention per layer 8·2N·D² + 4·(2N)²·D = 27.61 TFLOP, a factor
+  4(D + N)/(2D + N) = 3.83 over plain; the whole forward 961.5 TFLOP, 3.40× (the linear layers double, the text
+  and time terms stay). The [2N, 2N] mask is 4× plain: 4.29e9 entries = 4.29 GB (56 of 196 block pairs allowed:
+  twice plain's useful score entries, computed at four times the cost). Activations double.
+- ``StepOutput.passes``: B forwards and B backwards; with teacher forcing B × the student's own FLOP ratio of the
+  doubled clip to the clip (``forward_flops``; 2 when the family has no FLOP model), rounded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar, Literal, Protocol, cast
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fv_accel import flow
 from fv_accel.config import MethodConfigBase, RunConfig
 from fv_accel.data import LatentBatch
-from fv_accel.errors import DataError
+from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
 from fv_accel.methods.base import StepOutput
 from fv_accel.methods.finetune import FinetuneMethod, FinetuneMethodConfig
-from fv_accel.methods.ode_init import frame_blocks
 from fv_accel.methods.registry import register_method
 from fv_accel.models.base import ModelBase
-
-CAUSAL_FAMILY = "wan_causal"
-
-
-class TeacherForcedModel(Protocol):
-    """What ``teacher_forcing`` needs from the student (``fv_accel.models.wan_causal.CausalWanModel``)."""
-
-    def predict_velocity_teacher_forced(self, x_t: torch.Tensor, t: torch.Tensor, x_clean: torch.Tensor,
-                                        text_embeds_bld: torch.Tensor, *, t_clean: float = 0.0) -> torch.Tensor:
-        ...
+from fv_accel.models.wan_causal import CausalWanModel
 
 
 class DiffusionForcingMethodConfig(FinetuneMethodConfig):
-    """Flow-matching fine-tuning of a causal student, one timestep per block (the timestep keys are
-    ``finetune``'s)."""
+    """The fine-tune's flow matching with an independent timestep per block of a causal student."""
 
-    name: Literal["diffusion_forcing"]  # type: ignore[assignment]  # a Literal per method selects it
+    name: Literal["diffusion_forcing"]  # type: ignore[assignment]
     """Selects this method; keys of other methods are unknown keys here."""
     teacher_forcing: bool = False
-    """Each noisy block sees the clean copies of earlier blocks (a doubled sequence) instead of their noisy
-    versions."""
-    clean_context_timestep: float = Field(0.0, ge=0, lt=flow.NUM_TRAIN_TIMESTEPS)
-    """teacher_forcing only: the timestep of the clean copies, in [0, 1000); above 0 they are x0 re-noised to it."""
+    """Each block sees the clean copies of earlier blocks instead of their noisy frames (the teacher-forced
+    forward over [clean | noisy]; about 3.4× the forward FLOPs at Wan 1.3B 480×832, see the module docstring)."""
+    clean_context_timestep: float = Field(0.0, ge=0, lt=1000)
+    """teacher_forcing only: timestep of the clean copies; > 0 re-noises them to it with fresh noise first."""
+
+    @model_validator(mode="after")
+    def _context_needs_teacher_forcing(self) -> DiffusionForcingMethodConfig:
+        if self.clean_context_timestep > 0 and not self.teacher_forcing:
+            raise ValueError("method.clean_context_timestep only applies with method.teacher_forcing: true")
+        return self
 
 
 @register_method
 class DiffusionForcingMethod(FinetuneMethod):
-    """Diffusion forcing: see the module docstring. Roles: ``student`` (trainable, family ``wan_causal``)."""
+    """Diffusion forcing: see the module docstring. Its sampler is the fine-tune's (inherited)."""
 
     name: ClassVar[str] = "diffusion_forcing"
     Config: ClassVar[type[MethodConfigBase]] = DiffusionForcingMethodConfig
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
         family = cfg.models["student"].family
-        if family != CAUSAL_FAMILY:
-            raise ValueError(f"models.student.family must be {CAUSAL_FAMILY} for method.name={cls.name} "
-                             f"(got {family!r}): diffusion forcing trains a block-causal student")
+        if family != "wan_causal":
+            raise ValueError(f"models.student.family must be 'wan_causal' for method.name=diffusion_forcing (got "
+                             f"{family!r}): the timesteps are drawn per block of the block-causal mask")
 
     def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase]) -> None:
         super().__init__(cfg=cfg, role_models=role_models)
-        assert isinstance(cfg.method, DiffusionForcingMethodConfig)  # the base class checked it against Config
+        assert isinstance(cfg.method, DiffusionForcingMethodConfig)
         self.config: DiffusionForcingMethodConfig = cfg.method
+        student = role_models["student"]
+        if not isinstance(student, CausalWanModel):
+            raise ConfigError("models.student.family must be 'wan_causal' for method.name=diffusion_forcing")
+        self.causal_student: CausalWanModel = student
         self.last_timesteps_bf: torch.Tensor | None = None
-        """The timesteps of the last micro-batch, per sample and latent frame ([B, F], on the student's device;
-        logging and tests)."""
+        """The timesteps of the last micro-batch, per sample and latent frame (float [B, F], on the device)."""
 
-    def draw_block_timesteps(self, batch_size: int, block_sizes: Sequence[int]) -> torch.Tensor:
-        """One timestep per sample and block, drawn as ``finetune`` draws one per sample, expanded to the
-        blocks' frames: [B, F] on the student's device."""
-        gen = self.cuda_generator
-        assert gen is not None, "on_train_start() was not called"
+    def draw_timesteps(self, batch_size: int, block_sizes: list[int], device: torch.device) -> torch.Tensor:
+        """One fine-tune draw per sample and block (sample-major), expanded to latent frames: t [B, F]."""
+        assert self.cuda_generator is not None, "on_train_start() was not called"
         t = flow.sample_training_timesteps(
-            batch_size * len(block_sizes), scheme=self.config.weighting_scheme, shift=self.student.flow_shift,
-            generator=gen, device=self.student.device, logit_mean=self.config.logit_mean,
-            logit_std=self.config.logit_std,
-        ).view(batch_size, len(block_sizes))
-        return t.repeat_interleave(torch.tensor(list(block_sizes), device=t.device), dim=1)
+            batch_size * len(block_sizes), scheme=self.config.weighting_scheme,
+            shift=self.causal_student.flow_shift, generator=self.cuda_generator, device=device,
+            logit_mean=self.config.logit_mean, logit_std=self.config.logit_std,
+        )
+        sizes = torch.tensor(block_sizes, device=device)
+        return t.view(batch_size, len(block_sizes)).repeat_interleave(sizes, dim=1)
 
     def single_train_step(self, batch: LatentBatch, step: int) -> StepOutput:
-        gen = self.cuda_generator
-        assert gen is not None, "on_train_start() was not called"
-        student = self.student
+        assert self.cuda_generator is not None, "on_train_start() was not called"
+        student = self.causal_student
         cond = student.prepare_batch(batch, student.device)
         if cond.latents_bcthw is None:
-            raise DataError("method.name=diffusion_forcing needs latents in training.data.data_path (text-only "
-                            "rows only work with method dmd2)")
+            raise ValueError("diffusion_forcing needs latents; text-only data only works with method dmd2 (simulate)")
         x0 = cond.latents_bcthw
+        gen = self.cuda_generator
         b, num_frames = x0.shape[0], x0.shape[2]
         noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-        t = self.draw_block_timesteps(b, frame_blocks(student, num_frames))
-        self.last_timesteps_bf = t
-        x_t = student.add_noise(x0, noise, t)
+        t_bf = self.draw_timesteps(b, student.block_sizes(num_frames), x0.device)
+        self.last_timesteps_bf = t_bf
+        x_t = student.add_noise(x0, noise, t_bf)
+        forwards = b
         if self.config.teacher_forcing:
             t_clean = self.config.clean_context_timestep
             x_clean = x0
             if t_clean > 0:
                 context_noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
                 x_clean = student.add_noise(x0, context_noise, torch.full((b,), t_clean, device=x0.device))
-            # check_config made the student a wan_causal role
-            v_pred = cast("TeacherForcedModel", student).predict_velocity_teacher_forced(
-                x_t, t, x_clean, cond.text_embeds_bld, t_clean=t_clean)
-            passes = PassCount(forward=2 * b, backward=2 * b)  # twice the tokens; see the module docstring
+            v_pred = student.predict_velocity_teacher_forced(x_t, t_bf, x_clean, cond.text_embeds_bld,
+                                                             t_clean=t_clean)
+            forwards = round(b * self.teacher_forcing_cost(x0.shape[1:], cond.text_embeds_bld.shape[1]))
         else:
-            v_pred = student.predict_velocity(x_t, t, cond.text_embeds_bld)
-            passes = PassCount(forward=b, backward=b)
+            v_pred = student.predict_velocity(x_t, t_bf, cond.text_embeds_bld)
         loss = torch.mean((v_pred - flow.velocity_target(x0, noise)) ** 2)
-        return StepOutput(losses={"loss": loss}, loss_roles={"loss": "student"}, passes={"student": passes})
+        return StepOutput(losses={"loss": loss}, loss_roles={"loss": "student"},
+                          passes={"student": PassCount(forward=forwards, backward=forwards)})
+
+    def teacher_forcing_cost(self, latent_shape: torch.Size | tuple[int, ...], text_len: int) -> float:
+        """Forward FLOPs of the teacher-forced (doubled) clip over the clip's, from the student's FLOP model
+        (2: the token count, when the family has none)."""
+        c, f, h, w = (int(x) for x in latent_shape)
+        single = self.causal_student.forward_flops((c, f, h, w), text_len)
+        double = self.causal_student.forward_flops((c, 2 * f, h, w), text_len)
+        return 2.0 if single is None or double is None else double / single
 
 
 __all__ = ["DiffusionForcingMethod", "DiffusionForcingMethodConfig"]

@@ -1,23 +1,26 @@
-"""Train one step of each given diffusion-forcing config (one launch, one process group, the runs one after
-another) and record, per rank and config, the first step's rows, per-frame timesteps and loss:
-``tests/test_diffusion_forcing.py`` recomputes the loss with plain PyTorch.
+"""Run ``recipes/finetune.py`` with a diffusion_forcing config and record, per rank, what the plain-PyTorch
+oracle of ``tests/test_diffusion_forcing.py`` needs: the first step's batch rows, the method's noise generator
+state before it, the drawn timesteps and the loss.
 
-    accelerate launch ... tests/dist_scripts/diffusion_forcing_step.py A.yaml [B.yaml ...]
+    accelerate launch ... tests/dist_scripts/diffusion_forcing_step.py --config RECIPE.yaml
 
-Every rank writes ``$FVR_SPY_DIR/rank<r>.json``: ``[{"rows": [...], "t": [[t per frame] per sample], "loss"}
-per config]``.
+Every rank writes ``$FVR_SPY_DIR/rank<r>.pt``: the first step's dict. (One run per launch: a second run in the
+same processes hangs re-creating the process group.)
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fv_accel.methods.diffusion_forcing import DiffusionForcingMethod
 
+REPO = Path(__file__).resolve().parents[2]
 RECORDS: list[dict[str, Any]] = []
 
 
@@ -25,37 +28,26 @@ def install_spy() -> None:
     original_step = DiffusionForcingMethod.single_train_step
 
     def single_train_step(self: DiffusionForcingMethod, batch: Any, step: int) -> Any:
+        assert self.cuda_generator is not None
+        state = self.cuda_generator.get_state()
         out = original_step(self, batch, step)
         assert self.last_timesteps_bf is not None
-        RECORDS.append({"rows": batch.index.tolist(), "t": self.last_timesteps_bf.tolist(),
-                        "loss": float(out.losses["loss"])})
+        RECORDS.append({"rows": batch.index.tolist(), "generator_state": state,
+                        "timesteps": self.last_timesteps_bf.cpu(), "loss": float(out.losses["loss"])})
         return out
 
     DiffusionForcingMethod.single_train_step = single_train_step  # type: ignore[method-assign]
 
 
-def main(configs: list[str]) -> int:
-    from fv_accel.cli import run_main
-    from fv_accel.config import load_config
-    from fv_accel.run import run_training
-    from fv_accel.runtime import reset_accelerate_state
-
+def main(argv: list[str]) -> int:
     install_spy()
-    rank = int(os.environ.get("RANK", "0"))
-    firsts: list[dict[str, Any]] = []
-
-    def body() -> int:
-        for path in configs:
-            # run_training leaves the process group up (run_main tears it down once, at the end); each run
-            # builds its own Accelerator on it.
-            reset_accelerate_state()
-            start = len(RECORDS)
-            run_training(load_config(path, []))
-            firsts.append(RECORDS[start])
-        return 0
-
-    rc = run_main(body, rank=rank)
-    (Path(os.environ["FVR_SPY_DIR"]) / f"rank{rank}.json").write_text(json.dumps(firsts))
+    spec = importlib.util.spec_from_file_location("recipe_finetune", REPO / "recipes" / "finetune.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = int(module.main(argv))
+    rank = int(os.environ.get("RANK", "0"))  # the launcher's: the process group may be gone by now
+    torch.save(RECORDS[0], Path(os.environ["FVR_SPY_DIR"]) / f"rank{rank}.pt")
     return rc
 
 
