@@ -8,6 +8,10 @@ trains the tiny teacher with `finetune` into outputs/toy/teacher/, then distills
 prints the quality table (student@K vs teacher@K vs teacher@50: precision distance, mode coverage, mode balance),
 also written to <output_dir>/quality.json, with a picture of the samples in <output_dir>/quality.png.
 Later runs reuse the data and the teacher. Real recipes: recipes/configs/*.yaml.
+
+`--config recipes/configs/toy_self_forcing.yaml` is the causal toy proof: its `toy_pipeline` section builds what
+is missing (causal toy data, teacher, ODE pairs, ODE-init student: fv_accel/toy_pipeline.py), then self-forcing
+runs and prints the same table with per-block columns (docs/distillation.md "The causal toy world").
 """
 
 from __future__ import annotations
@@ -96,8 +100,17 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
               flush=True)
 
 
+def prepare_config(tree: dict[str, Any], dry_run: bool) -> dict[str, Any]:
+    """A config with a ``toy_pipeline`` section (``recipes/configs/toy_self_forcing.yaml``) first builds its
+    missing stages (causal toy data, teacher, ODE pairs, ODE-init student; ``fv_accel/toy_pipeline.py``)."""
+    from fv_accel.toy_pipeline import prepare_toy_pipeline
+
+    return prepare_toy_pipeline(tree, dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_recipe("recipes/distill.py", argv, toy_default_config, after_training=print_toy_quality)
+    return run_recipe("recipes/distill.py", argv, toy_default_config, after_training=print_toy_quality,
+                      prepare_config=prepare_config)
 
 
 if __name__ == "__main__":
