@@ -283,12 +283,45 @@ def ensure_ode_init(accelerator: Any, section: ToyPipelineConfig, tree: dict[str
     _barrier()
     save_transformer_pretrained(trainer.method.student.transformer, tmp / "transformer")
     if trainer.topology.is_main:
+        _write_ode_init_quality(section, tree, tmp)
         _write_json(tmp / STAMP_NAME, stamp)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
     _barrier()
     return out
+
+
+def stage_quality(section: ToyPipelineConfig, tree: dict[str, Any], student_dir: Path) -> Any:
+    """The quality table (:func:`fv_accel.quality.toy_quality`, per block) of the student exported in
+    ``student_dir`` against the teacher stage, both loaded in this process only (no collective)."""
+    from fv_accel.config import ModelConfig
+    from fv_accel.models import load_role_model
+    from fv_accel.quality import toy_quality
+
+    paths = stage_paths(section.root)
+    models = tree["models"]
+    student_cfg = ModelConfig.model_validate({**models["student"], "init_from": str(student_dir),
+                                              "trainable": False})
+    student = load_role_model("student", student_cfg, mixed_precision="no")
+    teacher = load_role_model("teacher", ModelConfig.model_validate(
+        {**models["teacher"], "init_from": str(paths["teacher"]), "trainable": False}), mixed_precision="no")
+    for model in (student, teacher):
+        for module in model.modules().values():
+            module.eval()
+    frames_per_block = (student_cfg.causal_or_default.num_frames_per_block if student_cfg.family == "wan_causal"
+                        else None)
+    return toy_quality(student, teacher, paths["data"], dmd_denoising_steps=_student_steps(tree),
+                       text_len=int(_get(tree, "training.data.text_len")), frames_per_block=frames_per_block)
+
+
+def _write_ode_init_quality(section: ToyPipelineConfig, tree: dict[str, Any], student_dir: Path) -> None:
+    """The ODE-init student's table, printed and kept beside it (``quality.json``): where self-forcing starts."""
+    from fv_accel.quality import format_quality_table, write_quality_json
+
+    result = stage_quality(section, tree, student_dir)
+    write_quality_json(result, student_dir)
+    print(f"toy quality of the ODE-init student ({student_dir.name}):\n{format_quality_table(result)}", flush=True)
 
 
 def build_stages(accelerator: Any, section: ToyPipelineConfig, tree: dict[str, Any]) -> None:
