@@ -69,7 +69,14 @@ def euler_sample(
     guidance_scale: float = 1.0,
     uncond_embeds_bld: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate the flow ODE from pure noise with ``num_steps`` Euler steps; returns x0 (normalised space)."""
+    """Integrate the flow ODE from pure noise with ``num_steps`` Euler steps; returns x0 (normalised space). A
+    streaming (causal) model is sampled block by block (:func:`fv_accel.causal_sampling.causal_euler_sample`)."""
+    if model.streams:
+        from fv_accel.causal_sampling import causal_euler_sample
+
+        return causal_euler_sample(model, text_embeds_bld, latent_shape=latent_shape,  # type: ignore[arg-type]
+                                   num_steps=num_steps, shift=shift, generator=generator,
+                                   guidance_scale=guidance_scale, uncond_embeds_bld=uncond_embeds_bld)
     device = text_embeds_bld.device
     b = text_embeds_bld.shape[0]
     x = randn_rows((b, *latent_shape), generator, device)
@@ -111,10 +118,18 @@ def dmd_sample(
     text_embeds_bld: torch.Tensor,
     *,
     latent_shape: Sequence[int],
-    denoising_steps: Sequence[int],
+    denoising_steps: Sequence[float],
     generator: Generators,
+    context_noise: float = 0.0,
 ) -> torch.Tensor:
-    """The few-step DMD sampler: x0 prediction at each step, re-noised to the next step; returns x0."""
+    """The few-step DMD sampler: x0 prediction at each step, re-noised to the next step; returns x0. A streaming
+    (causal) model is sampled block by block (:func:`fv_accel.causal_sampling.causal_dmd_sample`), its blocks
+    committed as context at ``context_noise`` (unused otherwise)."""
+    if model.streams:
+        from fv_accel.causal_sampling import causal_dmd_sample
+
+        return causal_dmd_sample(model, text_embeds_bld, latent_shape=latent_shape,  # type: ignore[arg-type]
+                                 denoising_steps=denoising_steps, generator=generator, context_noise=context_noise)
     device = text_embeds_bld.device
     b = text_embeds_bld.shape[0]
     x = randn_rows((b, *latent_shape), generator, device)
@@ -146,9 +161,11 @@ class EulerSampler:
 
 @dataclass(frozen=True)
 class DMDSampler:
-    """:func:`dmd_sample` over ``denoising_steps`` (the unconditional embeddings are ignored)."""
+    """:func:`dmd_sample` over ``denoising_steps`` (the unconditional embeddings are ignored); a causal model's
+    blocks are committed as context at ``context_noise``."""
 
-    denoising_steps: tuple[int, ...]
+    denoising_steps: tuple[float, ...]
+    context_noise: float = 0.0
 
     @property
     def num_steps(self) -> int:
@@ -157,7 +174,8 @@ class DMDSampler:
     def __call__(self, model: ModelBase, text_embeds_bld: torch.Tensor, uncond_embeds_bld: torch.Tensor | None,
                  latent_shape: Sequence[int], generator: Generators) -> torch.Tensor:
         return dmd_sample(model, text_embeds_bld, latent_shape=latent_shape,
-                          denoising_steps=list(self.denoising_steps), generator=generator)
+                          denoising_steps=list(self.denoising_steps), generator=generator,
+                          context_noise=self.context_noise)
 
 
 #: A sampler with its settings bound (``model, text, uncond, latent_shape, generator`` → x0).

@@ -1,7 +1,8 @@
 """Sample one role of a checkpoint: prompts to mp4 videos, or latents for rows of the run's dataset.
 
     python recipes/sample.py --checkpoint PATH --role student|ema|teacher --prompt "..." [--prompt ...] \
-        [--prompts-file FILE] --output DIR [--steps K] [--seed S] [--guidance-scale W --negative-prompt TEXT]
+        [--prompts-file FILE] --output DIR [--steps K] [--seed S] [--guidance-scale W --negative-prompt TEXT] \
+        [--num-frames F]
     python recipes/sample.py --checkpoint PATH --role student|ema|teacher --num-samples N \
         --output FILE.safetensors [--steps K] [--seed S]
 
@@ -17,7 +18,10 @@ Prompts (videos): encoded by the text encoder of the role's ``init_from`` pipeli
 decoded by the VAE its latent statistics come from, one ``<i>-<slug>.mp4`` per prompt plus ``index.json``.
 Prompt i's noise is seeded with ``prompt_seed(S, i)`` as validation does, so its video does not depend on the
 other prompts. Guidance (``--guidance-scale`` != 1, against the encoded ``--negative-prompt``, "" by default as
-in diffusers' WanPipeline) only for samplers that take it (Euler).
+in diffusers' WanPipeline) only for samplers that take it (Euler). ``--num-frames F`` samples F latent frames
+instead of the run's (the VAE decodes 1 + (F − 1)·4 video frames for Wan); a causal student (``family:
+wan_causal``) streams block by block (``fv_accel/causal_sampling.py``), so F may exceed the trained length: with
+``local_attn_frames`` its cache stays within the window, without one it grows with F (memory is the bound).
 Rows (latents): N different dataset rows of ``training.data.data_path`` spread evenly over the dataset
 (``fv_accel.sampling.spread_rows``, as validation and the toy quality table pick theirs); the file holds
 ``latents`` float32 [N, C, T, H, W] in the dataset's stored (unnormalised) latent space and ``data_index`` int64
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="classifier-free guidance (Euler samplers only; 1: none)")
     parser.add_argument("--negative-prompt", default=None, help="the unconditional prompt of guidance (default '')")
     parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="latent frames to sample (default: the run's); a causal student may exceed it")
     args = parser.parse_args(argv)
     args.prompts = read_prompts(args.prompt, args.prompts_file)
     if args.steps is not None and args.steps < 1:
@@ -76,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ConfigError(f"--output {args.output!r} must end in .safetensors")
         if args.guidance_scale != 1.0 or args.negative_prompt is not None:
             raise ConfigError("--guidance-scale / --negative-prompt apply to --prompt sampling only")
+        if args.num_frames is not None:
+            raise ConfigError("--num-frames applies to --prompt sampling only (dataset rows keep their shape)")
         return args
     if args.num_samples is not None:
         raise ConfigError("--num-samples (dataset rows) and --prompt/--prompts-file exclude each other")
@@ -85,6 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError("--negative-prompt: only used by guidance; set --guidance-scale too")
     if args.fps < 1:
         raise ConfigError(f"--fps {args.fps}: must be >= 1")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise ConfigError(f"--num-frames {args.num_frames}: must be >= 1 latent frame")
     return args
 
 
@@ -296,6 +306,8 @@ def sample_videos(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
         raise ConfigError(f"--prompt: models.{model_role}.latent_stats is {stats.origin if stats else 'unknown'}, "
                           "which names no VAE to decode videos with; sample latents with --num-samples instead")
     shape = run_latent_shape(cfg)
+    if args.num_frames is not None:
+        shape = (shape[0], args.num_frames, shape[2], shape[3])
     text_len = cfg.training.data.text_len
     device = sampling_device()
 

@@ -93,6 +93,21 @@ def run_recipe_main(name: str, argv: list[str]) -> int:
             os.environ.pop(key, None)
 
 
+def run_recipe_captured(name: str, argv: list[str], capsys: pytest.CaptureFixture[str],
+                        caplog: pytest.LogCaptureFixture) -> subprocess.CompletedProcess:
+    """:func:`run_recipe_main` with what ``python recipes/<name>.py ARGV`` would print: its exit code, stdout,
+    and stderr with the log records (pytest's handler takes them, at INFO as the CLI logs), as a
+    ``CompletedProcess`` like :func:`run_python`'s."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fv_accel")
+    caplog.clear()
+    capsys.readouterr()
+    code = run_recipe_main(name, argv)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess([name, *argv], code, captured.out, captured.err + caplog.text)
+
+
 def record_calls(obj: Any, name: str, keep: Any) -> list[Any]:
     """Replace ``obj.<name>`` by a wrapper that appends ``keep(*args)`` to the returned list, then calls the
     original (a spy on a model's ``predict_velocity`` / ``predict_x0``, which take ``(x_t, t, text)``)."""
@@ -116,6 +131,22 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ensure_toy_data(root)
     ensure_init_transformer(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def reference(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tests/test_resume.py``'s uninterrupted 2-process DMD2 run, plus its final EMA gathered to full tensors
+    (``ema_full.safetensors``). Session-scoped here, not module-scoped there: ``tests/test_preemption_workers.py``
+    and ``tests/test_async_checkpoint.py`` compare against the same run, which would otherwise be launched once
+    per module."""
+    from test_resume import MAX_STEPS, launch, metrics
+
+    out = tmp_path_factory.mktemp("resume") / "reference"
+    proc = launch(toy_root, out, FVR_DUMP_EMA=str(out.parent / "ema_full.safetensors"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "(async save)" not in proc.stderr  # synchronous: test_async_checkpoint compares async saves with it
+    assert [r["step"] for r in metrics(out)] == list(range(1, MAX_STEPS + 1))
+    return out
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, run_python
+from conftest import REPO, run_recipe_captured
 
 from fv_accel.config import (
     RunConfig,
@@ -288,10 +288,11 @@ def test_resolved_config_roundtrip(model_dir: Path, tmp_path: Path) -> None:
     assert again.model_copy(update={"training": cfg.training}) == cfg
 
 
-# -- through the recipe (subprocess): exit code 2, nothing written, no weights read --------------------------
+# -- through the recipe (its main, in this process): exit code 2, nothing written, no weights read --------------------------
 
 
-def test_recipe_exits_2_before_reading_weights(model_dir: Path, tmp_path: Path) -> None:
+def test_recipe_exits_2_before_reading_weights(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "out"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -300,8 +301,8 @@ def test_recipe_exits_2_before_reading_weights(model_dir: Path, tmp_path: Path) 
         "training": {"loop": {"gradient_accumulation_steps": 0, "max_train_steps": "10"},
                      "checkpoint": {"output_dir": str(out)}, "data": {"data_path": str(tmp_path / "nodata")}},
     }))
-    proc = run_python(["recipes/finetune.py", "--config", str(recipe), "--training.optimizer.lr_sheduler",
-                       "linear"], cwd=REPO, timeout=120)
+    proc = run_recipe_captured("finetune", ["--config", str(recipe), "--training.optimizer.lr_sheduler", "linear"],
+                               capsys, caplog)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr
     assert "training.loop.gradient_accumulation_steps" in err
@@ -312,16 +313,17 @@ def test_recipe_exits_2_before_reading_weights(model_dir: Path, tmp_path: Path) 
     assert not out.exists(), "nothing may be written before the configuration is valid"
 
 
-def test_recipe_exits_2_on_unparsable_yaml_and_missing_model(tmp_path: Path) -> None:
+def test_recipe_exits_2_on_unparsable_yaml_and_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     bad = tmp_path / "broken.yaml"
     bad.write_text("training: {loop: [\n")
-    proc = run_python(["recipes/finetune.py", "--config", str(bad)], cwd=REPO, timeout=120)
+    proc = run_recipe_captured("finetune", ["--config", str(bad)], capsys, caplog)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "broken.yaml" in proc.stderr and "not valid YAML" in proc.stderr
 
     good = tmp_path / "recipe.yaml"
     good.write_text(yaml.safe_dump({"models": {"student": {"init_from": str(tmp_path / "gone")}},
                                     "method": {"name": "finetune"}}))
-    proc = run_python(["recipes/finetune.py", "--config", str(good)], cwd=REPO, timeout=120)
+    proc = run_recipe_captured("finetune", ["--config", str(good)], capsys, caplog)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "models.student.init_from" in proc.stderr and str(tmp_path / "gone") in proc.stderr

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, run_2proc, run_python
+from conftest import REPO, run_2proc, run_python, run_recipe_captured
 
 from fv_accel.flops import format_flops
 from fv_accel.models.wan import TINY_WAN_CONFIG, wan_forward_flops
@@ -50,9 +50,9 @@ def _args(toy_root, out, *extra):
             "--callbacks.ema.decay=0.9", "--dry-run", *extra]
 
 
-def test_dry_run_prints_roles_and_exits_without_training(toy_root, tmp_path):
+def test_dry_run_prints_roles_and_exits_without_training(toy_root, tmp_path, capsys, caplog):
     out = tmp_path / "run"
-    proc = run_python(_args(toy_root, out), cwd=REPO)
+    proc = run_recipe_captured("finetune", _args(toy_root, out)[1:], capsys, caplog)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stdout = proc.stdout
     numel, block_numel = _tiny_counts()
@@ -95,7 +95,7 @@ def test_dry_run_two_processes_shards_the_estimate(toy_root, tmp_path):
     assert not out.exists()
 
 
-def test_dry_run_dmd2_prints_every_role(toy_root, tmp_path):
+def test_dry_run_dmd2_prints_every_role(toy_root, tmp_path, capsys, caplog):
     import yaml
 
     out = tmp_path / "run"
@@ -108,7 +108,7 @@ def test_dry_run_dmd2_prints_every_role(toy_root, tmp_path):
                      "loop": {"max_train_steps": 10}, "checkpoint": {"output_dir": str(out)}},
     }
     (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
-    proc = run_python(["recipes/distill.py", "--config", str(tmp_path / "dmd2.yaml"), "--dry-run"], cwd=REPO)
+    proc = run_recipe_captured("distill", ["--config", str(tmp_path / "dmd2.yaml"), "--dry-run"], capsys, caplog)
     assert proc.returncode == 0, proc.stderr[-3000:]
     numel, _ = _tiny_counts()
     trainable = {role: _role_line(proc.stdout, role)[2] for role in ("student", "teacher", "critic")}
@@ -145,11 +145,12 @@ def test_dry_run_of_the_toy_default_trains_nothing(tmp_path):
         assert _role_line(proc.stdout, role)[1] == f"{numel:,}"
 
 
-def test_dry_run_warns_when_the_estimate_exceeds_the_target(toy_root, tmp_path):
+def test_dry_run_warns_when_the_estimate_exceeds_the_target(toy_root, tmp_path, capsys, caplog):
     """training.target_device_memory_gib far below the toy's estimate: the summary names the largest terms in a
     WARNING and the run still exits 0 (a dry run reports, it does not refuse)."""
     out = tmp_path / "run"
-    small = run_python(_args(toy_root, out, "--training.target_device_memory_gib=2.001"), cwd=REPO)
+    small = run_recipe_captured("finetune", _args(toy_root, out, "--training.target_device_memory_gib=2.001")[1:],
+                                capsys, caplog)
     assert small.returncode == 0, small.stderr[-3000:]
     total, mem = _memory(small.stdout)
     warning = [line for line in small.stdout.splitlines() if line.startswith("WARNING: estimated peak memory")]

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 from conftest import ACCELERATE, CPU_2PROC, CPU_CP2_2PROC, REPO, free_port, subprocess_env
 from safetensors.torch import load_file
 from test_dmd2_distributed import write_recipe
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 CPU_HSDP_2NODE = str(REPO / "accelerate_configs" / "cpu_hsdp_2node.yaml")
 SPY = "tests/dist_scripts/layout_spy.py"
@@ -178,65 +181,110 @@ def _assert_cp_rows(rows: list[dict[str, Any]], *, cp: int) -> None:
     assert len(set(drawn)) == len(drawn), "two data ranks drew the same row"
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One launch of the context-parallel chain: its spy dumps, log, the metrics file and the step it ended at."""
+
+    spy: Path
+    log: str
+    metrics: list[dict[str, Any]]
+    step: int
+
+
+CP_CHAIN = (("cp2", 2), ("cp1", 4), ("cp2", 6), ("cp2x4", 8))
+"""The chain's launches as (layout, steps at its end): each after the first resumes from ``latest``, so every
+launch but the first is the second half of a test and the middle ones the first half of the next as well."""
+
+
+@pytest.fixture(scope="module")
+def cp_chain(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One finetune output dir written by four launches in turn: cp = 2 (1 data rank) → cp = 1 (2 data ranks)
+    → cp = 2 → cp 2 × dp_shard 2 on 4 processes. Each resume reads the checkpoint the launch before wrote, so
+    four launches give the two cross-layout directions and the 4-process layout (instead of eight)."""
+    tmp = tmp_path_factory.mktemp("cp_chain")
+    out = tmp / "run"
+    stages: list[Stage] = []
+    for i, (layout, steps) in enumerate(CP_CHAIN):
+        spy = tmp / f"spy{i}"
+        config, launcher = CPU_2PROC if layout == "cp1" else CPU_CP2_2PROC, ()
+        if layout == "cp2x4":
+            launcher = ("--num_processes", "4", "--parallelism_config_dp_shard_size", "2")
+        args = [*_finetune_args(toy_root, out, steps), "--training.checkpoint.keep_last=0"]  # keep each saver's
+        if i:
+            args.append("--training.checkpoint.resume_from_checkpoint=latest")
+        log = run_one_node(args, spy=spy, log=tmp / f"run{i}.log", config=config, launcher_args=launcher)
+        stages.append(Stage(spy=spy, log=log, metrics=_metrics(out), step=steps))
+    return {"out": out, "stages": stages}
+
+
+def _drawn(rows: list[dict[str, Any]]) -> list[int]:
+    """The rows every data rank drew (one CP peer's list per data rank)."""
+    return [i for d in {x["data_rank"]: x["rows"] for x in rows}.values() for batch in d for i in batch]
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_cp2_dp_shard2_four_processes_checkpoints_and_resumes(toy_root: Path, tmp_path: Path) -> None:
-    """cp 2 × dp_shard 2 on 4 processes (the cp = 2 config with 4 processes and dp_shard 2 on the command line):
-    2 data ranks of 2 CP peers each; a resumed launch loads the saved weights and goes on with new rows."""
-    out = tmp_path / "run"
-    launcher = ("--num_processes", "4", "--parallelism_config_dp_shard_size", "2")
-    log = run_one_node(_finetune_args(toy_root, out, 2), spy=tmp_path / "spy1", log=tmp_path / "run1.log",
-                       config=CPU_CP2_2PROC, launcher_args=launcher)
-    assert "layout: 2 data rank(s) x context parallel 2" in log
-    rows1 = _rows(tmp_path / "spy1")
-    assert [(r["data_rank"], r["cp_rank"]) for r in rows1] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    _assert_cp_rows(rows1, cp=2)
+def test_cp2_dp_shard2_four_processes_checkpoints_and_resumes(toy_root: Path, cp_chain: dict[str, Any]) -> None:
+    """cp 2 × dp_shard 2 on 4 processes (the cp = 2 config with 4 processes and dp_shard 2 on the command line),
+    the chain's last launch: 2 data ranks of 2 CP peers each; the student filled from ``init_from`` on this mesh
+    holds the init file's weights; it resumes the cp = 2 launch's checkpoint (weights equal the saver's, new
+    rows) and its own checkpoint holds the weights it ended with."""
+    out, saver, stage = cp_chain["out"], cp_chain["stages"][-2], cp_chain["stages"][-1]
+    assert "layout: 2 data rank(s) x context parallel 2" in stage.log
+    rows = _rows(stage.spy)
+    assert [(r["data_rank"], r["cp_rank"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    _assert_cp_rows(rows, cp=2)
     init = load_file(toy_root / "init" / "transformer" / "diffusion_pytorch_model.safetensors")
-    _assert_equal_weights(full_tensors(_dumps(tmp_path / "spy1", "start")), init, "student")
-    end = full_tensors(_dumps(tmp_path / "spy1", "end"))
+    _assert_equal_weights(full_tensors(_dumps(stage.spy, "start")), init, "student")
+    saved = full_tensors(_dumps(saver.spy, "end"))
+    _assert_equal_weights(full_tensors(_dumps(stage.spy, "loaded")),
+                          {k.removeprefix("transformer."): v for k, v in saved["student"].items()}, "student")
+    assert [r["step"] for r in stage.metrics] == list(range(1, stage.step + 1))
+    earlier = {i for s in cp_chain["stages"][:-1] for i in _drawn(_rows(s.spy))}
+    assert len(_drawn(rows)) == 2 * 2 * 2 and not set(_drawn(rows)) & earlier, "rows of the epoch drawn again"
 
-    run_one_node([*_finetune_args(toy_root, out, 4), "--training.checkpoint.resume_from_checkpoint=latest"],
-                 spy=tmp_path / "spy2", log=tmp_path / "run2.log", config=CPU_CP2_2PROC, launcher_args=launcher)
-    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
-    assert (out / "checkpoint-4" / ".metadata").is_file()
-    _assert_equal_weights(full_tensors(_dumps(tmp_path / "spy2", "loaded")),
-                          {k.removeprefix("transformer."): v for k, v in end["student"].items()}, "student")
-    rows2 = _rows(tmp_path / "spy2")
-    _assert_cp_rows(rows2, cp=2)
-    _assert_cp_rows([{**a, "rows": a["rows"] + b["rows"]} for a, b in zip(rows1, rows2, strict=True)], cp=2)
+    # its own checkpoint, read back in this process by DCP: the full weights the 4 ranks ended with
+    ckpt = out / f"checkpoint-{stage.step}"
+    assert sorted(p.name for p in ckpt.glob("random_state.rank*.pt")) == [f"random_state.rank{r}.pt"
+                                                                          for r in range(4)]
+    entries = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    flat = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in entries.items()
+            if k.startswith("roles.student.") and isinstance(v, TensorStorageMetadata)}
+    dcp.load(flat, checkpoint_id=str(ckpt), no_dist=True)
+    end = full_tensors(_dumps(stage.spy, "end"))["student"]
+    assert {k.removeprefix("roles.student.") for k in flat} == set(end)
+    for name, tensor in end.items():
+        assert torch.equal(flat["roles.student." + name], tensor), name
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("first,second", [("cp2", "cp1"), ("cp1", "cp2")])
-def test_resume_across_context_parallel_layouts(first: str, second: str, toy_root: Path, tmp_path: Path) -> None:
+def test_resume_across_context_parallel_layouts(first: str, second: str, cp_chain: dict[str, Any]) -> None:
     """A checkpoint written with cp = 2 (1 data rank) resumes with cp = 1 (2 data ranks, plain FSDP) and the
-    other way: every role's full weights after the load equal the saver's, the data position carries over
-    (the epoch goes on with rows not drawn before, however many data ranks draw them), and each rank restores
-    the random stream of its data rank: CP peers one and the same, two data ranks never the same one."""
-    configs = {"cp2": CPU_CP2_2PROC, "cp1": CPU_2PROC}
-    out = tmp_path / "run"
-    run_one_node(_finetune_args(toy_root, out, 2), spy=tmp_path / "spy1", log=tmp_path / "run1.log",
-                 config=configs[first])
-    end = full_tensors(_dumps(tmp_path / "spy1", "end"))
-    log = run_one_node([*_finetune_args(toy_root, out, 4), "--training.checkpoint.resume_from_checkpoint=latest"],
-                       spy=tmp_path / "spy2", log=tmp_path / "run2.log", config=configs[second])
-    assert ("layout: 1 data rank(s) x context parallel 2" in log) == (second == "cp2")
-    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
-    _assert_equal_weights(full_tensors(_dumps(tmp_path / "spy2", "loaded")),
+    other way (the chain's launches 1 → 2 and 2 → 3): every role's full weights after the load equal the
+    saver's, the data position carries over (the epoch goes on with rows not drawn before, however many data
+    ranks draw them), and each rank restores the random stream of its data rank: CP peers one and the same,
+    two data ranks never the same one."""
+    i = 0 if first == "cp2" else 1
+    out, saver, stage = cp_chain["out"], cp_chain["stages"][i], cp_chain["stages"][i + 1]
+    assert [CP_CHAIN[i][0], CP_CHAIN[i + 1][0]] == [first, second]
+    assert ("layout: 1 data rank(s) x context parallel 2" in stage.log) == (second == "cp2")
+    assert [r["step"] for r in stage.metrics] == list(range(1, stage.step + 1))
+    end = full_tensors(_dumps(saver.spy, "end"))
+    _assert_equal_weights(full_tensors(_dumps(stage.spy, "loaded")),
                           {k.removeprefix("transformer."): v for k, v in end["student"].items()}, "student")
-    rows = [_rows(tmp_path / s) for s in ("spy1", "spy2")]
+    rows = [_rows(s.spy) for s in (saver, stage)]
     for r, cp in zip(rows, (2 if first == "cp2" else 1, 2 if second == "cp2" else 1), strict=True):
         _assert_cp_rows(r, cp=cp)
-    drawn = [[i for d in {x["data_rank"]: x["rows"] for x in r}.values() for batch in d for i in batch]
-             for r in rows]
+    drawn = [_drawn(r) for r in rows]
     assert len(drawn[1]) == 2 * 2 * (2 if second == "cp1" else 1)
     assert not set(drawn[0]) & set(drawn[1]), "the resumed run drew rows of the epoch again"
 
     # random streams: the saver's data rank of rank r was 0 under cp = 2 and r under cp = 1
-    saved = {r: torch.load(out / "checkpoint-2" / f"random_state.rank{r}.pt", weights_only=True)["method"]
-             for r in range(2)}
-    restored = [torch.load(tmp_path / "spy2" / f"rank{r}_rng.pt", weights_only=True) for r in range(2)]
+    saved = {r: torch.load(out / f"checkpoint-{saver.step}" / f"random_state.rank{r}.pt",
+                           weights_only=True)["method"] for r in range(2)}
+    restored = [torch.load(stage.spy / f"rank{r}_rng.pt", weights_only=True) for r in range(2)]
 
     def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         return all(torch.equal(a[k], b[k]) for k in a)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from conftest import REPO, run_python, run_torchrun
+from conftest import REPO, run_recipe_captured, run_torchrun
 from torch import nn
 
 from fv_accel.build import build_lr_scheduler, build_optimizer
@@ -414,7 +414,8 @@ def test_fit_writes_one_metrics_row_per_step(harness: Any, tmp_path: Path) -> No
     assert h.events.count("forward") == 6
 
 
-def test_recipe_exits_3_on_divergence(toy_root: Path, tmp_path: Path) -> None:
+def test_recipe_exits_3_on_divergence(toy_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      caplog: pytest.LogCaptureFixture) -> None:
     """A learning rate of 1e30 blows the weights up after one step; step 2's loss is not finite."""
     out = tmp_path / "run"
     args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
@@ -422,7 +423,7 @@ def test_recipe_exits_3_on_divergence(toy_root: Path, tmp_path: Path) -> None:
             "--training.loop.max_train_steps=3", "--training.optimizer.learning_rate=1e30",
             "--training.optimizer.lr_warmup_steps=0", "--training.data.train_batch_size=4",
             "--training.tracker.backends=[]"]
-    proc = run_python(args, cwd=REPO, timeout=300)
+    proc = run_recipe_captured("finetune", args[1:], capsys, caplog)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "non-finite value at step 2" in proc.stderr and "role student" in proc.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

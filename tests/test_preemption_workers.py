@@ -28,7 +28,6 @@ from test_resume import (
     assert_same_losses_after,
     launch,
     metrics,
-    reference,  # noqa: F401  (the uninterrupted 8-step run, a module-scoped fixture)
     run_args,
 )
 
@@ -179,7 +178,7 @@ def launch_and_signal(toy_root: Path, out: Path, signum: int, *extra: str) -> tu
     return subprocess.CompletedProcess(cmd, launcher.returncode, "", log.read_text()), sent_at
 
 
-def assert_preempted_then_resumes_exactly(reference: Path, toy_root: Path, out: Path, signum: int,  # noqa: F811
+def assert_preempted_then_resumes_exactly(reference: Path, toy_root: Path, out: Path, signum: int,
                                           *extra: str) -> None:
     proc, sent_at = launch_and_signal(toy_root, out, signum, *extra)
     log = proc.stderr
@@ -211,7 +210,7 @@ def assert_preempted_then_resumes_exactly(reference: Path, toy_root: Path, out: 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sigterm_to_each_rank_group_with_workers(reference: Path, toy_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_sigterm_to_each_rank_group_with_workers(reference: Path, toy_root: Path, tmp_path: Path) -> None:
     """SIGTERM by killpg to each rank's group (workers included): checkpoint, 143 on both ranks, exact resume."""
     assert_preempted_then_resumes_exactly(reference, toy_root, tmp_path / "term", signal.SIGTERM)
 
@@ -219,7 +218,7 @@ def test_sigterm_to_each_rank_group_with_workers(reference: Path, toy_root: Path
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_early_warning_signal_with_workers(reference: Path, toy_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_early_warning_signal_with_workers(reference: Path, toy_root: Path, tmp_path: Path) -> None:
     """The same with Slurm's early warning, SIGUSR1 configured in training.checkpoint.preempt_signals."""
     assert_preempted_then_resumes_exactly(reference, toy_root, tmp_path / "usr1", signal.SIGUSR1,
                                           "--training.checkpoint.preempt_signals=[SIGTERM, SIGINT, SIGUSR1]")

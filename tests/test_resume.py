@@ -144,16 +144,6 @@ def assert_same_losses_after(ref: Path, other: Path, start: int) -> None:
     assert_same_losses(ref, [r for r in got if r["step"] > start])
 
 
-@pytest.fixture(scope="module")
-def reference(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted run, plus its final EMA gathered to full tensors (``ema_full.safetensors``)."""
-    out = tmp_path_factory.mktemp("resume") / "reference"
-    proc = launch(toy_root, out, FVR_DUMP_EMA=str(out.parent / "ema_full.safetensors"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [r["step"] for r in metrics(out)] == list(range(1, MAX_STEPS + 1))
-    return out
-
-
 def test_preemption_crash_and_lost_marker(reference: Path, toy_root: Path, tmp_path: Path) -> None:
     """One interrupted timeline, each segment resumed with ``latest``: SIGTERM on one rank at step 2 → resume →
     SIGKILL right after checkpoint-4 → resume to 8 (bitwise = reference) → checkpoint-8 loses its .metadata →

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, load_module, run_python
+from conftest import REPO, load_module, run_recipe_main
 from safetensors.torch import load_file
 from test_dmd2_distributed import write_recipe
 
@@ -20,9 +20,7 @@ def dmd2_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("sample")
     out = tmp / "run"
     recipe = write_recipe(tmp / "dmd2.yaml", toy_root, out, generator_update_interval=1)
-    proc = run_python(["recipes/distill.py", "--config", str(recipe), "--training.loop.max_train_steps=3"],
-                      cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert run_recipe_main("distill", ["--config", str(recipe), "--training.loop.max_train_steps=3"]) == 0
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import REPO, run_2proc, run_python
+from conftest import REPO, run_2proc, run_python, run_recipe_captured, run_recipe_main
 
 
 def _rows(path):
@@ -49,8 +49,7 @@ def test_resume_a_one_process_checkpoint_on_two_processes(toy_root, tmp_path):
     out = tmp_path / "run"
     args = ["recipes/finetune.py", f"--models.student.init_from={toy_root / 'init'}",
             f"--training.data.data_path={toy_root / 'data'}", f"--training.checkpoint.output_dir={out}"]
-    proc = run_python([*args, "--training.loop.max_train_steps=3"], cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_recipe_main("finetune", [*args[1:], "--training.loop.max_train_steps=3"]) == 0  # in this process
     proc = run_2proc([*args, "--training.loop.max_train_steps=5",
                       "--training.checkpoint.resume_from_checkpoint=latest"], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,7 +65,7 @@ def test_resume_a_one_process_checkpoint_on_two_processes(toy_root, tmp_path):
     assert [state[k] for k in keys] == [96 + 2 * 2 * 32] * 2  # both ranks went on from the same position
 
 
-def test_unloadable_weights_give_one_clear_line(toy_root, tmp_path):
+def test_unloadable_weights_give_one_clear_line(toy_root, tmp_path, capsys, caplog):
     """A truncated safetensors file under init_from: exit 1, one message naming the role and the directory."""
     import shutil
 
@@ -74,10 +73,10 @@ def test_unloadable_weights_give_one_clear_line(toy_root, tmp_path):
     shutil.copytree(toy_root / "init", bad)
     weights = bad / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    proc = run_python(["recipes/finetune.py", f"--models.student.init_from={bad}",
-                       f"--training.data.data_path={toy_root / 'data'}",
-                       f"--training.checkpoint.output_dir={tmp_path / 'run'}", "--training.loop.max_train_steps=1"],
-                      cwd=REPO)
+    proc = run_recipe_captured("finetune", [f"--models.student.init_from={bad}",
+                                            f"--training.data.data_path={toy_root / 'data'}",
+                                            f"--training.checkpoint.output_dir={tmp_path / 'run'}",
+                                            "--training.loop.max_train_steps=1"], capsys, caplog)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fv_accel: error:")]

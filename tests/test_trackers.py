@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import yaml
-from conftest import REPO, run_python
+from conftest import REPO, run_python, run_recipe_main
 
 
 def _args(toy_root, out, *extra):
@@ -35,8 +35,7 @@ def tensorboard_hparams(logs) -> dict:
 
 def test_tensorboard_logs_resolved_config_as_hparams(toy_root, tmp_path):
     out = tmp_path / "run"
-    proc = run_python(_args(toy_root, out, "--training.optimizer.learning_rate=0.003"), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_recipe_main("finetune", _args(toy_root, out, "--training.optimizer.learning_rate=0.003")[1:]) == 0
     hparams_files = list((out / "logs" / "fv_accel").rglob("hparams.yml"))
     assert len(hparams_files) == 1
     hparams = yaml.safe_load(hparams_files[0].read_text())
@@ -56,8 +55,7 @@ def test_tensorboard_logs_resolved_config_as_hparams(toy_root, tmp_path):
 
 def test_no_backends_writes_no_logs(toy_root, tmp_path):
     out = tmp_path / "run"
-    proc = run_python(_args(toy_root, out, "--training.tracker.backends=[]"), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_recipe_main("finetune", _args(toy_root, out, "--training.tracker.backends=[]")[1:]) == 0
     assert (out / "metrics.jsonl").is_file()
     assert not (out / "logs").exists()
 

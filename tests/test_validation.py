@@ -11,7 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_2proc, run_python
+from conftest import REPO, run_2proc, run_recipe_main
 
 from fv_accel.models.wan import TINY_WAN_CONFIG, wan_forward_flops
 
@@ -43,8 +43,7 @@ def test_toy_finetune_writes_validation_videos_and_tensorboard(toy_root, tmp_pat
             "--training.loop.max_train_steps=4", "--training.data.train_batch_size=4",
             "--callbacks.validation.every_steps=2", "--callbacks.validation.num_samples=3",
             "--callbacks.validation.num_inference_steps=2", "--callbacks.ema.decay=0.5"]
-    proc = run_python(args, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_recipe_main("finetune", args[1:]) == 0  # in this process
 
     # mp4 files at steps 2 and 4 only; the toy rendering: T=2 latent frames × 4, 8×8 latent pixels × 16
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-2", "step-4"]
@@ -237,8 +236,7 @@ def test_toy_distillation_validation_and_critic_curves(toy_root, tmp_path):
         "callbacks": {"validation": {"every_steps": 2, "num_samples": 2}},
     }
     (tmp_path / "dmd2.yaml").write_text(yaml.safe_dump(config))
-    proc = run_python(["recipes/distill.py", "--config", str(tmp_path / "dmd2.yaml")], cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_recipe_main("distill", ["--config", str(tmp_path / "dmd2.yaml")]) == 0  # in this process
 
     for step in (2, 4):
         step_dir = out / "validation" / f"step-{step}"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, build_tiny_wan_pipeline, run_python
+from conftest import build_tiny_wan_pipeline, run_recipe_captured
 
 from fv_accel.data.dataset import decode_tensor
 
@@ -28,13 +28,21 @@ def _args(toy_root: Path, init: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def test_prompts_are_encoded_once_and_sampled(toy_root: Path, pipeline: Path, tmp_path: Path) -> None:
+def _run(args: list[str], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
+    """``python recipes/finetune.py ARGS`` in this process (saves an interpreter start): exit code, stderr."""
+    proc = run_recipe_captured("finetune", args[1:], capsys, caplog)
+    return proc.returncode, proc.stderr
+
+
+def test_prompts_are_encoded_once_and_sampled(toy_root: Path, pipeline: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
     from fv_accel.models import FAMILIES
 
     out = tmp_path / "run"
-    proc = run_python(_args(toy_root, pipeline, out, "--training.loop.max_train_steps=1"), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validation: encoded 2 prompt(s)" in proc.stderr
+    code, err = _run(_args(toy_root, pipeline, out, "--training.loop.max_train_steps=1"), capsys, caplog)
+    assert code == 0, err[-3000:]
+    assert "validation: encoded 2 prompt(s)" in err
     index = json.loads((out / "validation" / "step-1" / "index.json").read_text())
     assert index["sources"] == [f"prompt {i}: {p}" for i, p in enumerate(PROMPTS)]
     assert index["files"]["student"] == ["student-00.mp4", "student-01.mp4"]
@@ -52,21 +60,23 @@ def test_prompts_are_encoded_once_and_sampled(toy_root: Path, pipeline: Path, tm
 
     # Resuming into the same output dir reuses the file instead of loading the text encoder again.
     stamp = (out / "validation" / "prompts.parquet").stat().st_mtime_ns
-    proc = run_python(_args(toy_root, pipeline, out, "--training.loop.max_train_steps=2",
-                            "--training.checkpoint.resume_from_checkpoint=latest"), cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validation: encoded" not in proc.stderr
+    code, err = _run(_args(toy_root, pipeline, out, "--training.loop.max_train_steps=2",
+                           "--training.checkpoint.resume_from_checkpoint=latest"), capsys, caplog)
+    assert code == 0, err[-3000:]
+    assert "resumed from" in err and "validation: encoded" not in err
     assert (out / "validation" / "prompts.parquet").stat().st_mtime_ns == stamp
     assert (out / "validation" / "step-2" / "student-01.mp4").is_file()
 
 
-def test_prompts_need_a_text_encoder_and_exclude_data_path(toy_root: Path, tmp_path: Path) -> None:
-    proc = run_python(_args(toy_root, toy_root / "init", tmp_path / "a", "--training.loop.max_train_steps=1"),
-                      cwd=REPO)
-    assert proc.returncode == 2
+def test_prompts_need_a_text_encoder_and_exclude_data_path(toy_root: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    code, err = _run(_args(toy_root, toy_root / "init", tmp_path / "a", "--training.loop.max_train_steps=1"),
+                     capsys, caplog)
+    assert code == 2
     assert f"callbacks.validation.prompts: models.student.init_from '{toy_root / 'init'}' has no tokenizer/" \
-        in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_python(_args(toy_root, toy_root / "init", tmp_path / "b", "--training.loop.max_train_steps=1",
-                            f"--callbacks.validation.data_path={toy_root / 'data'}"), cwd=REPO)
-    assert proc.returncode == 2
-    assert "callbacks.validation" in proc.stderr and "set prompts or data_path, not both" in proc.stderr
+        in err and "Traceback" not in err
+    code, err = _run(_args(toy_root, toy_root / "init", tmp_path / "b", "--training.loop.max_train_steps=1",
+                           f"--callbacks.validation.data_path={toy_root / 'data'}"), capsys, caplog)
+    assert code == 2
+    assert "callbacks.validation" in err and "set prompts or data_path, not both" in err

@@ -63,6 +63,7 @@ def build_model_card(
     repo_id: str | None,
     output: Path,
     is_lora: bool = False,
+    causal: dict[str, Any] | None = None,
 ) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -140,6 +141,25 @@ video = pipe(prompt="A cat walks on the grass, realistic", {steps_arg}).frames[0
 export_to_video(video, "sample.mp4", fps=16)
 ```'''
         what = f"LoRA adapters of {what} (load them onto the base model below)"
+    if causal is not None:
+        # No diffusers pipeline streams a block-causal Wan: show fv_accel's sampler instead.
+        schedule = (f"A block-causal (streaming) student: blocks of {causal['num_frames_per_block']} latent frames, "
+                    f"attention window `{causal['local_attn_frames']}` frames with {causal['sink_frames']} sink "
+                    f"frames (`causal_config.json`). Per block: the few-step chain at timesteps "
+                    f"`{causal['denoising_steps']}`, then the block's x0 is written to the KV cache as context.")
+        snippet = f'''There is **no diffusers pipeline** for this model: `WanPipeline` would run the transformer
+bidirectionally. The transformer itself loads with `WanTransformer3DModel.from_pretrained("{where}",
+subfolder="transformer")`; sample it with fv_accel's streaming sampler:
+
+```python
+import torch
+from fv_accel.causal_pipeline import CausalWanPipeline
+
+pipe = CausalWanPipeline.from_pretrained("{where}", device="cuda", torch_dtype=torch.bfloat16)
+out = pipe(["A cat walks on the grass, realistic"], num_frames=21, height=60, width=104,
+           generator=torch.Generator("cuda").manual_seed(0))  # latent frames and cells
+frames = out.frames  # uint8 [B, F, H, W, 3] when the export has a VAE
+```'''
     body = f"""
 # {Path(where).name} — {method} ({role})
 

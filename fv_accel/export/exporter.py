@@ -14,12 +14,17 @@ A role trained with LoRA (``models.<role>.lora``) instead gives, unless ``--merg
     <output>/pytorch_lora_weights.safetensors   the adapters in diffusers' LoRA format (load_lora_weights)
     <output>/README.md                          model card naming the base to load them onto
 
+A causal student (``family: wan_causal``) also gets ``<output>/causal_config.json`` (block size, window, sinks,
+denoising steps, context noise, fv_accel version: what ``fv_accel/causal_pipeline.py`` streams with) and no
+``model_index.json``: no diffusers pipeline samples it (``WanPipeline`` would run it bidirectionally).
+
 Everything is written into a temporary sibling directory and renamed into place, so a failed export never
 leaves a half-written ``<output>``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fv_accel.causal_pipeline import CAUSAL_CONFIG_FILE
 from fv_accel.checkpoint import resolve_checkpoint
 from fv_accel.checkpoint.layout import saved_modules
+from fv_accel.config import CausalConfig
 from fv_accel.errors import ConfigError
 from fv_accel.export.card import build_model_card
 from fv_accel.export.diffusers import (
@@ -145,10 +152,14 @@ def export_checkpoint(
         if base is not None:
             write_pipeline(base, tmp, family=family, subfolder=subfolder, scheduler_cfg=scheduler_cfg,
                            experts=experts if len(experts) > 1 else None, written=written)
+        causal = causal_config_of(config, model_role, denoising_steps) if family.streams else None
+        if causal is not None:
+            (tmp / "model_index.json").unlink(missing_ok=True)
+            (tmp / CAUSAL_CONFIG_FILE).write_text(json.dumps(causal, indent=2) + "\n")
         card = build_model_card(
             config=config, role=role, step=step, world_size=run.world_size, dtype=dtype,
             is_pipeline=base is not None, denoising_steps=denoising_steps, scheduler_cfg=scheduler_cfg,
-            base_source=base, repo_id=repo_id, output=out,
+            base_source=base, repo_id=repo_id, output=out, causal=causal,
         )
         card.save(tmp / "README.md")
         files = _place(tmp, out)
@@ -158,6 +169,29 @@ def export_checkpoint(
                 out)
     return ExportResult(output=out, role=role, step=step, dtype=dtype, is_pipeline=base is not None,
                         denoising_steps=denoising_steps, num_parameters=num_parameters, files=files)
+
+
+def causal_config_of(config: dict[str, Any], model_role: str, denoising_steps: list[int] | None) -> dict[str, Any]:
+    """What an exported causal student streams with (``causal_config.json``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    model_cfg = config["models"][model_role]
+    causal = model_cfg.get("causal") or {}
+    try:
+        fv_version = version("fv_accel")
+    except PackageNotFoundError:
+        fv_version = "unknown"
+    return {
+        "family": "wan_causal",
+        "num_frames_per_block": int(causal.get("num_frames_per_block", CausalConfig().num_frames_per_block)),
+        "local_attn_frames": causal.get("local_attn_frames"),
+        "sink_frames": int(causal.get("sink_frames", 0)),
+        "denoising_steps": denoising_steps,
+        "context_noise": config.get("method", {}).get("context_noise"),
+        "flow_shift": model_cfg.get("flow_shift"),
+        "text_len": config.get("training", {}).get("data", {}).get("text_len"),
+        "fv_accel_version": fv_version,
+    }
 
 
 def _place(tmp: Path, out: Path) -> list[str]:

@@ -8,6 +8,7 @@ from fv_accel.methods import dmd2 as _dmd2  # noqa: E402
 # Imported for their registration.
 from fv_accel.methods import finetune as _finetune  # noqa: E402,I001
 from fv_accel.methods import ode_init as _ode_init  # noqa: E402,F401
+from fv_accel.methods import self_forcing as _self_forcing  # noqa: E402,F401
 from fv_accel.methods.base import Role, StepOutput, TrainingMethod
 from fv_accel.methods.registry import METHODS, method_class, register_method
 

@@ -174,6 +174,10 @@ class ModelBase(ABC):
             raise KeyError(f"{type(self).__name__} has no module {name!r}")
         return self.config
 
+    #: Generates block by block against a KV cache (``fv_accel/causal_sampling.py``): the samplers of
+    #: ``fv_accel/sampling.py`` stream when True.
+    streams: ClassVar[bool] = False
+
     #: whether :meth:`role_memory_spec` models this family's activations (the dry run's memory estimate)
     has_memory_model: ClassVar[bool] = False
 

@@ -39,7 +39,7 @@ replace cache tensors instead of writing into them), so recomputation is safe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
@@ -264,6 +264,8 @@ class CausalWanModel(WanModel):
     """Wan 2.1 with block-causal self-attention (mask path), teacher forcing, and a KV-cached streaming path
     (:meth:`stream`); the attention rule is in the module docstring. One transformer: two-expert pipelines are
     refused. Context parallel is refused (the streaming cache and the mask are not split)."""
+
+    streams: ClassVar[bool] = True  # the shared samplers generate block by block (fv_accel/causal_sampling.py)
 
     def __init__(self, *, role: str, transformer: WanTransformer3DModel, config: ModelConfig,
                  latent_stats: LatentStats | None = None, transformer_2: WanTransformer3DModel | None = None,
