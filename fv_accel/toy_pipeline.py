@@ -173,6 +173,9 @@ def _ode_pairs_spec(section: ToyPipelineConfig, tree: dict[str, Any], teacher_di
 
 
 def _student_steps(tree: dict[str, Any]) -> list[int]:
+    if _get(tree, "method.denoising_step_shift") is not None:
+        raise ConfigError("method.denoising_step_shift: the toy pipeline records its ODE pairs at "
+                          "method.dmd_denoising_steps as written; leave the shift null and write the steps out")
     steps = _get(tree, "method.dmd_denoising_steps")
     if not isinstance(steps, list) or not steps:
         raise ConfigError("method.dmd_denoising_steps: the toy pipeline needs the student's timesteps written out "
@@ -283,7 +286,7 @@ def ensure_ode_init(accelerator: Any, section: ToyPipelineConfig, tree: dict[str
     _barrier()
     save_transformer_pretrained(trainer.method.student.transformer, tmp / "transformer")
     if trainer.topology.is_main:
-        _write_ode_init_quality(section, tree, tmp)
+        _write_ode_init_quality(section, tree, tmp, name=str(out))
         _write_json(tmp / STAMP_NAME, stamp)
         if out.exists():
             shutil.rmtree(out)
@@ -315,13 +318,15 @@ def stage_quality(section: ToyPipelineConfig, tree: dict[str, Any], student_dir:
                        text_len=int(_get(tree, "training.data.text_len")), frames_per_block=frames_per_block)
 
 
-def _write_ode_init_quality(section: ToyPipelineConfig, tree: dict[str, Any], student_dir: Path) -> None:
-    """The ODE-init student's table, printed and kept beside it (``quality.json``): where self-forcing starts."""
+def _write_ode_init_quality(section: ToyPipelineConfig, tree: dict[str, Any], student_dir: Path, *,
+                            name: str) -> None:
+    """The ODE-init student's table (streamed student@K), printed and kept beside it (``quality.json``): where
+    self-forcing starts. ``name``: the stage's final directory (``student_dir`` is its temporary one)."""
     from fv_accel.quality import format_quality_table, write_quality_json
 
     result = stage_quality(section, tree, student_dir)
     write_quality_json(result, student_dir)
-    print(f"toy quality of the ODE-init student ({student_dir.name}):\n{format_quality_table(result)}", flush=True)
+    print(f"toy quality of the ODE-init student ({name}):\n{format_quality_table(result)}", flush=True)
 
 
 def build_stages(accelerator: Any, section: ToyPipelineConfig, tree: dict[str, Any]) -> None:

@@ -86,10 +86,14 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
     student_cfg = cfg.models["student"]
     frames_per_block = (student_cfg.causal_or_default.num_frames_per_block if student_cfg.family == "wan_causal"
                         else None)
+    # The student samples as its method says (self-forcing: warped steps, blocks streamed and committed at its
+    # context noise); for DMD2 that is the DMD sampler over dmd_denoising_steps.
+    steps = cfg.method.dmd_denoising_steps
+    student_sampler = type(method).sampler(cfg.method, num_steps=len(steps))
     with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-        results = toy_quality(method.student, method.role_models["teacher"], data_dir,
-                              dmd_denoising_steps=cfg.method.dmd_denoising_steps,
-                              text_len=cfg.training.data.text_len, frames_per_block=frames_per_block)
+        results = toy_quality(method.student, method.role_models["teacher"], data_dir, dmd_denoising_steps=steps,
+                              text_len=cfg.training.data.text_len, frames_per_block=frames_per_block,
+                              student_sampler=student_sampler)
     if trainer.topology.is_main:
         output_dir = cfg.training.checkpoint.output_dir
         path = write_quality_json(results, output_dir)

@@ -97,7 +97,7 @@ def test_stages_are_reused_and_rebuilt_when_their_settings_or_inputs_change(
 
     monkeypatch.chdir(tmp_path)
     # the ODE-init student's quality table samples 64 clips with the teacher at 50 steps: not needed here
-    monkeypatch.setattr(toy_pipeline, "_write_ode_init_quality", lambda section, tree, student_dir: None)
+    monkeypatch.setattr(toy_pipeline, "_write_ode_init_quality", lambda section, tree, student_dir, name: None)
     calls: dict[str, int] = {"pairs": 0, "train": 0}
     real_write, real_train = ode_pairs.write_ode_pairs, run.train
 
