@@ -77,23 +77,28 @@ def run_recipe(
     argv: list[str] | None,
     default_config: Callable[[bool], dict[str, Any]],
     after_training: Callable[[RunConfig, Any, Any], None] | None = None,
+    prepare_config: Callable[[dict[str, Any], bool], dict[str, Any]] | None = None,
 ) -> int:
     """Parse arguments, run :func:`fv_accel.run.run_training`, and map failures to the contract's exit codes.
 
     ``default_config(dry_run)`` gives the run without ``--config`` (the toy world); on a dry run it must not
-    train anything either."""
+    train anything either. ``prepare_config(tree, dry_run)`` sees the raw config tree with the overrides
+    applied and returns the tree to validate (a toy pipeline builds its inputs there: ``fv_accel/toy_pipeline.py``)."""
     import os
 
     rank = int(os.environ.get("RANK", "0"))  # before any process group exists: only for logging
     setup_logging(rank)
 
     def body() -> int:
-        from fv_accel.config import parse_overrides
+        from fv_accel.config import apply_overrides, parse_overrides
         from fv_accel.run import run_training
 
         args, rest = parse_recipe_args(prog, argv)
         base = load_yaml(args.config) if args.config else default_config(args.dry_run)
-        cfg = resolve_config(base, parse_overrides(rest))
+        tree = apply_overrides(base, parse_overrides(rest))
+        if prepare_config is not None:
+            tree = prepare_config(tree, args.dry_run)
+        cfg = resolve_config(tree)
         run_training(cfg, dry_run=args.dry_run, after_training=after_training)
         return EXIT_OK
 

@@ -624,13 +624,19 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def resolve_config(base: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ()) -> RunConfig:
-    """Apply overrides to a raw config tree, validate it, and check every model source exists."""
+def apply_overrides(base: dict[str, Any], overrides: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of the raw config tree ``base`` with the dotted ``overrides`` set (nothing validated yet)."""
     import copy
 
     tree = copy.deepcopy(base)
     for key, value in overrides:
         _set_dotted(tree, key, value)
+    return tree
+
+
+def resolve_config(base: dict[str, Any], overrides: Sequence[tuple[str, Any]] = ()) -> RunConfig:
+    """Apply overrides to a raw config tree, validate it, and check every model source exists."""
+    tree = apply_overrides(base, overrides)
     import_plugins(tree.get("plugins", []))
     try:
         cfg = RunConfig.model_validate(tree)

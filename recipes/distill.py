@@ -8,6 +8,10 @@ trains the tiny teacher with `finetune` into outputs/toy/teacher/, then distills
 prints the quality table (student@K vs teacher@K vs teacher@50: precision distance, mode coverage, mode balance),
 also written to <output_dir>/quality.json, with a picture of the samples in <output_dir>/quality.png.
 Later runs reuse the data and the teacher. Real recipes: recipes/configs/*.yaml.
+
+`--config recipes/configs/toy_self_forcing.yaml` is the causal toy proof: its `toy_pipeline` section builds what
+is missing (causal toy data, teacher, ODE pairs, ODE-init student: fv_accel/toy_pipeline.py), then self-forcing
+runs and prints the same table with per-block columns (docs/distillation.md "The causal toy world").
 """
 
 from __future__ import annotations
@@ -82,10 +86,14 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
     student_cfg = cfg.models["student"]
     frames_per_block = (student_cfg.causal_or_default.num_frames_per_block if student_cfg.family == "wan_causal"
                         else None)
+    # The student samples as its method says (self-forcing: warped steps, blocks streamed and committed at its
+    # context noise); for DMD2 that is the DMD sampler over dmd_denoising_steps.
+    steps = cfg.method.dmd_denoising_steps
+    student_sampler = type(method).sampler(cfg.method, num_steps=len(steps))
     with ema.swapped_in() if ema is not None else contextlib.nullcontext():
-        results = toy_quality(method.student, method.role_models["teacher"], data_dir,
-                              dmd_denoising_steps=cfg.method.dmd_denoising_steps,
-                              text_len=cfg.training.data.text_len, frames_per_block=frames_per_block)
+        results = toy_quality(method.student, method.role_models["teacher"], data_dir, dmd_denoising_steps=steps,
+                              text_len=cfg.training.data.text_len, frames_per_block=frames_per_block,
+                              student_sampler=student_sampler)
     if trainer.topology.is_main:
         output_dir = cfg.training.checkpoint.output_dir
         path = write_quality_json(results, output_dir)
@@ -96,8 +104,17 @@ def print_toy_quality(cfg: RunConfig, accelerator: Any, trainer: Any) -> None:
               flush=True)
 
 
+def prepare_config(tree: dict[str, Any], dry_run: bool) -> dict[str, Any]:
+    """A config with a ``toy_pipeline`` section (``recipes/configs/toy_self_forcing.yaml``) first builds its
+    missing stages (causal toy data, teacher, ODE pairs, ODE-init student; ``fv_accel/toy_pipeline.py``)."""
+    from fv_accel.toy_pipeline import prepare_toy_pipeline
+
+    return prepare_toy_pipeline(tree, dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_recipe("recipes/distill.py", argv, toy_default_config, after_training=print_toy_quality)
+    return run_recipe("recipes/distill.py", argv, toy_default_config, after_training=print_toy_quality,
+                      prepare_config=prepare_config)
 
 
 if __name__ == "__main__":
