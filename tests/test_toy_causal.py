@@ -236,6 +236,7 @@ class _TargetModel:
     (x_t − target) / σ, x0 = target. Euler and the DMD sampler then end exactly on the target."""
 
     device = torch.device("cpu")
+    streams = False  # a plain (bidirectional) model: the shared samplers do not stream it
     flow_shift = 3.0
 
     def __init__(self, texts: torch.Tensor, targets: torch.Tensor) -> None:
