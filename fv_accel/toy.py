@@ -239,7 +239,7 @@ TOY_FINETUNE_SETTINGS: dict[str, Any] = {
 #: Fine-tune steps of the causal (trajectory) world's teacher: 6 frames × 3 modes × 4 conditions give the tiny
 #: Wan 72 distinct frame targets (12 in the static world), and it sees time only through relative (RoPE)
 #: attention. teacher@50 (one process): 300 steps 0.67 (near the frame-averaged centres), 600 0.27, 1000 0.19,
-#: 1500 0.13, the static world's level (docs/distillation.md "The causal toy world").
+#: 1500 0.13, the static world's level (docs/causal.md "The toy proof").
 TRAJECTORY_TEACHER_STEPS = 1500
 
 

@@ -1,4 +1,4 @@
-"""The causal toy world's staged pipeline (``recipes/configs/toy_self_forcing.yaml``, docs/distillation.md "The
+"""The causal toy world's staged pipeline (``recipes/configs/toy_self_forcing.yaml``, docs/causal.md "The
 causal toy world").
 
 A config with a top-level ``toy_pipeline`` section is a toy run whose inputs are built first, each stage once:

@@ -11,7 +11,7 @@ Later runs reuse the data and the teacher. Real recipes: recipes/configs/*.yaml.
 
 `--config recipes/configs/toy_self_forcing.yaml` is the causal toy proof: its `toy_pipeline` section builds what
 is missing (causal toy data, teacher, ODE pairs, ODE-init student: fv_accel/toy_pipeline.py), then self-forcing
-runs and prints the same table with per-block columns (docs/distillation.md "The causal toy world").
+runs and prints the same table with per-block columns (docs/causal.md "The toy proof").
 """
 
 from __future__ import annotations
