@@ -228,9 +228,6 @@ def read_boundary_ratio(role: str, model_cfg: ModelConfig) -> float | None:
         raise ConfigError(f"models.{role}.experts: {model_cfg.init_from!r} (subfolder {model_cfg.subfolder!r}) has "
                           "one transformer; experts applies to two-expert pipelines (transformer_2 and "
                           "boundary_ratio in model_index.json); remove it")
-    if boundary is not None and model_cfg.lora is not None:
-        raise ConfigError(f"models.{role}.lora: LoRA on a two-expert pipeline is not supported yet; train the "
-                          "experts fully or set models.<role>.subfolder to one expert")
     return boundary
 
 
