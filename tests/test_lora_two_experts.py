@@ -183,3 +183,48 @@ def test_only_the_trained_experts_adapters_train(experts: str, pipe_dir: Path, t
             elif ".lora_A." not in name:
                 assert torch.equal(value, stored[name.replace(".base_layer.", ".")]), (expert, name)
         assert any(not torch.equal(after[n], before[expert][n]) for n in after) is (expert in trained), expert
+
+
+def test_a14b_lora_recipe_states_its_estimate(tmp_path: Path) -> None:
+    """``recipes/configs/wan2.2_t2v_a14b_lora.yaml`` adapts both experts and quotes the dry run's peaks; its
+    state terms are the hand formulas of ``fv_accel/memory.py`` for two 14B experts of P parameters with A
+    adapter parameters each (rank 32 on the default targets: 8 attention linears D→D and the two FFN linears per
+    block, r·(in + out) each)."""
+    import math
+
+    from conftest import REPO
+    from test_memory_estimate import ARCH, LATENT, config_dict, wan_counts
+
+    from fv_accel.config import load_yaml
+    from fv_accel.memory import GiB, RoleShape, estimate_run
+
+    recipe = REPO / "recipes" / "configs" / "wan2.2_t2v_a14b_lora.yaml"
+    for sub in EXPERTS:  # a config-only A14B layout (the estimate reads no weights)
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "config.json").write_text(json.dumps(config_dict("14b")))
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}))
+    (tmp_path / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    tree = load_yaml(recipe)
+    tree["models"]["student"]["init_from"] = str(tmp_path)
+    tree["training"]["data"]["data_path"] = str(tmp_path)
+    cfg = resolve_config(tree)
+    student = cfg.models["student"]
+    assert student.experts in (None, "both") and student.subfolder == "transformer" and student.lora is not None
+    d, f, n = 5120, ARCH["14b"]["ffn_dim"], ARCH["14b"]["num_layers"]
+    p, blk = wan_counts(d, f, n)
+    a_blk = student.lora.rank * (8 * (d + d) + (d + f) + (f + d))
+    a = n * a_blk
+    # what the dry run counts on the built role: both experts' bases and adapters, the largest (adapted) block
+    shape = RoleShape(config_dict("14b"), 2 * (p + a), blk + a_blk, trainable_params=2 * a, num_experts=2)
+    text = recipe.read_text()
+    for shards, stated in ((8, 39.78), (16, 36.24)):
+        est = estimate_run(cfg, {"student": shape}, latent_shape=LATENT, shard_degree=shards, mixed_precision="bf16")
+        terms = {t.name: t.bytes for t in est.terms if t.role == "student"}
+        assert terms["weights (frozen base)"] == math.ceil(2 * 2 * p / shards)
+        assert terms["weights (fp32 adapters)"] == math.ceil(4 * 2 * a / shards)
+        assert terms["AdamW m+v"] == math.ceil(8 * 2 * a / shards)
+        assert round(est.peak_bytes / GiB, 2) == stated
+        assert f"{stated:.2f} GiB" in text
