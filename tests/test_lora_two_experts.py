@@ -228,3 +228,22 @@ def test_a14b_lora_recipe_states_its_estimate(tmp_path: Path) -> None:
         assert terms["AdamW m+v"] == math.ceil(8 * 2 * a / shards)
         assert round(est.peak_bytes / GiB, 2) == stated
         assert f"{stated:.2f} GiB" in text
+
+
+def test_sampling_recipe_loads_each_experts_adapters(runs: tuple[Path, Path]) -> None:
+    """recipes/sample.py's model of the run holds, in each expert, the checkpoint's adapters (student and EMA)."""
+    from conftest import REPO, load_module
+
+    from fv_accel.checkpoint.layout import read_ema_state_dict
+
+    recipe = load_module(REPO / "recipes" / "sample.py", "sample_recipe_lora_two_experts")
+    ckpt = runs[0] / "checkpoint-4"
+    run_cfg, _ = recipe.read_run_config(ckpt)
+    for role in ("student", "ema"):
+        model = recipe.load_model(run_cfg, ckpt, role)
+        for expert, module in model.modules().items():
+            saved = (read_ema_state_dict(ckpt, module=expert) if role == "ema"
+                     else read_role_state_dict(ckpt, "student", module=expert))
+            params = dict(module.named_parameters())
+            assert {n for n in params if ".lora_" in n} == set(saved), (role, expert)
+            assert all(torch.equal(params[n].detach(), v.float()) for n, v in saved.items()), (role, expert)

@@ -34,17 +34,19 @@ def prepare_transformer(model: ModelBase) -> None:
     6. Sharding follows in :func:`fv_accel.build.shard_roles`.
     """
     trained = model.trained_modules()
+    adapted = model.lora_modules() if model.config.lora is not None else ()
     for name, module in model.modules().items():
-        _prepare_module(model, name, cast("ModelMixin", module), trainable=name in trained)
+        _prepare_module(model, name, cast("ModelMixin", module), trainable=name in trained, adapted=name in adapted)
 
 
-def _prepare_module(model: ModelBase, name: str, transformer: ModelMixin, *, trainable: bool) -> None:
+def _prepare_module(model: ModelBase, name: str, transformer: ModelMixin, *, trainable: bool,
+                    adapted: bool) -> None:
     """One of the role's modules (a two-expert role prepares each expert; only a trained one is checkpointed
     and, with ``lora``, adapted: a frozen expert of a LoRA role stays the plain base)."""
     cfg = model.config
     transformer.requires_grad_(trainable)
     transformer.train(trainable)
-    if cfg.lora is not None and trainable:
+    if cfg.lora is not None and adapted:
         from fv_accel.models import lora
 
         lora.inject_adapters(model, transformer)

@@ -520,6 +520,11 @@ class WanModel(ModelBase):
     def trained_modules(self) -> tuple[str, ...]:
         return self.trained_module_names(self.config, two_experts=self.transformer_2 is not None)
 
+    def lora_modules(self) -> tuple[str, ...]:
+        # the experts ``models.<role>.experts`` trains, whether or not this instance is loaded to train
+        return self.trained_module_names(self.config.model_copy(update={"trainable": True}),
+                                         two_experts=self.transformer_2 is not None)
+
     def module_config(self, name: str) -> ModelConfig:
         if name == "transformer_2":
             return self.config.model_copy(update={"subfolder": "transformer_2"})
