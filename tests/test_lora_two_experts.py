@@ -247,3 +247,42 @@ def test_sampling_recipe_loads_each_experts_adapters(runs: tuple[Path, Path]) ->
             params = dict(module.named_parameters())
             assert {n for n in params if ".lora_" in n} == set(saved), (role, expert)
             assert all(torch.equal(params[n].detach(), v.float()) for n, v in saved.items()), (role, expert)
+
+
+def test_experts_low_exports_the_low_noise_lora_alone(pipe_dir: Path, toy_root: Path, tmp_path: Path,
+                                                      fresh_world: Any) -> None:
+    """``experts: low``: the LoRA export has transformer_2's file only (a plain ``load_lora_weights(dir)`` finds
+    no file instead of loading it into ``transformer``); the merged pipeline links ``transformer`` from the base
+    bitwise and its ``transformer_2`` equals the diffusers-loaded LoRA's."""
+    from diffusers import WanPipeline
+
+    from fv_accel.export import export_checkpoint
+    from fv_accel.run import train
+    from fv_accel.runtime import build_accelerator
+
+    train(resolve_config(_config(pipe_dir, toy_root, tmp_path / "run", steps=2, experts="low")), build_accelerator())
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    lora = export_checkpoint(checkpoint, role="student", output=tmp_path / "lora", dtype="fp32")
+    export_checkpoint(checkpoint, role="student", output=tmp_path / "merged", dtype="fp32", merge_lora=True)
+    assert sorted(lora.files) == ["README.md", "transformer_2/pytorch_lora_weights.safetensors"]
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "load_into_transformer_2=True" in card and f'load_lora_weights("{tmp_path / "lora"}")' not in card
+    base_high = load_file(str(pipe_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    merged_high = load_file(str(tmp_path / "merged" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert base_high.keys() == merged_high.keys() and all(torch.equal(base_high[k], merged_high[k]) for k in base_high)
+
+    adapted = WanPipeline.from_pretrained(pipe_dir)
+    with pytest.raises(OSError, match="no file named"):
+        adapted.load_lora_weights(str(tmp_path / "lora"))
+    adapted.load_lora_weights(str(tmp_path / "lora"), weight_name="transformer_2/pytorch_lora_weights.safetensors",
+                              load_into_transformer_2=True)
+    full = WanPipeline.from_pretrained(tmp_path / "merged")
+    base = WanPipeline.from_pretrained(pipe_dir)
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(2, 16, 2, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g)
+    t = torch.tensor([250.0, 400.0])
+    with torch.no_grad():
+        out = {name: pipe.transformer_2(x, t, e, return_dict=False)[0]
+               for name, pipe in {"base": base, "adapter": adapted, "merged": full}.items()}
+    torch.testing.assert_close(out["adapter"], out["merged"], atol=1e-5, rtol=0)
+    assert (out["adapter"] - out["base"]).abs().max() > 1e-4
