@@ -139,7 +139,8 @@ class ModelConfig(_Strict):
     experts: Literal["both", "high", "low"] | None = None
     """Two-expert pipelines only (Wan 2.2 A14B: ``transformer_2`` and ``boundary_ratio`` in ``model_index.json``):
     which experts train, ``high`` = ``transformer`` (t ≥ boundary·1000), ``low`` = ``transformer_2``; the other
-    stays frozen (in ``frozen_dtype``). null = ``both``. Set on a one-expert model: exit 2."""
+    stays frozen (in ``frozen_dtype``). null = ``both``. With ``lora``, each trained expert gets adapters, a
+    frozen one none. Set on a one-expert model: exit 2."""
     causal: CausalConfig | None = None
     """``family: wan_causal`` only (null there = the defaults): block size and attention window."""
 

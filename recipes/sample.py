@@ -184,26 +184,25 @@ def load_model(cfg: RunConfig, checkpoint: Path, role: str) -> ModelBase:
     model_role, mcfg = role_model_config(cfg, checkpoint, role)
     # Architecture and latent statistics come from init_from; the weights (student / ema) from the checkpoint.
     model = load_role_model(model_role, mcfg, mixed_precision="no")
-    if role != "teacher":
-        saved = saved_modules(checkpoint, "student")
-        for name in [n for n in model.modules() if n != "transformer" and n in saved]:  # a trained second expert
-            state = (read_ema_state_dict(checkpoint, module=name) if role == "ema"
-                     else read_role_state_dict(checkpoint, "student", module=name))
-            model.modules()[name].load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        if "transformer" not in saved and len(model.modules()) > 1:  # experts: low: transformer is init_from's
-            return model
-        state = read_ema_state_dict(checkpoint) if role == "ema" else read_role_state_dict(checkpoint, "student")
+    if role == "teacher":
+        return model
+    saved = saved_modules(checkpoint, "student")
+    # Each trained module (a frozen expert keeps init_from's weights); none saved: the reader names the miss.
+    for name in [n for n in model.modules() if n in saved] or ["transformer"]:
+        state = (read_ema_state_dict(checkpoint, module=name) if role == "ema"
+                 else read_role_state_dict(checkpoint, "student", module=name))
         state = {k: v.float() for k, v in state.items()}
+        module = model.modules()[name]
         try:
             if mcfg.lora is None:
-                model.transformer.load_state_dict(state, strict=True)
-            else:
-                # A LoRA run saved the adapters alone; the base is init_from's, as loaded above.
-                adapters = {n for n, p in model.transformer.named_parameters() if p.requires_grad}
-                if set(state) != adapters:
-                    raise RuntimeError(f"the checkpoint's {len(state)} tensors are not the role's {len(adapters)} "
-                                       f"LoRA adapters (models.student.lora changed?)")
-                model.transformer.load_state_dict(state, strict=False)
+                module.load_state_dict(state, strict=True)
+                continue
+            # A LoRA run saved the adapters alone; the base is init_from's, as loaded above.
+            adapters = {n for n, p in module.named_parameters() if p.requires_grad}
+            if set(state) != adapters:
+                raise RuntimeError(f"the checkpoint's {len(state)} tensors are not {name}'s {len(adapters)} "
+                                   f"LoRA adapters (models.student.lora changed?)")
+            module.load_state_dict(state, strict=False)
         except RuntimeError as exc:
             raise CheckpointError(f"{checkpoint}: {role} weights do not match models.student: {exc}") from None
     return model

@@ -10,7 +10,7 @@ from typing import Any
 
 from fv_accel.checkpoint.layout import METADATA_FILE, checkpoint_dir_name
 from fv_accel.config import is_hub_id
-from fv_accel.export.diffusers import family_of
+from fv_accel.export.diffusers import LORA_WEIGHTS_FILE, family_of
 from fv_accel.export.reader import model_role_of
 from fv_accel.sampling import scheduler_timesteps
 
@@ -64,7 +64,10 @@ def build_model_card(
     output: Path,
     is_lora: bool = False,
     causal: dict[str, Any] | None = None,
+    lora_files: dict[str, str] | None = None,
 ) -> Any:
+    """``lora_files``: a LoRA export's ``{module: file}`` (default: ``transformer``'s one file at the top);
+    the snippet loads each into its module (``load_into_transformer_2`` for the low-noise expert)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     models = config["models"]
@@ -129,13 +132,24 @@ pipe = {pipeline_cls}.from_pretrained("{base_ref}", transformer=transformer, tor
 export_to_video(video, "sample.mp4", fps=16)
 ```'''
     if is_lora:
+        files = lora_files or {"transformer": LORA_WEIGHTS_FILE}
+        loads = []
+        for module, file in files.items():
+            if module == "transformer":  # the default file: a plain load_lora_weights(dir) reads it
+                side = " (high-noise expert)" if len(files) > 1 else ""
+                loads.append(f'pipe.load_lora_weights("{where}")  # the adapters of this repo onto the base '
+                             f'transformer{side}')
+            else:
+                loads.append(f'pipe.load_lora_weights("{where}", weight_name="{file}",\n'
+                             f'                       load_into_transformer_2=True)  # onto {module} (low-noise expert)')
+        load_lines = "\n".join(loads)
         snippet = f'''```python
 import torch
 from diffusers import {pipeline_cls}
 from diffusers.utils import export_to_video
 
 pipe = {pipeline_cls}.from_pretrained("{base_id or base_init}", torch_dtype=torch.bfloat16)
-pipe.load_lora_weights("{where}")  # the adapters of this repo onto the base transformer
+{load_lines}
 pipe.to("cuda")
 video = pipe(prompt="A cat walks on the grass, realistic", {steps_arg}).frames[0]
 export_to_video(video, "sample.mp4", fps=16)

@@ -92,6 +92,14 @@ def build_transformer(model_cfg: dict[str, Any], state: dict[str, torch.Tensor],
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 
+def lora_weight_name(module: str) -> str:
+    """Where a LoRA export holds the adapters of ``module``, relative to the export: ``transformer``'s in
+    :data:`LORA_WEIGHTS_FILE` (what ``pipe.load_lora_weights(dir)`` reads by default), a second expert's in
+    ``<module>/`` (``pipe.load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)``), so that a
+    default load never puts a low-noise expert's adapters into ``transformer``."""
+    return LORA_WEIGHTS_FILE if module == "transformer" else f"{module}/{LORA_WEIGHTS_FILE}"
+
+
 def lora_config_of(role: str, model_cfg: dict[str, Any]) -> tuple[Any, list[str]] | None:
     """``(models.<role>.lora, its target modules)`` of a run's role (targets: the family's default when the
     config has none); None for a role trained without LoRA."""
@@ -109,17 +117,20 @@ def lora_config_of(role: str, model_cfg: dict[str, Any]) -> tuple[Any, list[str]
 
 
 def write_lora(out: Path, family: type[ModelBase], adapters: dict[str, torch.Tensor], lora: Any,
-               targets: list[str], dtype: torch.dtype) -> None:
-    """Write ``adapters`` (training names, ``<linear>.lora_A.default.weight``) as a diffusers LoRA: the
-    pipeline class's own ``save_lora_weights`` (keys ``transformer.<linear>.lora_A.weight``, the peft config
-    with rank and alpha in the file's metadata), which ``load_lora_weights`` / ``load_lora_adapter`` read."""
+               targets: list[str], dtype: torch.dtype, *, module: str = "transformer") -> None:
+    """Write ``adapters`` of ``module`` (training names, ``<linear>.lora_A.default.weight``) as a diffusers
+    LoRA at :func:`lora_weight_name`: the pipeline class's own ``save_lora_weights`` (keys
+    ``transformer.<linear>.lora_A.weight``, the peft config with rank and alpha in the file's metadata), which
+    ``load_lora_weights`` / ``load_lora_adapter`` read. A second expert's file has the same keys: diffusers'
+    ``load_into_transformer_2=True`` loads such a file into ``transformer_2``."""
     import diffusers
 
     from fv_accel.models.lora import diffusers_lora_state_dict, peft_config
 
     pipeline_cls = getattr(diffusers, family.diffusers_pipeline_class())
     layers = {k: v.to(dtype).contiguous() for k, v in diffusers_lora_state_dict(adapters).items()}
-    pipeline_cls.save_lora_weights(str(out), transformer_lora_layers=layers, weight_name=LORA_WEIGHTS_FILE,
+    folder, _, name = lora_weight_name(module).rpartition("/")
+    pipeline_cls.save_lora_weights(str(out / folder), transformer_lora_layers=layers, weight_name=name,
                                    transformer_lora_adapter_metadata=peft_config(lora, targets).to_dict())
 
 

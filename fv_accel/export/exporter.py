@@ -12,6 +12,9 @@ Output (docs/export.md):
                                when the role's init_from is a full diffusers pipeline
 A role trained with LoRA (``models.<role>.lora``) instead gives, unless ``--merge-lora``:
     <output>/pytorch_lora_weights.safetensors   the adapters in diffusers' LoRA format (load_lora_weights)
+    <output>/transformer_2/pytorch_lora_weights.safetensors
+                                                a two-expert role's low-noise expert's adapters, when it
+                                                trained (load_lora_weights(..., load_into_transformer_2=True))
     <output>/README.md                          model card naming the base to load them onto
 
 A causal student (``family: wan_causal``) also gets ``<output>/causal_config.json`` (block size, window, sinks,
@@ -47,6 +50,7 @@ from fv_accel.export.diffusers import (
     export_dtype_of,
     family_of,
     lora_config_of,
+    lora_weight_name,
     merged_state_dict,
     pipeline_source,
     scheduler_of,
@@ -75,7 +79,8 @@ class ExportResult:
 
 def is_previous_export(path: Path) -> bool:
     return (path / "README.md").is_file() and ((path / "transformer" / "config.json").is_file()
-                                               or (path / LORA_WEIGHTS_FILE).is_file())
+                                               or (path / LORA_WEIGHTS_FILE).is_file()
+                                               or (path / lora_weight_name("transformer_2")).is_file())
 
 
 def export_checkpoint(
@@ -125,7 +130,8 @@ def export_checkpoint(
     def write_module(module: str, module_cfg: dict[str, Any]) -> None:
         nonlocal num_parameters
         if lora is not None:  # adapters (fp32 as saved) merged into the base, then exported like a full model
-            state = merged_state_dict(model_role, model_cfg, read_export_state_dict(ckpt, role), lora[0])
+            state = merged_state_dict(model_role, module_cfg, read_export_state_dict(ckpt, role, module=module),
+                                      lora[0])
         else:
             # Each tensor is read straight into its export dtype: peak ≈ one copy of the model in that dtype.
             dtype_of = export_dtype_of(transformer_class(family), DTYPES[dtype])
@@ -212,22 +218,27 @@ def _place(tmp: Path, out: Path) -> list[str]:
 
 def _export_lora(run: RunRecord, *, role: str, out: Path, dtype: str, repo_id: str | None,
                  lora: tuple[Any, list[str]]) -> ExportResult:
-    """A LoRA role's adapters as a diffusers LoRA directory (``pytorch_lora_weights.safetensors``, README)."""
+    """A LoRA role's adapters as a diffusers LoRA directory (``pytorch_lora_weights.safetensors``, README); a
+    two-expert role's: one file per trained expert (:func:`lora_weight_name`), a frozen expert has none."""
     ckpt, world_size = run.checkpoint, run.world_size
-    model_cfg = run.config["models"][model_role_of(role)]
+    model_role = model_role_of(role)
+    model_cfg = run.config["models"][model_role]
     family = family_of(model_cfg)
-    adapters = read_export_state_dict(ckpt, role)
-    num_parameters = sum(t.numel() for t in adapters.values())
+    experts = saved_modules(ckpt, model_role) or ["transformer"]  # none saved: the reader names what is missing
+    adapters = {module: read_export_state_dict(ckpt, role, module=module) for module in experts}
+    num_parameters = sum(t.numel() for state in adapters.values() for t in state.values())
     denoising_steps, scheduler_cfg = scheduler_of(run.config, role)
     local_base = Path(model_cfg["init_from"]).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write_lora(tmp, family, adapters, lora[0], lora[1], DTYPES[dtype])
+        for module, state in adapters.items():
+            write_lora(tmp, family, state, lora[0], lora[1], DTYPES[dtype], module=module)
         card = build_model_card(
             config=run.config, role=role, step=run.step, world_size=world_size, dtype=dtype, is_pipeline=False,
             denoising_steps=denoising_steps, scheduler_cfg=scheduler_cfg,
             base_source=local_base if local_base.is_dir() else None, repo_id=repo_id, output=out, is_lora=True,
+            lora_files={module: lora_weight_name(module) for module in adapters},
         )
         card.save(tmp / "README.md")
         files = _place(tmp, out)

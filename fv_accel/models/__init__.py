@@ -80,7 +80,7 @@ def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> 
     """Allocate on ``device`` and fill from ``init_from`` every role built ``on_meta`` (and sharded since).
     Roles with the same weights (DMD2's student, critic and teacher) share one read of each slice; every rank
     reads only the rows of its own shards. LoRA adapters, in no file, are initialised here (after the fill)."""
-    from fv_accel.models.lora import init_adapters
+    from fv_accel.models.lora import init_adapters, seed_key
     from fv_accel.models.sharded_load import fill_from_safetensors, materialize
 
     # (family, init_from, subfolder) → the (role, module) pairs filled from those files: a two-expert role's
@@ -100,10 +100,10 @@ def materialize_roles(models: Mapping[str, ModelBase], device: torch.device) -> 
             for module in modules:
                 materialize(module, device)
             fill_from_safetensors(modules, files, key=f"models.{first_role}.init_from")
-            for (role, _), module in zip(pairs, modules, strict=True):  # adapters are in no file: drawn now
+            for (role, name), module in zip(pairs, modules, strict=True):  # adapters are in no file: drawn now
                 lora_cfg = models[role].config.lora
                 if lora_cfg is not None:
-                    init_adapters(module, role, lora_cfg)
+                    init_adapters(module, seed_key(role, name), lora_cfg)
         except FvAccelError:
             raise
         except Exception as exc:  # safetensors/huggingface_hub errors for unusable weights

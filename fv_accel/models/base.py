@@ -167,6 +167,11 @@ class ModelBase(ABC):
         all of them for a trainable role, none for a frozen one; a two-expert family may train one expert."""
         return tuple(self.modules()) if self.config.trainable else ()
 
+    def lora_modules(self) -> tuple[str, ...]:
+        """Names in :meth:`modules` that ``models.<role>.lora`` adapts: those the role trains, also when it is
+        loaded frozen to sample a LoRA checkpoint (``recipes/sample.py``). Default: all of them."""
+        return tuple(self.modules())
+
     def module_config(self, name: str) -> ModelConfig:
         """``models.<role>`` as it applies to module ``name`` (its ``subfolder`` in ``init_from``): what
         :meth:`weight_files` reads it from."""

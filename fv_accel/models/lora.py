@@ -85,15 +85,20 @@ def peft_config(lora: LoraConfig, targets: Sequence[str]) -> Any:
                           lora_dropout=lora.dropout, target_modules=list(targets), init_lora_weights=True)
 
 
-def inject_adapters(model: ModelBase) -> None:
-    """Add the role's adapters to ``model.transformer`` in place (on ``meta``; :func:`init_adapters` fills
-    them) and make them its only trainable parameters. ConfigError (exit 2) naming the targets that select no
-    linear layer."""
+def seed_key(role: str, module: str) -> str:
+    """What :func:`init_adapters` seeds a module's adapters by: the role for its ``transformer`` (so a
+    one-transformer role draws as before), ``<role>.<module>`` for another (a second expert draws its own A)."""
+    return role if module == "transformer" else f"{role}.{module}"
+
+
+def inject_adapters(model: ModelBase, transformer: nn.Module) -> None:
+    """Add the role's adapters to ``transformer`` (one of ``model.modules()``: a trained expert of a two-expert
+    role) in place (on ``meta``; :func:`init_adapters` fills them) and make them its only trainable
+    parameters. ConfigError (exit 2) naming the targets that select no linear layer."""
     from peft import inject_adapter_in_model
 
     lora = model.config.lora
     assert lora is not None
-    transformer = model.transformer
     targets = target_modules(model)
     linears = [name for name, sub in transformer.named_modules() if isinstance(sub, nn.Linear)]
     unmatched = [t for t in targets if not any(_matches(name, t) for name in linears)]
@@ -127,8 +132,9 @@ def materialize_adapters(module: nn.Module, device: torch.device) -> None:
 def init_adapters(module: nn.Module, role: str, lora: LoraConfig) -> None:
     """Initialise every adapter weight of ``module`` (plain or FSDP2-sharded): B = 0, so the adapted model
     starts as the base; A Kaiming-uniform (bound 1/√in, peft's and ``nn.Linear``'s default) or N(0, 1/r²).
-    Each full tensor is drawn from a generator seeded by ``role`` and the parameter's name, and each rank
-    copies its own shard of it: the same values for any number of ranks."""
+    Each full tensor is drawn from a generator seeded by ``role`` (:func:`seed_key` for a role's second
+    module) and the parameter's name, and each rank copies its own shard of it: the same values for any
+    number of ranks."""
     from fv_accel.models.sharded_load import local_index
 
     for raw_name, param in module.named_parameters():

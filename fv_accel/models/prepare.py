@@ -34,23 +34,26 @@ def prepare_transformer(model: ModelBase) -> None:
     6. Sharding follows in :func:`fv_accel.build.shard_roles`.
     """
     trained = model.trained_modules()
+    adapted = model.lora_modules() if model.config.lora is not None else ()
     for name, module in model.modules().items():
-        _prepare_module(model, cast("ModelMixin", module), trainable=name in trained)
+        _prepare_module(model, name, cast("ModelMixin", module), trainable=name in trained, adapted=name in adapted)
 
 
-def _prepare_module(model: ModelBase, transformer: ModelMixin, *, trainable: bool) -> None:
-    """One of the role's modules (a two-expert role prepares each expert; only a trained one is checkpointed)."""
+def _prepare_module(model: ModelBase, name: str, transformer: ModelMixin, *, trainable: bool,
+                    adapted: bool) -> None:
+    """One of the role's modules (a two-expert role prepares each expert; only a trained one is checkpointed
+    and, with ``lora``, adapted: a frozen expert of a LoRA role stays the plain base)."""
     cfg = model.config
     transformer.requires_grad_(trainable)
     transformer.train(trainable)
-    if cfg.lora is not None:
+    if cfg.lora is not None and adapted:
         from fv_accel.models import lora
 
-        lora.inject_adapters(model)
-        base = next(p for name, p in transformer.named_parameters() if not lora.is_adapter_name(name))
+        lora.inject_adapters(model, transformer)
+        base = next(p for n, p in transformer.named_parameters() if not lora.is_adapter_name(n))
         if not base.is_meta:
             lora.materialize_adapters(transformer, base.device)
-            lora.init_adapters(transformer, model.role, cfg.lora)
+            lora.init_adapters(transformer, lora.seed_key(model.role, name), cfg.lora)
     if cfg.attention_backend:
         transformer.set_attention_backend(cfg.attention_backend)
     blocks = model.transformer_blocks(transformer)

@@ -228,9 +228,6 @@ def read_boundary_ratio(role: str, model_cfg: ModelConfig) -> float | None:
         raise ConfigError(f"models.{role}.experts: {model_cfg.init_from!r} (subfolder {model_cfg.subfolder!r}) has "
                           "one transformer; experts applies to two-expert pipelines (transformer_2 and "
                           "boundary_ratio in model_index.json); remove it")
-    if boundary is not None and model_cfg.lora is not None:
-        raise ConfigError(f"models.{role}.lora: LoRA on a two-expert pipeline is not supported yet; train the "
-                          "experts fully or set models.<role>.subfolder to one expert")
     return boundary
 
 
@@ -522,6 +519,11 @@ class WanModel(ModelBase):
 
     def trained_modules(self) -> tuple[str, ...]:
         return self.trained_module_names(self.config, two_experts=self.transformer_2 is not None)
+
+    def lora_modules(self) -> tuple[str, ...]:
+        # the experts ``models.<role>.experts`` trains, whether or not this instance is loaded to train
+        return self.trained_module_names(self.config.model_copy(update={"trainable": True}),
+                                         two_experts=self.transformer_2 is not None)
 
     def module_config(self, name: str) -> ModelConfig:
         if name == "transformer_2":
