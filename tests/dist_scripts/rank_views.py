@@ -52,7 +52,8 @@ def save_twice(shared: Path, rank: int) -> int:
                topology.data_world_size, topology.is_main)
         assert got == expected, f"rank {rank}: topology {got}, expected {expected}"
         check_shared_output_dir(str(shared), topology)
-        assert [p.name for p in shared.iterdir()] == [], "the probe file was left behind"
+        left = [p.name for p in shared.iterdir()]
+        assert left == [], f"rank {rank}: the probe file was left behind: {left}"
         manager = make_manager(shared, keep_last=0)
         manager.save(1)
         if rank == 1:
