@@ -52,9 +52,9 @@ from pydantic import Field, model_validator
 from fv_accel import flow
 from fv_accel.config import MethodConfigBase, RunConfig
 from fv_accel.data import LatentBatch
-from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
 from fv_accel.methods.base import StepOutput
+from fv_accel.methods.causal import causal_student, check_causal_student
 from fv_accel.methods.finetune import FinetuneMethod, FinetuneMethodConfig
 from fv_accel.methods.registry import register_method
 from fv_accel.models.base import ModelBase
@@ -89,19 +89,13 @@ class DiffusionForcingMethod(FinetuneMethod):
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         super().check_config(cfg)
-        family = cfg.models["student"].family
-        if family != "wan_causal":
-            raise ValueError(f"models.student.family must be 'wan_causal' for method.name=diffusion_forcing (got "
-                             f"{family!r}): the timesteps are drawn per block of the block-causal mask")
+        check_causal_student(cfg, "diffusion_forcing", "the timesteps are drawn per block of the block-causal mask")
 
     def __init__(self, *, cfg: RunConfig, role_models: dict[str, ModelBase]) -> None:
         super().__init__(cfg=cfg, role_models=role_models)
         assert isinstance(cfg.method, DiffusionForcingMethodConfig)
         self.config: DiffusionForcingMethodConfig = cfg.method
-        student = role_models["student"]
-        if not isinstance(student, CausalWanModel):
-            raise ConfigError("models.student.family must be 'wan_causal' for method.name=diffusion_forcing")
-        self.causal_student: CausalWanModel = student
+        self.causal_student: CausalWanModel = causal_student(role_models, "diffusion_forcing")
         self.last_timesteps_bf: torch.Tensor | None = None
         """The timesteps of the last micro-batch, per sample and latent frame (float [B, F], on the device)."""
 

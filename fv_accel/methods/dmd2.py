@@ -38,6 +38,16 @@ from fv_accel.runtime import reshard_all
 from fv_accel.sampling import DMDSampler, Sampler
 
 
+def check_denoising_steps(value: list[int]) -> list[int]:
+    """A few-step student's timesteps (DMD2's ``dmd_denoising_steps``, ODE-init's ``denoising_step_list``): at
+    least one, strictly descending integers in (0, 1000]; ValueError otherwise."""
+    if not value:
+        raise ValueError("needs at least one step")
+    if any(not 0 < s <= 1000 for s in value) or any(a <= b for a, b in zip(value, value[1:], strict=False)):
+        raise ValueError("must be strictly descending integers in (0, 1000]")
+    return value
+
+
 class DMD2MethodConfig(MethodConfigBase):
     """Distribution matching distillation (DMD2) with a trainable critic ("fake score")."""
 
@@ -89,11 +99,7 @@ class DMD2MethodConfig(MethodConfigBase):
     @field_validator("dmd_denoising_steps")
     @classmethod
     def _steps_descending(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("needs at least one step")
-        if any(not 0 < s <= 1000 for s in value) or any(a <= b for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError("must be strictly descending integers in (0, 1000]")
-        return value
+        return check_denoising_steps(value)
 
     @model_validator(mode="after")
     def _window(self) -> DMD2MethodConfig:
@@ -392,5 +398,5 @@ class DMD2Method(TrainingMethod):
         return DMDSampler(tuple(config.dmd_denoising_steps))
 
 
-__all__ = ["DMD2Method", "DMD2MethodConfig", "cfg_combine", "dmd_gradient", "dmd_loss", "encode_empty_prompt",
-           "is_generator_step", "num_generator_steps", "score_timesteps"]
+__all__ = ["DMD2Method", "DMD2MethodConfig", "cfg_combine", "check_denoising_steps", "dmd_gradient", "dmd_loss",
+           "encode_empty_prompt", "is_generator_step", "num_generator_steps", "score_timesteps"]

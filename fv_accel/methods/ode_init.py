@@ -38,7 +38,7 @@ from fv_accel.data import LatentBatch
 from fv_accel.errors import ConfigError, DataError
 from fv_accel.flops import PassCount
 from fv_accel.methods.base import StepOutput, TrainingMethod
-from fv_accel.methods.dmd2 import DMD2MethodConfig
+from fv_accel.methods.dmd2 import DMD2MethodConfig, check_denoising_steps
 from fv_accel.methods.registry import register_method
 from fv_accel.models.base import ModelBase
 from fv_accel.sampling import DMDSampler, Sampler
@@ -63,11 +63,7 @@ class OdeInitMethodConfig(MethodConfigBase):
     @field_validator("denoising_step_list")
     @classmethod
     def _steps_descending(cls, value: list[int]) -> list[int]:
-        if not value:
-            raise ValueError("needs at least one step")
-        if any(not 0 < s <= 1000 for s in value) or any(a <= b for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError("must be strictly descending integers in (0, 1000]")
-        return value
+        return check_denoising_steps(value)
 
 
 def frame_blocks(model: ModelBase, num_frames: int) -> list[int]:

@@ -63,9 +63,9 @@ from pydantic import Field, model_validator
 from fv_accel import flow
 from fv_accel.config import MethodConfigBase, RunConfig
 from fv_accel.data import LatentBatch
-from fv_accel.errors import ConfigError
 from fv_accel.flops import PassCount
 from fv_accel.methods.base import StepOutput
+from fv_accel.methods.causal import causal_student, check_causal_student
 from fv_accel.methods.dmd2 import DMD2Method, DMD2MethodConfig
 from fv_accel.methods.registry import register_method
 from fv_accel.models.base import ConditionBatch, ModelBase
@@ -145,10 +145,7 @@ class SelfForcingMethod(DMD2Method):
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
         super().check_config(cfg)
-        student = cfg.models["student"]
-        if student.family != "wan_causal":
-            raise ValueError(f"models.student.family must be 'wan_causal' for method.name=self_forcing (got "
-                             f"{student.family!r}): the rollout streams block by block against a KV cache")
+        check_causal_student(cfg, "self_forcing", "the rollout streams block by block against a KV cache")
         for role in ("teacher", "critic"):
             model = cfg.models.get(role)
             if model is not None and model.family != "wan":
@@ -159,10 +156,7 @@ class SelfForcingMethod(DMD2Method):
         super().__init__(cfg=cfg, role_models=role_models)
         assert isinstance(cfg.method, SelfForcingMethodConfig)
         self.config: SelfForcingMethodConfig = cfg.method
-        student = role_models["student"]
-        if not isinstance(student, CausalWanModel):
-            raise ConfigError("models.student.family must be 'wan_causal' for method.name=self_forcing")
-        self.causal_student: CausalWanModel = student
+        self.causal_student: CausalWanModel = causal_student(role_models, "self_forcing")
         self.denoising_steps: list[float] = denoising_steps(self.config)
         """The rollout's timesteps (:func:`denoising_steps`)."""
         self.rollouts: list[RolloutRecord] = []
