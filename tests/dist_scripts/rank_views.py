@@ -53,6 +53,9 @@ def save_twice(shared: Path, rank: int) -> int:
         assert got == expected, f"rank {rank}: topology {got}, expected {expected}"
         check_shared_output_dir(str(shared), topology)
         left = [p.name for p in shared.iterdir()]
+        # Every rank looks before rank 0 starts writing checkpoint-1 below: without this barrier a slow rank 1
+        # listed rank 0's checkpoint staging files and took them for a left-over probe (seen once under load).
+        dist.barrier()
         assert left == [], f"rank {rank}: the probe file was left behind: {left}"
         manager = make_manager(shared, keep_last=0)
         manager.save(1)
