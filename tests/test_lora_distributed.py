@@ -114,3 +114,24 @@ def test_lora_export_loads_in_diffusers_like_the_merged_export(runs: tuple[Path,
     torch.testing.assert_close(out["adapter"], out["merged"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["pipeline"], out["merged"], atol=1e-5, rtol=0)
     assert (out["adapter"] - out["base"]).abs().max() > 1e-3
+
+
+def test_both_lora_exports_push_to_the_hub(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    """``recipes/export.py --push-to-hub`` uploads exactly what it exported, for the LoRA and the --merge-lora form."""
+    from conftest import run_python
+    from hub_server import FakeHub
+    from test_hub import hub_env, tree_bytes
+
+    with FakeHub() as hub:
+        hub.home = str(tmp_path / "hf_home")
+        for name, extra, wanted in (
+                ("lora", [], {"README.md", "pytorch_lora_weights.safetensors"}),
+                ("merged", ["--merge-lora"], {"README.md", "transformer/config.json",
+                                              "transformer/diffusion_pytorch_model.safetensors"})):
+            out = tmp_path / name
+            proc = run_python(["recipes/export.py", "--checkpoint", str(runs[0] / "checkpoint-4"), "--role",
+                               "student", "--output", str(out), *extra, "--push-to-hub", f"me/{name}"],
+                              cwd=REPO, **hub_env(hub))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            files = hub.repos[f"me/{name}"].branches["main"]
+            assert files == tree_bytes(out) and set(files) == wanted, (name, sorted(files))
