@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from fv_accel.config import ModelConfig
         from fv_accel.data.dataset import ParquetLatentDataset, build_index, load_negative_prompt
         from fv_accel.models import load_role_model
-        from fv_accel.ode_pairs import OdePairsSpec, check_or_write_manifest, write_ode_pairs
+        from fv_accel.ode_pairs import OdePairsSpec, check_or_write_manifest, missing_shards, write_ode_pairs
         from fv_accel.runtime import Topology, build_accelerator, rank0_result
 
         args = parse_args(argv)
@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             uncond=str(Path(args.negative_prompt_path).resolve()) if args.negative_prompt_path else "zeros",
             seed=args.seed, text_len=args.text_len, dtype=args.dtype,
             compute=f"{accelerator.device.type}/{mixed}")
-        check_or_write_manifest(spec, out)  # a mismatched rerun fails here, before the teacher loads
+        # Rank 0 checks (or writes) the manifest for all: a mismatched rerun fails here on every rank, before the
+        # teacher loads, and 64 ranks do not each write it.
+        rank0_result(lambda: check_or_write_manifest(spec, out), topology=topology)
         # fp32 weights; bf16 compute through autocast (an unsharded module is not cast by FSDP's policy).
         mcfg = ModelConfig(init_from=args.teacher, subfolder=args.subfolder, trainable=False, flow_shift=args.shift,
                            latent_stats=args.latent_stats)
@@ -136,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("rank %d wrote %d shard(s) of %d rows to %s", topology.rank, len(written),
                        spec.rows_per_shard, out)
         accelerator.wait_for_everyone()
+
+        def unseen() -> list[int]:  # shards another node wrote where rank 0 cannot see them
+            return missing_shards(out, spec.num_shards)
+
+        lost = rank0_result(unseen, topology=topology)
+        if lost:
+            raise ConfigError(f"--output {str(out)!r}: rank 0 does not see shard(s) {lost[:8]} that other ranks "
+                              "wrote; the output must be a directory shared by all nodes")
         if topology.is_main:
             print(f"ODE pairs: {spec.num_rows} rows in {spec.num_shards} shard(s) at {out}", flush=True)
         return EXIT_OK

@@ -108,7 +108,7 @@ class DiffusionForcingMethod(FinetuneMethod):
             logit_mean=self.config.logit_mean, logit_std=self.config.logit_std,
         )
         sizes = torch.tensor(block_sizes, device=device)
-        return t.view(batch_size, len(block_sizes)).repeat_interleave(sizes, dim=1)
+        return t.view(batch_size, len(block_sizes)).repeat_interleave(sizes, dim=1, output_size=sum(block_sizes))  # no device sync
 
     def single_train_step(self, batch: LatentBatch, step: int) -> StepOutput:
         assert self.cuda_generator is not None, "on_train_start() was not called"

@@ -102,14 +102,21 @@ class OdeInitMethod(TrainingMethod):
         gone."""
         from fv_accel.data.dataset import parse_data_path
         from fv_accel.ode_pairs import pairs_errors
+        from fv_accel.runtime import rank0_result
 
         path = cfg.training.data.data_path
         if path in ("", [], {}):
             return  # the data stream reports a missing data_path
-        for entry, _ in parse_data_path(path):
-            errors = pairs_errors(Path(entry), self.config.denoising_step_list) if entry.is_dir() else []
-            if errors:
-                raise ConfigError(f"training.data.data_path: {errors[0]}")
+
+        def check() -> None:
+            for entry, _ in parse_data_path(path):
+                errors = pairs_errors(Path(entry), self.config.denoising_step_list) if entry.is_dir() else []
+                if errors:
+                    raise ConfigError(f"training.data.data_path: {errors[0]}")
+
+        # Rank 0 reads the manifests for all (a rank that saw them differently would leave the others alone in
+        # the first collective); its error is raised on every rank.
+        rank0_result(check)
 
     def draw_step_indices(self, batch_size: int, block_sizes: Sequence[int]) -> torch.Tensor:
         """Step index per sample and block (or per sample), expanded to latent frames: int64 [B, F] on the host."""

@@ -39,6 +39,7 @@ replace cache tensors instead of writing into them), so recomputation is safe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import torch
@@ -49,6 +50,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanR
 
 from fv_accel import flow
 from fv_accel.causal_blocks import block_sizes as partition
+from fv_accel.causal_blocks import block_starts
 from fv_accel.config import CausalConfig, ModelConfig
 from fv_accel.errors import ConfigError
 from fv_accel.models.base import LatentStats
@@ -75,17 +77,9 @@ def visible(query_block_end: int, key_frame: int, window: int | None, sink: int)
 
 def frame_mask(sizes: list[int], window: int | None, sink: int) -> torch.Tensor:
     """[F, F] bool, row = query frame, column = key frame, for blocks of ``sizes``."""
-    ends = [start + size for start, size in zip(_starts(sizes), sizes, strict=True) for _ in range(size)]
+    ends = [end for end, size in zip(accumulate(sizes), sizes, strict=True) for _ in range(size)]
     frames = sum(sizes)
     return torch.tensor([[visible(ends[q], k, window, sink) for k in range(frames)] for q in range(frames)])
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    out, start = [], 0
-    for size in sizes:
-        out.append(start)
-        start += size
-    return out
 
 
 def teacher_forcing_frame_mask(sizes: list[int], window: int | None, sink: int) -> torch.Tensor:
@@ -361,8 +355,8 @@ class CausalStream:
         self.num_frames = num_frames
         self.latent_hw = latent_hw
         self.block_sizes: list[int] = model.block_sizes(num_frames)
-        self.block_starts: list[int] = _starts(self.block_sizes)
         causal = model.causal
+        self.block_starts: list[int] = block_starts(num_frames, causal.num_frames_per_block)
         self.window, self.sink = causal.local_attn_frames, causal.sink_frames
         self.capacity = None if self.window is None else self.sink + max(0, self.window - self.sink
                                                                           - min(self.block_sizes))
@@ -484,15 +478,22 @@ class CausalStream:
                 else new_frames
         old_index = self._token_index([self.frames.index(k) for k in new_frames if k < frame_start])
         new_index = self._token_index([k - frame_start for k in new_frames if k >= frame_start])
-        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Layer by layer, each entry replaced by a new tensor (never written into: calls hold the tensors they
+        # read, not this list), so a layer's old cache is freed as its new one is made: one layer's copy at a
+        # time on top of the cache (Wan 14B, 21 frames, bf16: 671 MB), not a second cache (26.8 GB).
+        first = self.kv is None
+        layers = [] if self.kv is None else self.kv
         for layer in range(len(self.model.transformer_blocks())):
             block_k, block_v = call.writes[layer]
             parts_k, parts_v = [self._take(block_k, new_index)], [self._take(block_v, new_index)]
-            if self.kv is not None:
-                old_k, old_v = self.kv[layer]
-                parts_k.insert(0, self._take(old_k, old_index))
-                parts_v.insert(0, self._take(old_v, old_index))
-            layers.append((torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)))
+            if first:
+                layers.append((torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)))
+                continue
+            old_k, old_v = layers[layer]
+            parts_k.insert(0, self._take(old_k, old_index))
+            parts_v.insert(0, self._take(old_v, old_index))
+            del old_k, old_v
+            layers[layer] = (torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1))
         self.kv = layers
         self.frames = new_frames
 
