@@ -46,7 +46,7 @@ def _check(latent_shape: Sequence[int]) -> tuple[int, int, int]:
     return frames, height, width
 
 
-def _commit(stream: CausalStream, x0: torch.Tensor, start: int, context_noise: float, generator: Generators,
+def commit_context(stream: CausalStream, x0: torch.Tensor, start: int, context_noise: float, generator: Generators,
             copies: int = 1) -> None:
     """Commit the block's x̂0 (re-noised to ``context_noise`` when > 0) for ``copies`` stacked halves of the
     stream's batch (2 under guidance: the unconditional rows take the same context)."""
@@ -91,7 +91,7 @@ def causal_dmd_sample(
                     x = flow.add_noise(x0, fresh, torch.full((b,), float(denoising_steps[k + 1]), device=device))
             out[:, :, start:start + size] = x0
             if block < last:
-                _commit(stream, x0, start, context_noise, generator)
+                commit_context(stream, x0, start, context_noise, generator)
     return out
 
 
@@ -135,5 +135,5 @@ def causal_euler_sample(
                 x = flow.euler_step(x, v, t, schedule[k + 1].expand(b))
             out[:, :, start:start + size] = x
             if block < last:
-                _commit(stream, x, start, context_noise, generator, copies=2 if guided else 1)
+                commit_context(stream, x, start, context_noise, generator, copies=2 if guided else 1)
     return out

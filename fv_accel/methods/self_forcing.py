@@ -61,6 +61,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fv_accel import flow
+from fv_accel.causal_sampling import commit_context
 from fv_accel.config import MethodConfigBase, RunConfig
 from fv_accel.data import LatentBatch
 from fv_accel.flops import PassCount
@@ -216,11 +217,7 @@ class SelfForcingMethod(DMD2Method):
                 record.graded.append(graded)
                 record.forwards.append(exits[index] + 1)
                 if index + 1 < len(sizes):
-                    context = x0.detach()
-                    if t_ctx > 0:
-                        noise = torch.randn(context.shape, generator=gen, device=device)
-                        context = student.add_noise(context, noise, torch.full((b,), t_ctx, device=device))
-                    stream.commit(context, frame_start=start, t_ctx=t_ctx)
+                    commit_context(stream, x0.detach(), start, t_ctx, gen)  # the samplers' commit
                     record.forwards[-1] += 1
         self.rollouts.append(record)
         return torch.cat(blocks, dim=2), round(record.clip_forwards)
