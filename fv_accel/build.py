@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import accelerate
 import torch
@@ -18,7 +18,7 @@ from diffusers.optimization import get_scheduler
 
 from fv_accel.config import OptimizerConfig, RunConfig
 from fv_accel.data import DataStream, build_data_stream
-from fv_accel.errors import ConfigError, DataError
+from fv_accel.errors import ConfigError, DataError, FvAccelError
 from fv_accel.methods import TrainingMethod, method_class
 from fv_accel.models import ModelBase, is_on_meta, load_role_model, materialize_roles, resolve_latent_stats
 from fv_accel.runtime import FP32_POLICY, Topology, assert_fsdp2_sharded, compute_dtype
@@ -227,6 +227,14 @@ def check_context_parallel_tokens(role_models: dict[str, ModelBase], data: DataS
                               f"for models.{role}, not divisible by parallelism_config_cp_size {cp_size}")
 
 
+def _refuse_latents(dataset: Any, problem: str, *, fix: str, where: str, error: type[FvAccelError]) -> NoReturn:
+    """The data's latents do not fit a role: text-only data names its configured ``latent_shape`` (exit 2), a
+    dataset its first file (``where``, with ``{file}``), raised as ``error`` with the ``fix``."""
+    if dataset.kind == "text_only":
+        raise ConfigError(f"training.data.latent_shape: {problem}")
+    raise error(f"{where.format(file=dataset.files[0])} {problem}; {fix}")
+
+
 def check_latent_channels(role_models: dict[str, ModelBase], data: DataStream) -> None:
     """Exit 2 before step 1 when the data's latents come from another VAE than a role's (16-channel Wan 2.1
     latents for a 48-channel TI2V-5B transformer): the first normalisation or forward would fail on a shape."""
@@ -236,12 +244,10 @@ def check_latent_channels(role_models: dict[str, ModelBase], data: DataStream) -
         wanted = model.latent_channels
         if wanted is None or wanted == c:
             continue
-        problem = (f"{c}-channel latents [C, T, H, W] = {[c, *thw]}, but models.{role} "
-                   f"({model.config.init_from!r}) takes {wanted} channels")
-        if dataset.kind == "text_only":
-            raise ConfigError(f"training.data.latent_shape: {problem}")
-        raise ConfigError(f"training.data.data_path: {dataset.files[0]} holds {problem}; preprocess the videos "
-                          "with that model's pipeline (recipes/preprocess.py --model)")
+        _refuse_latents(dataset, f"{c}-channel latents [C, T, H, W] = {[c, *thw]}, but models.{role} "
+                        f"({model.config.init_from!r}) takes {wanted} channels",
+                        fix="preprocess the videos with that model's pipeline (recipes/preprocess.py --model)",
+                        where="training.data.data_path: {file} holds", error=ConfigError)
 
 
 def check_latent_patching(role_models: dict[str, ModelBase], data: DataStream) -> None:
@@ -253,9 +259,7 @@ def check_latent_patching(role_models: dict[str, ModelBase], data: DataStream) -
         patch = model.latent_patch_size
         if all(size % p == 0 for size, p in zip(thw, patch, strict=True)):
             continue
-        problem = (f"latents [C, T, H, W] = {[c, *thw]} do not divide into models.{role}'s patches (T, H, W) = "
-                   f"{list(patch)}")
-        if dataset.kind == "text_only":
-            raise ConfigError(f"training.data.latent_shape: {problem}")
-        raise DataError(f"{dataset.files[0]}: {problem}; preprocess with --height/--width (and --num-frames) "
-                        "that give whole patches")
+        _refuse_latents(dataset, f"latents [C, T, H, W] = {[c, *thw]} do not divide into models.{role}'s patches "
+                        f"(T, H, W) = {list(patch)}",
+                        fix="preprocess with --height/--width (and --num-frames) that give whole patches",
+                        where="{file}:", error=DataError)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fv_accel.causal_blocks import block_sizes
+from fv_accel.causal_blocks import block_sizes, block_starts
 from fv_accel.data import ParquetLatentDataset
 from fv_accel.models.base import ModelBase
 from fv_accel.sampling import DMDSampler, EulerSampler
@@ -146,11 +146,9 @@ def mode_entropy(conditions: torch.Tensor, modes: torch.Tensor, num_modes: int) 
 def frame_blocks(num_frames: int, frames_per_block: int) -> list[tuple[int, int]]:
     """``[start, end)`` of every block (:func:`fv_accel.causal_blocks.block_sizes`: the first takes the
     remainder)."""
-    out, start = [], 0
-    for size in block_sizes(num_frames, frames_per_block):
-        out.append((start, start + size))
-        start += size
-    return out
+    starts = block_starts(num_frames, frames_per_block)
+    return [(start, start + size) for start, size in zip(starts, block_sizes(num_frames, frames_per_block),
+                                                          strict=True)]
 
 
 def block_modes(latents: torch.Tensor, conditions: torch.Tensor, centres: torch.Tensor,

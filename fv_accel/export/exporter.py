@@ -182,16 +182,16 @@ def causal_config_of(config: dict[str, Any], model_role: str, denoising_steps: l
     from importlib.metadata import PackageNotFoundError, version
 
     model_cfg = config["models"][model_role]
-    causal = model_cfg.get("causal") or {}
+    causal = CausalConfig.model_validate(model_cfg.get("causal") or {})  # its defaults, in one place
     try:
         fv_version = version("fv_accel")
     except PackageNotFoundError:
         fv_version = "unknown"
     return {
         "family": "wan_causal",
-        "num_frames_per_block": int(causal.get("num_frames_per_block", CausalConfig().num_frames_per_block)),
-        "local_attn_frames": causal.get("local_attn_frames"),
-        "sink_frames": int(causal.get("sink_frames", 0)),
+        "num_frames_per_block": causal.num_frames_per_block,
+        "local_attn_frames": causal.local_attn_frames,
+        "sink_frames": causal.sink_frames,
         "denoising_steps": denoising_steps,
         "context_noise": config.get("method", {}).get("context_noise"),
         "flow_shift": model_cfg.get("flow_shift"),
