@@ -104,7 +104,9 @@ def _file_sha256(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(directory.rglob("*.safetensors")):
         digest.update(path.relative_to(directory).as_posix().encode())
-        digest.update(path.read_bytes())
+        with path.open("rb") as f:  # in 16 MiB pieces: host RAM stays flat whatever the weights' size
+            while chunk := f.read(16 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -214,20 +216,23 @@ def ensure_ode_pairs(accelerator: Any, section: ToyPipelineConfig, tree: dict[st
     import torch
 
     from fv_accel.config import ModelConfig
-    from fv_accel.data.dataset import ParquetLatentDataset
+    from fv_accel.data.dataset import ParquetLatentDataset, build_index
     from fv_accel.models import load_role_model
     from fv_accel.ode_pairs import write_ode_pairs
-    from fv_accel.runtime import Topology
+    from fv_accel.runtime import Topology, rank0_result
 
     paths = stage_paths(section.root)
     out = paths["ode_pairs"]
     text_len = int(_get(tree, "training.data.text_len"))
-    dataset = ParquetLatentDataset(str(paths["data"]), text_len=text_len)
+    topology = Topology.from_accelerator(accelerator)
+    index = rank0_result(lambda: build_index(str(paths["data"])), topology=topology)  # one rank lists the data
+    dataset = ParquetLatentDataset(str(paths["data"]), text_len=text_len, index=index)
     compute = f"{accelerator.device.type}/{accelerator.mixed_precision}"
-    stamp = ode_pairs_stamp(section, tree, paths["teacher"], num_source_rows=len(dataset), compute=compute)
+    # Rank 0 hashes the teacher's weights for all (every rank reading them would cost W× the bytes).
+    stamp = rank0_result(lambda: ode_pairs_stamp(section, tree, paths["teacher"], num_source_rows=len(dataset),
+                                                 compute=compute), topology=topology)
     if read_stamp(out) == stamp:
         return stamp
-    topology = Topology.from_accelerator(accelerator)
     spec = _ode_pairs_spec(section, tree, paths["teacher"], num_source_rows=len(dataset), compute=compute)
     found = read_stamp(out)
     # Unstamped shards of the same spec and teacher are a killed build's: kept, the rest is written. Anything
