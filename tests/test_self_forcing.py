@@ -63,7 +63,7 @@ def _spy(model: CausalWanModel) -> list[dict[str, Any]]:
 
     def hook(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         x = kwargs["hidden_states"]
-        calls.append({"x": x.detach().clone(), "x_requires_grad": x.requires_grad, "t": float(kwargs["timestep"][0]),
+        calls.append({"x": x.detach().clone(), "x_requires_grad": x.requires_grad, "t": float(kwargs["timestep"].flatten()[0]),
                       "grad": torch.is_grad_enabled(), "v": output[0]})
 
     model.transformer.register_forward_hook(hook, with_kwargs=True)
@@ -130,6 +130,14 @@ def test_rollout_forwards_grads_and_draws_by_hand(tmp_path: Path, options: dict[
         _check_rollout(run, calls, exits, [True] * 3, noise_gen, denoising_steps(run.config))
         exit_calls = [c for c in calls if c["grad"]]
         torch.testing.assert_close(x0, torch.cat([_x0(c) for c in exit_calls], dim=2), rtol=1e-5, atol=1e-5)
+        # block 1 attends to block 0's committed context: its exit velocity is the masked whole-clip forward of
+        # [block 0 as committed, block 1's input] (an oracle without the cache); a dropped commit fails here
+        commit0, exit1 = calls[exits[0] + 1], exit_calls[1]
+        t_bf = torch.tensor([[commit0["t"]] * 2 + [exit1["t"]] * 2] * 2)
+        with torch.no_grad():
+            masked = run.causal_student.predict_velocity(torch.cat([commit0["x"], exit1["x"]], dim=2), t_bf,
+                                                         _cond().text_embeds_bld)
+        torch.testing.assert_close(exit1["v"].detach().float(), masked[:, :, 2:4], rtol=1e-5, atol=1e-5)
         # no gradient path from a later block's output back to an earlier block's exit forward (the cache)
         for block in (1, 2):
             later = torch.autograd.grad(exit_calls[block]["v"].sum(), exit_calls[0]["v"], allow_unused=True,
